@@ -1,0 +1,201 @@
+"""params.yaml -> frozen, typed dataclasses.
+
+Every key is required and checked before any stage does work: an unknown key, a missing key, a wrong type or a
+value out of range raises ``ConfigError`` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "folder"]
+    raw_dir: str
+    val_fraction: float
+    test_fraction: float
+    synthetic_per_class: int
+
+    def check(self) -> None:
+        _in_unit_interval("data.val_fraction", self.val_fraction)
+        _in_unit_interval("data.test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g}: "
+                "allowed: a sum below 1, so that some images are left to train on"
+            )
+        _at_least("data.synthetic_per_class", self.synthetic_per_class, 4)
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    size: int
+
+    def check(self) -> None:
+        # resnet18 downsamples 32x; below that the feature map is empty.
+        _at_least("resize.size", self.size, 32)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["resnet18"]
+    weights: str  # auto | imagenet | none | path to a state dict
+    finetune: Literal["full", "head"]
+
+    def check(self) -> None:
+        if not self.weights:
+            raise ConfigError("model.weights = '': allowed: auto, imagenet, none or the path of a state dict file")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float
+    batch_size: int
+    epochs: int
+    optimizer: Literal["sgd", "adam", "adamw"]
+    momentum: float
+    weight_decay: float
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    amp: Literal["auto", "bf16", "fp16", "off"]
+    num_workers: int
+
+    def check(self) -> None:
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr = {self.lr!r}: allowed: a finite number > 0")
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.num_workers", self.num_workers, 0)
+        _in_unit_interval("train.momentum", self.momentum)
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay = {self.weight_decay!r}: allowed: a number >= 0")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str
+
+    def check(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError("mlflow.experiment = '': allowed: a non-empty experiment name")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataConfig
+    resize: ResizeConfig
+    model: ModelConfig
+    train: TrainConfig
+    mlflow: MlflowConfig
+
+    def check(self) -> None:
+        _at_least("seed", self.seed, 0)
+        for section in (self.data, self.resize, self.model, self.train, self.mlflow):
+            section.check()
+
+    def flat(self) -> dict[str, Any]:
+        """Params as ``{"train.lr": 0.001, ...}``, the names MLflow and ``dvc exp show`` use."""
+        return _flatten(dataclasses.asdict(self))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ``ConfigError`` (message starts with the file name)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return params_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def params_from_dict(raw: Any) -> Params:
+    params = _build(Params, raw, prefix="")
+    params.check()
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} = {raw!r}: allowed: a mapping with keys {', '.join(_names(cls))}")
+    hints = typing.get_type_hints(cls)
+    unknown = [key for key in raw if key not in hints]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}: allowed keys in {where}: {', '.join(_names(cls))}"
+        )
+    missing = [name for name in _names(cls) if name not in raw]
+    if missing:
+        raise ConfigError(f"missing key {prefix}{missing[0]}: add it to the params file")
+    values = {name: _coerce(f"{prefix}{name}", hints[name], raw[name]) for name in _names(cls)}
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r}: allowed: {' | '.join(map(str, choices))}")
+        return value
+    if hint is float:
+        # YAML reads 1e-3 as a string; accept ints and numeric strings, never bools.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: allowed: a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: allowed: an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: allowed: a string")
+        return value
+    raise TypeError(f"unsupported type {hint} for {key}")  # a bug in this module, not in the params
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} = {value!r}: allowed: an integer >= {low}")
+
+
+def _in_unit_interval(key: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key} = {value!r}: allowed: a number in [0, 1)")

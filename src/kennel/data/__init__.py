@@ -1,0 +1,1 @@
+"""Finding, splitting, decoding and storing images; never imports the model."""

@@ -1,0 +1,61 @@
+"""evaluate: score the trained model on the test split; write DVC metrics/plots and log them to the train run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kennel import tracking
+from kennel.config import Params
+from kennel.evaluation import evaluate_model
+from kennel.figures import confusion_png, roc_png
+from kennel.metrics import auc
+from kennel.stage import run_stage
+
+DATA = Path("data/resized")
+MODEL = Path("models/model.pt")
+RUN_FILE = Path("models/mlflow_run.json")
+METRICS = Path("reports/metrics.json")
+CONFUSION = Path("reports/confusion.csv")
+ROC = Path("reports/roc.csv")
+FIGURES = Path("reports/figures")
+
+
+def evaluate_stage(params: Params) -> None:
+    run_id = tracking.read_run_file(RUN_FILE)
+    result = evaluate_model(MODEL, DATA, device=params.train.device, amp=params.train.amp)
+    m = result.metrics
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    METRICS.write_text(json.dumps({"test": m}, indent=2) + "\n")
+    result.confusion_rows().to_csv(CONFUSION, index=False)
+    figures = [confusion_png(np.array(m["confusion_matrix"]), result.classes, FIGURES / "confusion_matrix.png")]
+    roc = result.roc()
+    if roc is not None:
+        roc.to_csv(ROC, index=False)
+        fpr, tpr = roc["fpr"].to_numpy(), roc["tpr"].to_numpy()
+        figures.append(roc_png(fpr, tpr, auc(fpr, tpr), FIGURES / "roc.png"))
+    else:
+        ROC.write_text("fpr,tpr,threshold\n")  # declared output; multi-class has no single ROC
+
+    scalars = {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"]}
+    if "roc_auc" in m:
+        scalars["test_roc_auc"] = m["roc_auc"]
+    for name, r in m["per_class"].items():
+        scalars.update({f"test_{k}_{name}": r[k] for k in ("precision", "recall", "f1")})
+    with tracking.open_run(tracking.project_root(), params.mlflow.experiment, run_id=run_id):
+        tracking.log_metrics(scalars)
+        tracking.log_dict(m, "evaluation/metrics.json")
+        tracking.log_artifacts(figures + [CONFUSION, ROC], "evaluation")
+    print(f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
+          + (f"  ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else ""))
+
+
+def main(argv=None) -> int:
+    return run_stage("evaluate", evaluate_stage, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""train: fine-tune resnet18 on the resized arrays; log params, curves and the model to a new MLflow run."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kennel import tracking
+from kennel.config import Params
+from kennel.data.tensors import read_split
+from kennel.model import save_model
+from kennel.stage import run_stage
+from kennel.training import TrainResult, train
+
+DATA = Path("data/resized")
+MODEL = Path("models/model.pt")
+RUN_FILE = Path("models/mlflow_run.json")
+HISTORY = Path("reports/train_history.csv")
+
+
+def train_stage(params: Params) -> None:
+    root = tracking.project_root()
+    flat = params.flat()
+    with tracking.open_run(root, params.mlflow.experiment, run_name=tracking.run_name(flat),
+                           tags=tracking.provenance_tags(root)) as run_id:
+        tracking.write_run_file(RUN_FILE, run_id, root)
+        tracking.log_params(flat)
+
+        def on_start(result: TrainResult) -> None:
+            tracking.set_tags({
+                "kennel.device": result.device, "kennel.amp": result.amp_dtype or "off",
+                "kennel.weights": result.weights.source, "kennel.classes": ",".join(result.model.classes),
+            })
+            if result.weights.warning:
+                tracking.set_tags({"kennel.weights_warning": result.weights.warning})
+                tracking.note(f"Warning: {result.weights.warning}")
+
+        result = train(params, DATA, on_epoch=lambda r: tracking.log_epoch(r.epoch, r.metrics()), on_start=on_start)
+        save_model(result.model, MODEL, params.resize.size, params.model.arch)
+        HISTORY.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
+        images, _ = read_split(DATA, "train")
+        model_uri = tracking.log_model(result.model, example=np.array(images[:2]))
+        tracking.set_tags({"kennel.model_uri": model_uri})
+
+
+def main(argv=None) -> int:
+    return run_stage("train", train_stage, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny images made on the spot, shrunken params, and real DVC repos in temp dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# What a project copy needs to run the pipeline.
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/raw/.gitkeep", ".gitignore"]
+
+
+@pytest.fixture(autouse=True)
+def offline_and_isolated(monkeypatch, tmp_path_factory):
+    """No test downloads weights or talks to a tracking server it did not start."""
+    monkeypatch.setenv("KENNEL_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "kennel tests")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "tests@kennel.invalid")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "kennel tests")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "tests@kennel.invalid")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def small_params(**overrides) -> dict:
+    """The shipped params.yaml shrunk to seconds: 32 px, a few images, one epoch, no pretrained weights."""
+    p = default_params()
+    p["data"]["synthetic_per_class"] = 12
+    p["data"]["val_fraction"] = 0.25
+    p["data"]["test_fraction"] = 0.25
+    p["resize"]["size"] = 32
+    p["model"]["weights"] = "none"
+    p["train"]["epochs"] = 2
+    p["train"]["batch_size"] = 8
+    p["train"]["num_workers"] = 0
+    p["train"]["device"] = "cpu"
+    for dotted, value in overrides.items():
+        section, _, key = dotted.rpartition(".")
+        (p[section] if section else p)[key] = value
+    return p
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A copy of the project as a fresh git + DVC repo, with ``params`` as its params.yaml, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in PROJECT_FILES:
+        src, dst = REPO / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    write_params(dest / "params.yaml", params)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run([str(BIN / "dvc"), "init", "-q"], dest)
+    run([str(BIN / "dvc"), "config", "core.autostage", "true"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "project"], dest)
+    return dest
+
+
+def dvc(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], cwd, **kw)
+
+
+@pytest.fixture
+def small_params_file(tmp_path) -> Path:
+    return write_params(tmp_path / "params.yaml", small_params())

@@ -1,0 +1,105 @@
+import copy
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kennel.config import ConfigError, load_params, params_from_dict
+from tests.conftest import REPO, default_params, write_params
+
+
+def test_shipped_params_load_and_flatten():
+    params = load_params(REPO / "params.yaml")
+    flat = params.flat()
+    assert flat["train.lr"] == params.train.lr
+    assert flat["resize.size"] == 224
+    assert flat["data.source"] == "synthetic"
+    assert all("." in k for k in flat if k != "seed")
+
+
+def _with(dotted: str, value, delete: bool = False) -> dict:
+    p = copy.deepcopy(default_params())
+    *parents, key = dotted.split(".")
+    node = p
+    for part in parents:
+        node = node[part]
+    if delete:
+        del node[key]
+    else:
+        node[key] = value
+    return p
+
+
+BAD = [
+    # (dotted key, bad value, words the message must contain)
+    ("train.lrr", 0.1, ["unknown key train.lrr", "lr"]),
+    ("colour", "red", ["unknown key colour", "seed"]),
+    ("train.lr", 0, ["train.lr", "0", "> 0"]),
+    ("train.lr", -1e-3, ["train.lr", "-0.001"]),
+    ("train.lr", "fast", ["train.lr", "'fast'", "number"]),
+    ("train.batch_size", 0, ["train.batch_size", "0", ">= 1"]),
+    ("train.batch_size", 3.5, ["train.batch_size", "3.5", "integer"]),
+    ("train.epochs", True, ["train.epochs", "True", "integer"]),
+    ("data.val_fraction", 1.0, ["data.val_fraction", "1.0", "[0, 1)"]),
+    ("data.test_fraction", -0.1, ["data.test_fraction", "-0.1", "[0, 1)"]),
+    ("data.source", "kaggle-zip", ["data.source", "'kaggle-zip'", "synthetic | folder"]),
+    ("model.finetune", "partial", ["model.finetune", "'partial'", "full | head"]),
+    ("model.arch", "vgg16", ["model.arch", "'vgg16'", "resnet18"]),
+    ("train.device", "tpu", ["train.device", "'tpu'", "auto | cpu | cuda | mps"]),
+    ("train.optimizer", "lion", ["train.optimizer", "'lion'", "sgd | adam | adamw"]),
+    ("resize.size", 8, ["resize.size", "8", ">= 32"]),
+    ("mlflow.experiment", 3, ["mlflow.experiment", "3", "string"]),
+    ("train", "fast", ["train", "'fast'", "mapping"]),
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD, ids=[b[0] + "=" + repr(b[1]) for b in BAD])
+def test_bad_value_names_key_value_and_allowed(key, value, words):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(_with(key, value))
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["seed", "train.lr", "data.raw_dir", "mlflow.experiment", "model"])
+def test_missing_key_is_named(key):
+    with pytest.raises(ConfigError, match=f"missing key {key}"):
+        params_from_dict(_with(key, None, delete=True))
+
+
+def test_fractions_must_leave_training_data():
+    p = _with("data.val_fraction", 0.5)
+    p["data"]["test_fraction"] = 0.5
+    with pytest.raises(ConfigError, match="val_fraction \\+ data.test_fraction"):
+        params_from_dict(p)
+
+
+def test_scientific_notation_lr_is_a_number():
+    assert params_from_dict(_with("train.lr", "1e-4")).train.lr == pytest.approx(1e-4)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+    write_params(bad, _with("train.lr", 0))
+    with pytest.raises(ConfigError, match="bad.yaml: train.lr"):
+        load_params(bad)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "resize", "train", "evaluate"])
+def test_stage_rejects_bad_params_fast_and_writes_nothing(tmp_path, stage):
+    write_params(tmp_path / "params.yaml", _with("train.batch_size", 0))
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "train.batch_size = 0" in out.stderr and "Traceback" not in out.stderr
+    assert time.perf_counter() - start < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from kennel.metrics import auc, classification_metrics, confusion_matrix, per_class, roc_curve, softmax
+
+
+def test_confusion_matrix_counts_by_hand():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 0, 1, 2, 2])
+    assert confusion_matrix(y_true, y_pred, 3).tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_per_class_precision_recall_f1_by_hand():
+    cm = np.array([[2, 1, 0], [0, 1, 1], [0, 0, 1]])
+    r = per_class(cm, ["a", "b", "c"])
+    # a: tp 2, predicted 2, actual 3
+    assert r["a"]["precision"] == pytest.approx(1.0)
+    assert r["a"]["recall"] == pytest.approx(2 / 3)
+    assert r["a"]["f1"] == pytest.approx(0.8)
+    # b: tp 1, predicted 2, actual 2
+    assert (r["b"]["precision"], r["b"]["recall"], r["b"]["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    # c: tp 1, predicted 2, actual 1
+    assert (r["c"]["precision"], r["c"]["recall"]) == pytest.approx((0.5, 1.0))
+    assert r["c"]["f1"] == pytest.approx(2 / 3)
+    assert [r[k]["support"] for k in "abc"] == [3, 2, 1]
+
+
+def test_class_never_predicted_has_zero_precision_not_nan():
+    r = per_class(np.array([[3, 0], [2, 0]]), ["x", "y"])
+    assert r["y"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+
+
+def test_roc_points_and_auc_by_hand():
+    y = np.array([1, 0, 1, 1, 0, 0])
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.4])
+    fpr, tpr, thr = roc_curve(y, s)
+    assert fpr.tolist() == pytest.approx([0, 0, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 1])
+    assert tpr.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 1, 1, 1])
+    assert thr[0] == np.inf and thr[1:].tolist() == pytest.approx(s.tolist())
+    # 9 positive/negative pairs, 7 ranked correctly
+    assert auc(fpr, tpr) == pytest.approx(7 / 9)
+
+
+def test_roc_ties_share_one_point():
+    fpr, tpr, _ = roc_curve(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.2, 0.1]))
+    assert fpr.tolist() == pytest.approx([0, 0.5, 0.5, 1])
+    assert tpr.tolist() == pytest.approx([0, 0.5, 1, 1])
+    assert auc(fpr, tpr) == pytest.approx(0.625)  # a tie counts as half a correct pair
+
+
+def test_roc_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        roc_curve(np.array([1, 1]), np.array([0.2, 0.3]))
+
+
+def test_classification_metrics_binary():
+    probs = softmax(np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])))
+    m = classification_metrics(np.array([0, 1, 1, 0]), probs, ["cat", "dog"])
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["confusion_matrix"] == [[1, 1], [1, 1]]
+    assert m["roc_auc"] == pytest.approx(0.75)  # dog scores 0.8, 0.4 vs cat 0.1, 0.7: 3 of 4 pairs ordered
+    assert m["macro_f1"] == pytest.approx(0.5)
+
+
+def test_multiclass_has_no_roc_auc():
+    m = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["a", "b", "c"])
+    assert m["accuracy"] == 1.0 and "roc_auc" not in m
