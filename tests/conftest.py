@@ -18,19 +18,22 @@ BIN = Path(sys.executable).parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/raw/.gitkeep", ".gitignore"]
 
 
-@pytest.fixture(autouse=True)
-def offline_and_isolated(monkeypatch, tmp_path_factory):
+def isolate(mp: pytest.MonkeyPatch, torch_home: Path) -> None:
     """No test downloads weights or talks to a tracking server it did not start."""
-    monkeypatch.setenv("KENNEL_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    mp.setenv("KENNEL_OFFLINE", "1")
+    mp.setenv("TORCH_HOME", str(torch_home))
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("GIT_AUTHOR_NAME", "kennel tests")
-    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "tests@kennel.invalid")
-    monkeypatch.setenv("GIT_COMMITTER_NAME", "kennel tests")
-    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "tests@kennel.invalid")
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+        mp.delenv(var, raising=False)
+    mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    for who in ("AUTHOR", "COMMITTER"):
+        mp.setenv(f"GIT_{who}_NAME", "kennel tests")
+        mp.setenv(f"GIT_{who}_EMAIL", "tests@kennel.invalid")
+    mp.setenv("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path_factory):
+    isolate(monkeypatch, tmp_path_factory.mktemp("torch_home"))
 
 
 def default_params() -> dict:

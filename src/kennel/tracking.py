@@ -63,6 +63,7 @@ def open_run(
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """Start (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED if the block raises."""
+    mlflow.set_tracking_uri(tracking_uri(root))
     exp_id = experiment_id(experiment, root) if run_id is None else None
     with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_name, tags=dict(tags or {})) as run:
         yield run.info.run_id

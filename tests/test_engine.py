@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from kennel.config import params_from_dict
+from kennel.data.images import load_array
+from kennel.data.manifest import build_manifest
+from kennel.data.sources import find_images
+from kennel.data.tensors import write_splits
+from kennel.engine import build_optimizer, evaluate, resolve_amp, resolve_device
+from kennel.training import make_loader, train
+from kennel.data.dataset import ImageArrayDataset
+from tests.conftest import small_params
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """A tiny synthetic dataset, resized to 32 px: what the train stage reads."""
+    root = tmp_path_factory.mktemp("data")
+    entries = find_images("synthetic", root, out_dir=root / "prepared", seed=0, per_class=16)
+    manifest = build_manifest(entries, root, 0.25, 0.25, seed=0)
+    write_splits(manifest, root, 32, root / "resized", load_array)
+    return root / "resized"
+
+
+def _params(**overrides):
+    return params_from_dict(small_params(**overrides))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else resolve_device("auto").type)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="train.device = 'cuda'"):
+            resolve_device("cuda")
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("auto", cpu) in (None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_build_optimizer(name, cls):
+    layer = torch.nn.Linear(2, 2)
+    layer.bias.requires_grad = False
+    opt = build_optimizer(name, layer.parameters(), lr=0.1, momentum=0.8, weight_decay=0.01)
+    assert isinstance(opt, cls)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["weight_decay"] == 0.01
+    assert len(opt.param_groups[0]["params"]) == 1  # frozen parameters are left out
+    with pytest.raises(ValueError, match="train.optimizer = 'lion'"):
+        build_optimizer("lion", layer.parameters(), 0.1, 0.9, 0.0)
+
+
+def test_train_learns_and_reports_every_epoch(resized):
+    seen = []
+    result = train(_params(**{"train.epochs": 3, "train.amp": "off"}), resized, on_epoch=seen.append)
+    assert [r.epoch for r in result.history] == [1, 2, 3] == [r.epoch for r in seen]
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert all(r.images_per_second > 0 and 0 <= r.val_accuracy <= 1 for r in result.history)
+    assert result.device.type == "cpu" and result.weights.source == "none"
+
+
+def test_same_seed_same_weights(resized):
+    params = _params(**{"train.amp": "off"})
+    a, b = train(params, resized).model, train(params, resized).model
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    c = train(_params(**{"train.amp": "off", "seed": 7}), resized).model
+    assert not torch.equal(a.backbone.fc.weight, c.backbone.fc.weight)
+
+
+def test_head_mode_only_changes_the_head(resized):
+    result = train(_params(**{"model.finetune": "head", "train.amp": "off"}), resized)
+    fresh = train(_params(**{"model.finetune": "head", "train.epochs": 1, "train.lr": 1e-12}), resized).model
+    assert torch.equal(result.model.backbone.conv1.weight, fresh.backbone.conv1.weight)
+    assert not torch.equal(result.model.backbone.fc.weight, fresh.backbone.fc.weight)
+
+
+def test_evaluate_on_empty_split_is_nan(resized, tmp_path):
+    result = train(_params(**{"train.epochs": 1}), resized)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0).long())
+    loss, acc = evaluate(result.model, torch.utils.data.DataLoader(empty), torch.device("cpu"))
+    assert math.isnan(loss) and math.isnan(acc)
+    ds = ImageArrayDataset(resized, "test")
+    loss, acc = evaluate(result.model, make_loader(ds, 4, 0, torch.device("cpu")), torch.device("cpu"))
+    assert loss > 0 and 0 <= acc <= 1

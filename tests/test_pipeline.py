@@ -1,0 +1,158 @@
+"""The whole pipeline in real DVC repos (git init + dvc init in temp dirs) with a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import dvc, isolate, make_project, run, small_params, write_params
+
+pytestmark = pytest.mark.slow
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project copy with one complete `dvc repro` behind it."""
+    mp = pytest.MonkeyPatch()
+    isolate(mp, tmp_path_factory.mktemp("torch_home"))
+    root = make_project(tmp_path_factory.mktemp("project"), small_params(**{"train.epochs": EPOCHS}))
+    out = dvc(["repro"], root)
+    yield root, out
+    mp.undo()
+
+
+def _client(root):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def _runs(root):
+    client = _client(root)
+    exp = client.get_experiment_by_name("kennel")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_repro_writes_metrics_and_plots(project):
+    root, out = project
+    for stage in ("prepare", "resize", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out.stdout
+    metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
+    assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog"}
+    assert np.array(metrics["confusion_matrix"]).sum() == 6  # 12 per class, 25% test
+    assert 0 <= metrics["roc_auc"] <= 1
+    shown = dvc(["metrics", "show", "--json"], root).stdout
+    assert json.loads(shown)  # dvc reads the metrics file
+    assert "test.accuracy" in dvc(["metrics", "show"], root).stdout
+    plots = dvc(["plots", "show", "--json"], root).stdout
+    for title in ("Loss", "Accuracy", "Confusion matrix", "ROC"):
+        assert title in plots
+    html = dvc(["plots", "show", "-o", "plots_html"], root)
+    assert (root / "plots_html" / "index.html").stat().st_size > 1000, html.stdout
+    history = (root / "reports/train_history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss") and len(history) == 1 + EPOCHS
+    for png in ("confusion_matrix.png", "roc.png"):
+        assert (root / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "resize", "train", "evaluate"}
+
+
+def test_mlflow_run_holds_everything(project):
+    root, _ = project
+    client, runs = _runs(root)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    run_file = json.loads((root / "models/mlflow_run.json").read_text())
+    assert run_file["run_id"] == run.info.run_id and str(root / "mlflow.db") in run_file["tracking_uri"]
+    p = run.data.params
+    assert p["train.lr"] == "0.001" and p["train.batch_size"] == "8" and p["resize.size"] == "32"
+    assert p["data.source"] == "synthetic" and p["model.weights"] == "none"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "test_roc_auc" in run.data.metrics and "test_f1_cat" in run.data.metrics
+    tags = run.data.tags
+    assert tags["git.commit"] == run_cmd(root, "git", "rev-parse", "HEAD")
+    assert tags["kennel.weights"] == "none" and tags["kennel.classes"] == "cat,dog"
+    assert tags["mlflow.runName"].startswith("full-adamw-lr0.001-bs8")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/roc.png", "evaluation/metrics.json"} <= artifacts
+
+    model = mlflow.pytorch.load_model(tags["kennel.model_uri"])
+    x = np.load(root / "data/resized/test_x.npy")
+    logits = model(torch.from_numpy(x))
+    assert logits.shape == (len(x), 2)
+    accuracy = (logits.argmax(1).numpy() == np.load(root / "data/resized/test_y.npy")).mean()
+    assert accuracy == pytest.approx(metrics["accuracy"])  # the logged model is the evaluated model
+
+
+def test_second_repro_is_a_noop(project):
+    root, _ = project
+    lock = (root / "dvc.lock").read_text()
+    out = dvc(["repro"], root)
+    assert "Running stage" not in out.stdout
+    assert (root / "dvc.lock").read_text() == lock
+    assert len(_runs(root)[1]) == 1
+
+
+def test_lr_change_reruns_only_train_and_evaluate(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 0.002
+    write_params(root / "params.yaml", params)
+    status = json.loads(dvc(["status", "--json"], root).stdout)
+    # DVC lists a stage whose own deps changed; evaluate reruns because its input (the model) changes.
+    assert set(status) == {"train"}
+    assert any("train.lr" in json.dumps(change) for change in status["train"])
+    out = dvc(["repro"], root).stdout
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'resize'" not in out
+    _, runs = _runs(root)
+    assert [r.data.params["train.lr"] for r in runs] == ["0.001", "0.002"]
+    assert "test_accuracy" in runs[-1].data.metrics
+
+
+def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
+    root, _ = project
+    init = root / "src/kennel/__init__.py"
+    original = init.read_text()
+    init.write_text(original.replace('__version__ = "0.1.0"', '__version__ = "0.1.0+queued"'))
+    dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "--name", "lr-three"], root)
+    init.write_text(original)  # the main workspace is back to the committed code
+    dvc(["queue", "start", "-j", "1"], root)
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        status = dvc(["queue", "status"], root).stdout
+        if "Success" in status or "Failed" in status:
+            if "Queued" not in status and "Running" not in status:
+                break
+        time.sleep(3)
+    assert "Success" in status, status + dvc(["queue", "logs", "lr-three"], root, check=False).stdout
+
+    _, runs = _runs(root)
+    exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == "lr-three"]
+    assert len(exp_runs) == 1
+    run = exp_runs[0]
+    assert run.info.run_name == "lr-three"
+    assert run.data.tags["kennel.version"] == "0.1.0+queued"  # the experiment's code, not the main workspace's
+    assert run.data.params["train.lr"] == "0.003" and "test_accuracy" in run.data.metrics
+    assert run.data.tags["dvc.exp_baseline_rev"] == run_cmd(root, "git", "rev-parse", "HEAD")
+    assert run.info.artifact_uri.startswith((root / "mlruns").as_uri())
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
+
+    shown = json.loads(dvc(["exp", "show", "--json"], root).stdout)
+    text = json.dumps(shown)
+    assert "lr-three" in text and "0.003" in text
+
+
+def run_cmd(root, *cmd) -> str:
+    return run(list(cmd), root).stdout.strip()
