@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make repro` (set up .venv, run the pipeline) and `make test`.
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.kennel-installed

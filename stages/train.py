@@ -12,6 +12,7 @@ import pandas as pd
 from kennel import tracking
 from kennel.config import Params
 from kennel.data.tensors import read_split
+from kennel.engine import amp_name
 from kennel.model import save_model
 from kennel.stage import run_stage
 from kennel.training import TrainResult, train
@@ -32,7 +33,7 @@ def train_stage(params: Params) -> None:
 
         def on_start(result: TrainResult) -> None:
             tracking.set_tags({
-                "kennel.device": result.device, "kennel.amp": result.amp_dtype or "off",
+                "kennel.device": result.device, "kennel.amp": amp_name(result.amp_dtype),
                 "kennel.weights": result.weights.source, "kennel.classes": ",".join(result.model.classes),
             })
             if result.weights.warning:

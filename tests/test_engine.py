@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from kennel.config import params_from_dict
+from kennel.data.dataset import ImageArrayDataset
 from kennel.data.images import load_array
 from kennel.data.manifest import build_manifest
 from kennel.data.sources import find_images
 from kennel.data.tensors import write_splits
 from kennel.engine import build_optimizer, evaluate, resolve_amp, resolve_device
 from kennel.training import make_loader, train
-from kennel.data.dataset import ImageArrayDataset
 from tests.conftest import small_params
 
 
@@ -44,7 +44,10 @@ def test_resolve_amp():
     assert resolve_amp("auto", cpu) in (None, torch.bfloat16)
 
 
-@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+OPTIMIZERS = [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+
+
+@pytest.mark.parametrize("name,cls", OPTIMIZERS)
 def test_build_optimizer(name, cls):
     layer = torch.nn.Linear(2, 2)
     layer.bias.requires_grad = False
@@ -68,7 +71,7 @@ def test_train_learns_and_reports_every_epoch(resized):
 def test_same_seed_same_weights(resized):
     params = _params(**{"train.amp": "off"})
     a, b = train(params, resized).model, train(params, resized).model
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
     c = train(_params(**{"train.amp": "off", "seed": 7}), resized).model
     assert not torch.equal(a.backbone.fc.weight, c.backbone.fc.weight)

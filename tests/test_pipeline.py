@@ -83,6 +83,8 @@ def test_mlflow_run_holds_everything(project):
     tags = run.data.tags
     assert tags["git.commit"] == run_cmd(root, "git", "rev-parse", "HEAD")
     assert tags["kennel.weights"] == "none" and tags["kennel.classes"] == "cat,dog"
+    assert tags["kennel.amp"] in ("off", "bf16")
+    assert tags["mlflow.runName"].endswith("@" + tags["git.commit"][:7])
     assert tags["mlflow.runName"].startswith("full-adamw-lr0.001-bs8")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/roc.png", "evaluation/metrics.json"} <= artifacts

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16  # ~2x faster than fp32 on AVX512-BF16/AMX; slower than fp32 elsewhere
     return None
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ class Classifier(nn.Module):
         x = (x.float() - self.mean) / self.std
         return self.backbone(x)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if self.head_only:
             # A frozen backbone keeps its BatchNorm statistics too; only the head learns.

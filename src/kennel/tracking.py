@@ -12,9 +12,10 @@ import logging
 import os
 import platform
 import subprocess
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -70,14 +71,16 @@ def open_run(
 
 
 def run_name(flat_params: Mapping[str, Any]) -> str:
-    """The DVC experiment name when there is one, else the params that usually differ between runs."""
+    """The DVC experiment name when there is one, else the params that usually differ, and the commit."""
     if os.environ.get("DVC_EXP_NAME"):
         return os.environ["DVC_EXP_NAME"]
     p = flat_params
-    return (
+    name = (
         f"{p['model.finetune']}-{p['train.optimizer']}-lr{p['train.lr']:g}-bs{p['train.batch_size']}"
         f"-e{p['train.epochs']}-s{p['resize.size']}"
     )
+    commit = _git(["rev-parse", "--short", "HEAD"], Path.cwd())
+    return f"{name}@{commit}" if commit else name
 
 
 def provenance_tags(root: Path) -> dict[str, str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from kennel.config import Params
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.tensors import read_classes
-from kennel.engine import EpochResult, build_optimizer, fit, resolve_amp, resolve_device
+from kennel.engine import EpochResult, amp_name, build_optimizer, fit, resolve_amp, resolve_device
 from kennel.model import Classifier, WeightsInfo, build_model
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def train(
     result = TrainResult(model, [], weights, device, amp_dtype)
     log.info(
         "training on %s (amp %s), %d train / %d val images, weights %s",
-        device, amp_dtype or "off", len(train_set), len(val_set), weights.source,
+        device, amp_name(amp_dtype), len(train_set), len(val_set), weights.source,
     )
     on_start(result)
     result.history = fit(

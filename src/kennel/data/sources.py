@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from kennel.data.synthetic import write_synthetic
 
@@ -31,7 +31,8 @@ def from_folder(raw_dir: Path, **_) -> Entries:
         if len(images) < len(files):
             log.info("%s: skipped %d files without an image suffix", class_dir, len(files) - len(images))
         if not images:
-            raise DataError(f"{class_dir}: class {class_dir.name!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise DataError(f"{class_dir}: class {class_dir.name!r} has no images ({suffixes})")
         entries += [(p, class_dir.name) for p in images]
     if len(class_dirs) < 2:
         raise DataError(f"{raw_dir}: found {len(class_dirs)} class folder(s); need at least 2 (<class>/<image>)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,7 +65,7 @@ def write_splits(
         rows = manifest[manifest["split"] == split]
         paths = [_absolute(p, root) for p in rows["path"]]
         labels = [index[label] for label in rows["label"]]
-        write_split(out_dir, split, paths, labels, size, load, lambda it: progress(it, split))
+        write_split(out_dir, split, paths, labels, size, load, partial(progress, desc=split))
         counts[split] = len(rows)
     meta = {"classes": classes, "size": size, "counts": counts}
     (out_dir / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")

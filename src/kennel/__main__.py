@@ -1,0 +1,5 @@
+import sys
+
+from kennel.cli import main
+
+sys.exit(main())
