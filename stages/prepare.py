@@ -1,29 +1,47 @@
-"""prepare: find the images of ``data.source`` and write the manifest with its train/val/test split."""
+"""prepare: find every file of ``data.source``, decode each, and write the manifest, the rejects and a summary."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from kennel.config import Params
-from kennel.data.manifest import build_manifest, write_manifest
+from kennel.data.manifest import account, check_class_sizes, write_csv
 from kennel.data.sources import find_images
+from kennel.data.validate import inspect_all
 from kennel.stage import run_stage
 
 OUT = Path("data/prepared")
+REJECTS = Path("reports/rejects.csv")
+SUMMARY = Path("reports/data_summary.json")
 log = logging.getLogger("kennel.prepare")
 
 
 def prepare(params: Params) -> None:
     d = params.data
-    shutil.rmtree(OUT, ignore_errors=True)  # a stale synthetic set must not survive a source change
-    entries = find_images(d.source, Path(d.raw_dir), out_dir=OUT, seed=params.seed, per_class=d.synthetic_per_class)
-    manifest = build_manifest(entries, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
-    write_manifest(manifest, OUT / "manifest.csv")
-    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-    log.info("%d images from %s source:\n%s", len(manifest), d.source, counts.to_string())
+    start = time.perf_counter()
+    shutil.rmtree(OUT, ignore_errors=True)  # a stale synthetic set or extraction must not survive a source change
+    candidates = find_images(
+        d.source, Path(d.raw_dir), out_dir=OUT, seed=params.seed, per_class=d.synthetic_per_class,
+        oxford_target=d.oxford_target,
+    )
+    inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers)
+    acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
+    # The reports are written before the class-size check so that a failing run still says what was rejected.
+    write_csv(acc.rejects, REJECTS)
+    SUMMARY.write_text(json.dumps(acc.summary, indent=2) + "\n")
+    check_class_sizes(acc, [c.label for c in candidates if c.label], d.min_per_class)
+    write_csv(acc.manifest, OUT / "manifest.csv")
+    s = acc.summary
+    log.info("found %d files: kept %d, rejected %d %s in %.1fs; rejects listed in %s",
+             s["found"], s["kept"], s["rejected"], s["rejected_by_reason"] or "", time.perf_counter() - start, REJECTS)
+    for label, c in s["per_class"].items():
+        log.info("  %-20s found %5d  kept %5d  rejected %4d  train/val/test %d/%d/%d",
+                 label, c["found"], c["kept"], c["rejected"], c["train"], c["val"], c["test"])
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,8 @@ DATA = Path("data/resized")
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")
 HISTORY = Path("reports/train_history.csv")
+DATA_SUMMARY = Path("reports/data_summary.json")
+REJECTS = Path("reports/rejects.csv")
 
 
 def train_stage(params: Params) -> None:
@@ -30,6 +33,9 @@ def train_stage(params: Params) -> None:
                            tags=tracking.provenance_tags(root)) as run_id:
         tracking.write_run_file(RUN_FILE, run_id, root)
         tracking.log_params(flat)
+        summary = json.loads(DATA_SUMMARY.read_text())
+        tracking.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
+        tracking.log_artifacts([DATA_SUMMARY, REJECTS], "data")
 
         def on_start(result: TrainResult) -> None:
             tracking.set_tags({

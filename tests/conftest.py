@@ -96,3 +96,18 @@ def dvc(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture
 def small_params_file(tmp_path) -> Path:
     return write_params(tmp_path / "params.yaml", small_params())
+
+
+def build_dataset(root: Path, per_class: int = 16, size: int = 32, seed: int = 0, val: float = 0.25,
+                  test: float = 0.25) -> Path:
+    """Synthetic images -> manifest -> resized arrays with the library functions the stages use."""
+    from kennel.data.images import load_array
+    from kennel.data.manifest import account
+    from kennel.data.sources import find_images
+    from kennel.data.tensors import write_splits
+    from kennel.data.validate import inspect_all
+
+    candidates = find_images("synthetic", root, out_dir=root / "prepared", seed=seed, per_class=per_class)
+    acc = account(candidates, inspect_all(candidates, 8, 10**8), root, val, test, seed)
+    write_splits(acc.manifest, root, size, root / "resized", load_array)
+    return root / "resized"

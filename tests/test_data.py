@@ -8,10 +8,12 @@ from PIL import Image
 
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.images import load_array
-from kennel.data.manifest import assign_splits, build_manifest, read_manifest, write_manifest
+from kennel.data.manifest import (Accounting, account, assign_splits, check_class_sizes, read_manifest, split_of,
+                                  write_csv)
 from kennel.data.sources import DataError, find_images
 from kennel.data.synthetic import render, write_synthetic
 from kennel.data.tensors import read_classes, read_split, write_split, write_splits
+from kennel.data.validate import inspect_all
 
 
 def test_synthetic_is_deterministic_and_seeded():
@@ -40,44 +42,20 @@ def _tree(root, counts: dict[str, int], size=(40, 30)):
         (root / label / "nested").mkdir(parents=True)
         for i in range(n):
             sub = root / label / ("nested" if i % 2 else "")
-            Image.new("RGB", size, (i * 20 % 255, 100, 50)).save(sub / f"{label}{i}.png")
+            Image.new("RGB", size, (i * 5 % 256, ord(label[0]), 50)).save(sub / f"{label}{i}.png")
     return root
 
 
-def test_folder_source_labels_by_first_level(tmp_path):
-    raw = _tree(tmp_path / "raw", {"husky": 3, "tabby": 4})
-    (raw / "tabby" / "notes.txt").write_text("not an image")
-    entries = find_images("folder", raw)
-    labels = {}
-    for path, label in entries:
-        labels.setdefault(label, []).append(path)
-    assert {k: len(v) for k, v in labels.items()} == {"husky": 3, "tabby": 4}
-    assert all(p.parts[-2] in (label, "nested") for label, ps in labels.items() for p in ps)
+def _accounting(tmp_path, counts={"a": 20, "b": 10}, seed=0):
+    raw = _tree(tmp_path / "raw", counts)
+    candidates = find_images("folder", raw)
+    return account(candidates, inspect_all(candidates, 8, 10**8), tmp_path, 0.2, 0.1, seed)
 
 
-def test_folder_source_errors_name_the_folder(tmp_path):
-    with pytest.raises(DataError, match="missing.*folder not found"):
-        find_images("folder", tmp_path / "missing")
-    raw = _tree(tmp_path / "raw", {"only": 2})
-    with pytest.raises(DataError, match="need at least 2"):
-        find_images("folder", raw)
-    (raw / "empty").mkdir()
-    with pytest.raises(DataError, match="class 'empty' has no images"):
-        find_images("folder", raw)
-    with pytest.raises(DataError, match="data.source = 'ftp'"):
-        find_images("ftp", raw)
-
-
-def _manifest(tmp_path, n_per_class=20, seed=0):
-    raw = _tree(tmp_path / "raw", {"a": n_per_class, "b": n_per_class // 2})
-    return build_manifest(find_images("folder", raw), tmp_path, 0.2, 0.1, seed)
-
-
-def test_splits_are_stratified_deterministic_and_relative(tmp_path):
-    df = _manifest(tmp_path)
-    counts = df.groupby(["label", "split"]).size().to_dict()
-    assert counts == {("a", "test"): 2, ("a", "train"): 14, ("a", "val"): 4,
-                      ("b", "test"): 1, ("b", "train"): 7, ("b", "val"): 2}
+def test_splits_are_deterministic_relative_and_seeded(tmp_path):
+    acc = _accounting(tmp_path)
+    df = acc.manifest
+    assert len(df) == 30 and set(df["split"]) <= {"train", "val", "test"}
     assert not df["path"].str.startswith("/").any()
     shuffled = df.sample(frac=1, random_state=1).assign(split="")
     again = assign_splits(shuffled, 0.2, 0.1, seed=0)
@@ -86,16 +64,26 @@ def test_splits_are_stratified_deterministic_and_relative(tmp_path):
     assert other_seed.set_index("path")["split"].to_dict() != df.set_index("path")["split"].to_dict()
 
 
-def test_too_few_images_for_splits_is_an_error(tmp_path):
-    df = pd.DataFrame({"path": ["x", "y"], "label": ["a", "a"], "split": "", "sha1": ["1", "2"]})
-    with pytest.raises(DataError, match="class 'a' has 2 images"):
-        assign_splits(df, 0.5, 0.49, seed=0)
+def test_split_rates_follow_the_fractions_in_every_class():
+    shas = [f"{i:040x}" for i in range(20000)]
+    for label_shas in (shas[:10000], shas[10000:]):  # two "classes"
+        splits = pd.Series([split_of(s, 3, 0.2, 0.1) for s in label_shas]).value_counts(normalize=True)
+        assert splits["test"] == pytest.approx(0.1, abs=0.01)
+        assert splits["val"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_no_training_images_is_an_error():
+    sha = next(s for s in (f"{i:040x}" for i in range(100)) if split_of(s, 0, 0.5, 0.4) != "train")
+    df = assign_splits(pd.DataFrame({"path": ["x", "y"], "label": ["a", "b"], "sha1": [sha, sha]}), 0.5, 0.4, 0)
+    with pytest.raises(DataError, match="no image fell into the train split"):
+        check_class_sizes(Accounting(df, pd.DataFrame(columns=["label"]), {}), ["a", "b"], 1)
 
 
 def test_manifest_roundtrip_and_validation(tmp_path):
-    df = _manifest(tmp_path)
-    write_manifest(df, tmp_path / "m.csv")
-    assert read_manifest(tmp_path / "m.csv").equals(df)
+    df = _accounting(tmp_path).manifest
+    write_csv(df, tmp_path / "m.csv")
+    back = read_manifest(tmp_path / "m.csv")
+    assert back["path"].tolist() == df["path"].tolist() and back["split"].tolist() == df["split"].tolist()
     df.drop(columns="sha1").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match="bad.csv: manifest lacks column"):
         read_manifest(tmp_path / "bad.csv")
@@ -103,52 +91,44 @@ def test_manifest_roundtrip_and_validation(tmp_path):
         read_manifest(tmp_path / "none.csv")
 
 
-def test_load_array_shapes_and_modes(tmp_path):
-    rgba = Image.new("RGBA", (50, 40), (255, 0, 0, 0))  # fully transparent red
-    rgba.save(tmp_path / "t.png")
-    arr = load_array(tmp_path / "t.png", 32)
-    assert arr.shape == (3, 32, 32) and arr.dtype == np.uint8
-    assert (arr == 255).all()  # composited on the white background, not red
-    Image.new("L", (64, 64), 77).save(tmp_path / "g.jpg")
-    assert load_array(tmp_path / "g.jpg", 16).shape == (3, 16, 16)
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    img = Image.new("RGB", (60, 20), (0, 0, 0))
-    img.paste((255, 255, 255), (0, 0, 30, 20))  # left half white
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 cw on display
-    img.save(tmp_path / "r.jpg", exif=exif, quality=95)
-    arr = load_array(tmp_path / "r.jpg", 32)
-    # after rotation the white half is the top half
-    assert arr[:, :12].mean() > 200 and arr[:, 20:].mean() < 50
-
-
 def test_tensors_roundtrip_and_dataset(tmp_path):
-    df = _manifest(tmp_path)
-    counts = write_splits(df, tmp_path, 24, tmp_path / "out", load_array)
-    assert counts == {"train": 21, "val": 6, "test": 3}
+    df = _accounting(tmp_path).manifest
+    counts = write_splits(df, tmp_path, 24, tmp_path / "out", load_array, workers=2)
+    assert counts == df["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict()
     assert read_classes(tmp_path / "out") == ["a", "b"]
     x, y = read_split(tmp_path / "out", "train")
-    assert x.shape == (21, 3, 24, 24) and x.dtype == np.uint8 and isinstance(x, np.memmap)
-    first = df[df["split"] == "train"].iloc[0]
-    assert np.array_equal(x[0], load_array(tmp_path / first["path"], 24))
+    assert x.shape == (counts["train"], 3, 24, 24) and x.dtype == np.uint8 and isinstance(x, np.memmap)
+    train_rows = df[df["split"] == "train"]
+    for i in (0, len(train_rows) - 1):
+        assert np.array_equal(x[i], load_array(tmp_path / train_rows.iloc[i]["path"], 24))
+        assert y[i] == ["a", "b"].index(train_rows.iloc[i]["label"])
 
-    ds = ImageArrayDataset(tmp_path / "out", "val")
+    ds = ImageArrayDataset(tmp_path / "out", "train")
     image, label = ds[0]
-    assert len(ds) == 6 and image.dtype == torch.uint8 and image.shape == (3, 24, 24) and label in (0, 1)
+    assert len(ds) == counts["train"] and image.dtype == torch.uint8 and image.shape == (3, 24, 24)
+    assert label in (0, 1)
     clone = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive
-    assert torch.equal(clone[5][0], ds[5][0])
+    assert torch.equal(clone[3][0], ds[3][0])
     assert len(pickle.dumps(ds)) < 1000  # the memory map is reopened, not copied
+
+
+def test_parallel_and_serial_resize_write_identical_files(tmp_path):
+    df = _accounting(tmp_path, {"a": 40, "b": 40}).manifest
+    write_splits(df, tmp_path, 32, tmp_path / "one", load_array, workers=1)
+    write_splits(df, tmp_path, 32, tmp_path / "two", load_array, workers=2)
+    for split in ("train", "val", "test"):
+        for suffix in ("x", "y"):
+            name = f"{split}_{suffix}.npy"
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_write_split_leaves_nothing_half_written(tmp_path):
     def broken(path, size):
-        raise OSError(f"{path}: truncated")
+        raise OSError("truncated")
 
-    with pytest.raises(OSError):
+    with pytest.raises(RuntimeError, match="a.jpg: OSError: truncated"):
         write_split(tmp_path, "train", ["a.jpg"], [0], 8, broken)
-    assert not (tmp_path / "train_x.npy").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_read_split_names_missing_file(tmp_path):

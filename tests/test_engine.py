@@ -5,23 +5,15 @@ import torch
 
 from kennel.config import params_from_dict
 from kennel.data.dataset import ImageArrayDataset
-from kennel.data.images import load_array
-from kennel.data.manifest import build_manifest
-from kennel.data.sources import find_images
-from kennel.data.tensors import write_splits
 from kennel.engine import build_optimizer, evaluate, resolve_amp, resolve_device
 from kennel.training import make_loader, train
-from tests.conftest import small_params
+from tests.conftest import build_dataset, small_params
 
 
 @pytest.fixture(scope="module")
 def resized(tmp_path_factory):
     """A tiny synthetic dataset, resized to 32 px: what the train stage reads."""
-    root = tmp_path_factory.mktemp("data")
-    entries = find_images("synthetic", root, out_dir=root / "prepared", seed=0, per_class=16)
-    manifest = build_manifest(entries, root, 0.25, 0.25, seed=0)
-    write_splits(manifest, root, 32, root / "resized", load_array)
-    return root / "resized"
+    return build_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _params(**overrides):
@@ -92,3 +84,9 @@ def test_evaluate_on_empty_split_is_nan(resized, tmp_path):
     ds = ImageArrayDataset(resized, "test")
     loss, acc = evaluate(result.model, make_loader(ds, 4, 0, torch.device("cpu")), torch.device("cpu"))
     assert loss > 0 and 0 <= acc <= 1
+
+
+def test_a_lone_last_sample_does_not_break_batchnorm(resized):
+    n = len(ImageArrayDataset(resized, "train"))
+    result = train(_params(**{"train.batch_size": n - 1, "train.epochs": 1}), resized)  # batches of n-1 and 1
+    assert result.history[0].train_loss > 0

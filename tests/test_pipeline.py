@@ -45,7 +45,8 @@ def test_repro_writes_metrics_and_plots(project):
         assert f"Running stage '{stage}'" in out.stdout
     metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
     assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog"}
-    assert np.array(metrics["confusion_matrix"]).sum() == 6  # 12 per class, 25% test
+    n_test = json.loads((root / "data/resized/classes.json").read_text())["counts"]["test"]
+    assert np.array(metrics["confusion_matrix"]).sum() == n_test > 0
     assert 0 <= metrics["roc_auc"] <= 1
     shown = dvc(["metrics", "show", "--json"], root).stdout
     assert json.loads(shown)  # dvc reads the metrics file

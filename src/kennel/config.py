@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,15 +22,27 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file, the key and what is allowed."""
 
 
+Workers = int | Literal["auto"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "folder"]
+    source: Literal["synthetic", "folder", "kaggle", "petimages", "oxford-pets"]
     raw_dir: str
+    oxford_target: Literal["binary-category", "category"]
     val_fraction: float
     test_fraction: float
     synthetic_per_class: int
+    min_size: int
+    max_pixels: int
+    min_per_class: int
+    workers: Workers
 
     def check(self) -> None:
+        _at_least("data.min_size", self.min_size, 1)
+        _at_least("data.max_pixels", self.max_pixels, 1)
+        _at_least("data.min_per_class", self.min_per_class, 1)
+        _workers("data.workers", self.workers)
         _in_unit_interval("data.val_fraction", self.val_fraction)
         _in_unit_interval("data.test_fraction", self.test_fraction)
         if self.val_fraction + self.test_fraction >= 1:
@@ -43,10 +56,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ResizeConfig:
     size: int
+    mode: Literal["squash", "center_crop", "pad"]
+    workers: Workers
 
     def check(self) -> None:
         # resnet18 downsamples 32x; below that the feature map is empty.
         _at_least("resize.size", self.size, 32)
+        _workers("resize.workers", self.workers)
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, option, value)
+            except ConfigError as err:
+                errors.append(str(err).split(": allowed: ", 1)[-1])
+        raise ConfigError(f"{key} = {value!r}: allowed: {' or '.join(errors)}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{key}.")
     if typing.get_origin(hint) is Literal:
@@ -195,6 +219,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{key} = {value!r}: allowed: an integer >= {low}")
+
+
+def _workers(key: str, value: int | str) -> None:
+    if value != "auto":
+        _at_least(key, value, 1)
 
 
 def _in_unit_interval(key: str, value: float) -> None:

@@ -41,9 +41,11 @@ def make_loader(
     dataset: ImageArrayDataset, batch_size: int, num_workers: int, device: torch.device,
     shuffle: bool = False, generator: torch.Generator | None = None,
 ) -> DataLoader:
+    # BatchNorm cannot train on a batch of one: drop a lone last sample (a different one each shuffled epoch).
+    drop_last = shuffle and len(dataset) > 1 and len(dataset) % batch_size == 1
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=drop_last,
     )
 
 

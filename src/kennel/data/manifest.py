@@ -1,58 +1,122 @@
-"""The manifest: one row per image (path, label, split, sha1), with deterministic stratified splits."""
+"""The manifest: one row per kept image, every other file in the rejects with a reason, and stable splits.
+
+found = kept + rejected, always. Exact duplicates (same bytes) are kept once; bytes that appear under two
+classes are a label conflict and every copy is rejected.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
-from kennel.data.sources import DataError
+from kennel.data.sources import Candidate, DataError
+from kennel.data.validate import DUPLICATE, LABEL_CONFLICT, Inspection
 
-COLUMNS = ["path", "label", "split", "sha1"]
+COLUMNS = ["path", "label", "split", "sha1", "width", "height", "format"]
+REJECT_COLUMNS = ["path", "label", "reason", "detail"]
 SPLITS = ("train", "val", "test")
 
 
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass
+class Accounting:
+    manifest: pd.DataFrame  # kept images, COLUMNS
+    rejects: pd.DataFrame  # REJECT_COLUMNS
+    summary: dict
 
 
-def build_manifest(
-    entries: Iterable[tuple[Path, str]], root: Path, val_fraction: float, test_fraction: float, seed: int
-) -> pd.DataFrame:
-    """Rows for ``entries`` with paths relative to ``root`` where possible (so copies of the repo still work)."""
-    rows = [(_relative(Path(p), root), label, "", file_sha1(Path(p))) for p, label in entries]
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    return assign_splits(df, val_fraction, test_fraction, seed)
+def account(
+    candidates: Sequence[Candidate], inspections: Sequence[Inspection | None], root: Path,
+    val_fraction: float, test_fraction: float, seed: int,
+) -> Accounting:
+    """Sort every candidate into kept or rejected, drop duplicates and conflicts, and split what is kept.
+
+    ``inspections[i]`` belongs to ``candidates[i]`` (None where the layout already rejected the file).
+    """
+    kept, rejects = [], []
+    for cand, insp in zip(candidates, inspections, strict=True):
+        path = _relative(cand.path, root)
+        if cand.reason or insp is None:
+            rejects.append((path, cand.label or "", cand.reason, ""))
+        elif insp.reason:
+            rejects.append((path, cand.label, insp.reason, insp.detail))
+        else:
+            kept.append((path, cand.label, "", insp.sha1, insp.width, insp.height, insp.format))
+    df = pd.DataFrame(kept, columns=COLUMNS).sort_values("path", kind="stable")
+    keep = pd.Series(True, index=df.index)
+    for sha1, group in df.groupby("sha1", sort=False):
+        if len(group) == 1:
+            continue
+        labels = sorted(group["label"].unique())
+        if len(labels) > 1:
+            keep[group.index] = False
+            detail = f"same bytes labelled {', '.join(labels)}: {', '.join(group['path'])}"
+            rejects += [(p, lab, LABEL_CONFLICT, detail) for p, lab in zip(group["path"], group["label"], strict=True)]
+        else:
+            keep[group.index[1:]] = False
+            first = group["path"].iloc[0]
+            rejects += [(p, lab, DUPLICATE, f"same bytes as {first}")
+                        for p, lab in zip(group["path"].iloc[1:], group["label"].iloc[1:], strict=True)]
+    df = assign_splits(df[keep], val_fraction, test_fraction, seed)
+    rejected = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values(["reason", "path"], kind="stable")
+    return Accounting(df.reset_index(drop=True), rejected.reset_index(drop=True), _summary(candidates, df, rejected))
+
+
+def check_class_sizes(acc: Accounting, labels: Sequence[str], min_per_class: int) -> None:
+    """Every class named by the layout keeps at least ``min_per_class`` images, and some images are for training."""
+    counts = acc.manifest["label"].value_counts()
+    for label in sorted(set(labels)):
+        n = int(counts.get(label, 0))
+        if n < min_per_class:
+            rejected = int((acc.rejects["label"] == label).sum())
+            raise DataError(f"class {label!r} kept {n} image(s) ({rejected} rejected, see reports/rejects.csv); "
+                            f"data.min_per_class is {min_per_class}")
+    if len(counts) < 2:
+        raise DataError(f"kept images in {len(counts)} class(es): {list(counts.index)}; need at least 2")
+    if not (acc.manifest["split"] == "train").any():
+        raise DataError("no image fell into the train split; lower data.val_fraction / data.test_fraction")
+
+
+def split_of(sha1: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of one image, from its content and the seed alone.
+
+    A uniform number in [0, 1) from hash(seed, content): below test_fraction -> test, below test + val -> val.
+    No other image is involved, so adding images never moves an existing one (test never leaks into train
+    across dataset versions), and every class is sampled at the same rates (stratified in expectation).
+    """
+    u = int(hashlib.sha256(f"{seed}:{sha1}".encode()).hexdigest()[:16], 16) / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 def assign_splits(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Per class, order images by hash(seed, content) and cut test, val, train off that order.
-
-    The order depends only on file contents and the seed, never on listing order, so the split is the same on
-    every machine; cutting per class keeps class proportions equal in every split (stratified).
-    """
     df = df.copy()
-    key = df["sha1"].map(lambda sha: hashlib.sha1(f"{seed}:{sha}".encode()).hexdigest())
-    df["split"] = "train"
-    for label, idx in df.groupby("label").groups.items():
-        ordered = key.loc[idx].sort_values(kind="stable").index
-        n = len(ordered)
-        n_test, n_val = round(n * test_fraction), round(n * val_fraction)
-        if n - n_test - n_val < 1:
-            raise DataError(f"class {label!r} has {n} images: too few to leave any for training after val/test")
-        df.loc[ordered[:n_test], "split"] = "test"
-        df.loc[ordered[n_test : n_test + n_val], "split"] = "val"
+    df["split"] = [split_of(s, seed, val_fraction, test_fraction) for s in df["sha1"]]
     return df.sort_values(["split", "label", "path"], kind="stable").reset_index(drop=True)
 
 
-def write_manifest(df: pd.DataFrame, path: Path) -> None:
+def _summary(candidates: Sequence[Candidate], kept: pd.DataFrame, rejects: pd.DataFrame) -> dict:
+    per_class: dict[str, dict] = {}
+    for label in sorted({c.label for c in candidates if c.label} | set(kept["label"])):
+        per_class[label] = {
+            "found": sum(c.label == label for c in candidates),
+            "kept": int((kept["label"] == label).sum()),
+            "rejected": int((rejects["label"] == label).sum()),
+            **{split: int(((kept["label"] == label) & (kept["split"] == split)).sum()) for split in SPLITS},
+        }
+    return {
+        "found": len(candidates),
+        "kept": len(kept),
+        "rejected": len(rejects),
+        "rejected_by_reason": {k: int(v) for k, v in rejects["reason"].value_counts().sort_index().items()},
+        "per_class": per_class,
+    }
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     df.to_csv(tmp, index=False)
@@ -70,11 +134,6 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if bad:
         raise DataError(f"{path}: unknown split value(s) {bad}; allowed: {', '.join(SPLITS)}")
     return df
-
-
-def class_names(df: pd.DataFrame) -> list[str]:
-    """Class index i is the i-th label in sorted order, fixed for the life of a dataset."""
-    return sorted(df["label"].unique())
 
 
 def _relative(path: Path, root: Path) -> str:

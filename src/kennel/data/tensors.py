@@ -1,42 +1,76 @@
-"""Write and read one split as memory-mapped ``.npy`` files: ``<split>_x.npy`` (N,3,S,S uint8), ``<split>_y.npy``."""
+"""Write and read one split as ``.npy`` files: ``<split>_x.npy`` (N,3,S,S uint8) and ``<split>_y.npy``."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from kennel.data.manifest import SPLITS
+from kennel.data.parallel import pmap
+
+Loader = Callable[[str | Path, int], np.ndarray]
+_OPEN: dict[str, int] = {}  # per process: the file each writer writes into
+
+
+@dataclass(frozen=True)
+class _RowWriter:
+    """Decode item i and write it at row i of the array file: workers write in place, nothing is gathered.
+
+    Plain positional writes, not a memory map: dirty pages of a map count as the process's memory until the
+    kernel flushes them, so memory would grow with N; written with pwrite they are only page cache.
+    """
+
+    file: str
+    offset: int
+    size: int
+    load: Loader
+
+    def __call__(self, item: tuple[int, str | Path]) -> None:
+        i, path = item
+        try:
+            row = self.load(path, self.size)
+        except Exception as err:  # noqa: BLE001 - name the file whatever broke
+            raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from None
+        if row.shape != (3, self.size, self.size) or row.dtype != np.uint8:
+            raise RuntimeError(f"{path}: loader gave {row.dtype} {row.shape}, expected uint8 (3, {self.size}, {self.size})")
+        if self.file not in _OPEN:
+            _OPEN[self.file] = os.open(self.file, os.O_WRONLY)
+        os.pwrite(_OPEN[self.file], row.tobytes(), self.offset + i * row.nbytes)
 
 
 def write_split(
-    out_dir: Path,
-    split: str,
-    paths: Sequence[str | Path],
-    labels: Sequence[int],
-    size: int,
-    load: Callable[[str | Path, int], np.ndarray],
-    progress: Callable[[Iterable], Iterable] = iter,
+    out_dir: Path, split: str, paths: Sequence[str | Path], labels: Sequence[int], size: int, load: Loader,
+    workers: int | str = 1,
 ) -> Path:
-    """Decode each file with ``load`` straight into a memory map, so memory does not grow with N.
+    """Decode each file with ``load`` (in ``workers`` processes) straight into ``<split>_x.npy``.
 
-    Files are written under a temporary name and renamed at the end: a crash leaves no half-written split.
+    Memory stays flat whatever N is. Files are written under a temporary name and renamed at the end: a crash
+    leaves no half-written split.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     x_path, y_path = out_dir / f"{split}_x.npy", out_dir / f"{split}_y.npy"
-    tmp_x = x_path.with_suffix(".npy.tmp")
-    x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-    for i in progress(range(len(paths))):
-        x[i] = load(paths[i], size)
-    x.flush()
-    del x
+    tmp = out_dir / f".{split}_x.npy.tmp"
+    header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+    offset = header.offset  # the file now has its header and full (sparse) length
+    del header
+    writer = _RowWriter(str(tmp), offset, size, load)
+    try:
+        for _ in pmap(writer, list(enumerate(paths)), workers, desc=f"resize {split}"):
+            pass
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if str(tmp) in _OPEN:
+            os.close(_OPEN.pop(str(tmp)))
     np.save(y_path, np.asarray(labels, dtype=np.int64))
-    os.replace(tmp_x, x_path)
+    os.replace(tmp, x_path)
     return x_path
 
 
@@ -53,9 +87,7 @@ def read_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_splits(
-    manifest: pd.DataFrame, root: Path, size: int, out_dir: Path,
-    load: Callable[[str | Path, int], np.ndarray],
-    progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+    manifest: pd.DataFrame, root: Path, size: int, out_dir: Path, load: Loader, workers: int | str = 1
 ) -> dict[str, int]:
     """One array pair per split plus ``classes.json``; returns images per split."""
     classes = sorted(manifest["label"].unique())
@@ -65,7 +97,7 @@ def write_splits(
         rows = manifest[manifest["split"] == split]
         paths = [_absolute(p, root) for p in rows["path"]]
         labels = [index[label] for label in rows["label"]]
-        write_split(out_dir, split, paths, labels, size, load, partial(progress, desc=split))
+        write_split(out_dir, split, paths, labels, size, load, workers)
         counts[split] = len(rows)
     meta = {"classes": classes, "size": size, "counts": counts}
     (out_dir / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
