@@ -8,8 +8,15 @@ from PIL import Image
 
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.images import load_array
-from kennel.data.manifest import (Accounting, account, assign_splits, check_class_sizes, read_manifest, split_of,
-                                  write_csv)
+from kennel.data.manifest import (
+    Accounting,
+    account,
+    assign_splits,
+    check_class_sizes,
+    read_manifest,
+    split_of,
+    write_csv,
+)
 from kennel.data.sources import DataError, find_images
 from kennel.data.synthetic import render, write_synthetic
 from kennel.data.tensors import read_classes, read_split, write_split, write_splits
@@ -46,8 +53,8 @@ def _tree(root, counts: dict[str, int], size=(40, 30)):
     return root
 
 
-def _accounting(tmp_path, counts={"a": 20, "b": 10}, seed=0):
-    raw = _tree(tmp_path / "raw", counts)
+def _accounting(tmp_path, counts=None, seed=0):
+    raw = _tree(tmp_path / "raw", counts or {"a": 20, "b": 10})
     candidates = find_images("folder", raw)
     return account(candidates, inspect_all(candidates, 8, 10**8), tmp_path, 0.2, 0.1, seed)
 

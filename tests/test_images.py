@@ -14,8 +14,8 @@ def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
     y, x = np.mgrid[0:h, 0:w] / max(w, h)
     img = np.stack([x * 200 + 30, y * 180 + 40, (x + y) * 90 + 20], axis=-1)
     for _ in range(5):
-        cx, cy, r = rng.uniform(0, 1, 3)
-        img += 60 * np.exp(-((x - cx * w / max(w, h)) ** 2 + (y - cy * h / max(w, h)) ** 2) / (0.02 + r * 0.05))[..., None]
+        cx, cy, r = rng.uniform(0, 1, 3) * (w / max(w, h), h / max(w, h), 1)
+        img += 60 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (0.02 + r * 0.05))[..., None]
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 

@@ -11,8 +11,7 @@ from PIL import Image
 
 from kennel.data.manifest import account, check_class_sizes
 from kennel.data.sources import DataError, extract_zip, find_images
-from kennel.data.validate import (BOMB, CORRUPT, DUPLICATE, EMPTY, LABEL_CONFLICT, NOT_IMAGE, TOO_SMALL,
-                                  inspect_all)
+from kennel.data.validate import BOMB, CORRUPT, DUPLICATE, EMPTY, LABEL_CONFLICT, NOT_IMAGE, TOO_SMALL, inspect_all
 
 MAX_PIXELS = 89_478_485
 

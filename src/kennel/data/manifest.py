@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -48,7 +48,7 @@ def account(
             kept.append((path, cand.label, "", insp.sha1, insp.width, insp.height, insp.format))
     df = pd.DataFrame(kept, columns=COLUMNS).sort_values("path", kind="stable")
     keep = pd.Series(True, index=df.index)
-    for sha1, group in df.groupby("sha1", sort=False):
+    for _, group in df.groupby("sha1", sort=False):
         if len(group) == 1:
             continue
         labels = sorted(group["label"].unique())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,8 @@ class _RowWriter:
         except Exception as err:  # noqa: BLE001 - name the file whatever broke
             raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from None
         if row.shape != (3, self.size, self.size) or row.dtype != np.uint8:
-            raise RuntimeError(f"{path}: loader gave {row.dtype} {row.shape}, expected uint8 (3, {self.size}, {self.size})")
+            expected = f"uint8 (3, {self.size}, {self.size})"
+            raise RuntimeError(f"{path}: loader gave {row.dtype} {row.shape}, expected {expected}")
         if self.file not in _OPEN:
             _OPEN[self.file] = os.open(self.file, os.O_WRONLY)
         os.pwrite(_OPEN[self.file], row.tobytes(), self.offset + i * row.nbytes)
