@@ -49,18 +49,17 @@ class Inspector:
 def inspect_image(path: Path, min_size: int, max_pixels: int) -> Inspection:
     """Open by content (the suffix is ignored), check size limits from the header, then decode every pixel."""
     try:
-        data = Path(path).read_bytes()
+        sha1, head = _sha1_and_head(Path(path))
     except OSError as err:
         return Inspection(UNREADABLE, f"{type(err).__name__}: {err}")
-    if not data:
+    if not head:
         return Inspection(EMPTY)
-    sha1 = hashlib.sha1(data).hexdigest()
     try:
         img = open_checked(path, max_pixels)
     except DecompressionBomb as err:
         return Inspection(BOMB, str(err), sha1)
     except UnidentifiedImageError:
-        return Inspection(NOT_IMAGE, f"starts with {data[:16]!r}", sha1)
+        return Inspection(NOT_IMAGE, f"starts with {head!r}", sha1)
     except (OSError, SyntaxError, ValueError) as err:
         return Inspection(CORRUPT, f"{type(err).__name__}: {err}", sha1)
     with img:
@@ -74,6 +73,17 @@ def inspect_image(path: Path, min_size: int, max_pixels: int) -> Inspection:
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
             return Inspection(CORRUPT, f"{type(err).__name__}: {err}", sha1, w, h, fmt, mode)
     return Inspection("", "", sha1, w, h, fmt, mode)
+
+
+def _sha1_and_head(path: Path) -> tuple[str, bytes]:
+    """Content hash read in chunks (a stray multi-GB file must not be loaded whole) and the first bytes."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        head = f.read(16)
+        h.update(head)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest(), head
 
 
 def inspect_all(

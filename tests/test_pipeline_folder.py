@@ -1,0 +1,84 @@
+"""`dvc repro` with data.source: folder over a small made-up tree with broken files, then adding images."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import dvc, make_project, small_params
+
+pytestmark = pytest.mark.slow
+
+
+def _image(path, seed: int, label: str):
+    rng = np.random.default_rng(seed)
+    base = np.zeros((48, 48, 3), np.uint8)
+    base[..., 0 if label == "red" else 2] = 200  # a learnable colour cue plus noise
+    noisy = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(noisy).save(path)
+
+
+def test_folder_source_end_to_end(tmp_path):
+    params = small_params(**{"data.source": "folder", "data.min_per_class": 5, "data.val_fraction": 0.2,
+                             "data.test_fraction": 0.2})
+    root = make_project(tmp_path / "project", params)
+    raw = root / "data/raw"
+    for i in range(30):
+        label = ("red", "blue")[i % 2]
+        _image(raw / label / ("sub" if i % 3 else "") / f"{i}.png", i, label)
+    (raw / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(40))
+    (raw / "blue" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = dvc(["repro"], root)
+    assert "Running stage 'evaluate'" in out.stdout
+
+    summary = json.loads((root / "reports/data_summary.json").read_text())
+    assert (summary["found"], summary["kept"], summary["rejected"]) == (33, 30, 3)  # + .gitkeep
+    rejects = (root / "reports/rejects.csv").read_text()
+    assert "data/raw/red/Thumbs.db,red,not an image" in rejects
+    assert "data/raw/blue/broken.jpg,blue,truncated or corrupt" in rejects
+    assert "data/raw/.gitkeep,,not in a class folder" in rejects
+    assert json.loads((root / "data/resized/classes.json").read_text())["classes"] == ["blue", "red"]
+    metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
+    assert set(metrics["per_class"]) == {"blue", "red"}
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
+    assert run.data.metrics["data_found"] == 33 and run.data.metrics["data_rejected"] == 3
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} == {
+        "data/data_summary.json", "data/rejects.csv"}
+
+    # new images: prepare reruns, and no existing image changes split
+    manifest = (root / "data/prepared/manifest.csv").read_text().splitlines()
+    for i in range(30, 40):
+        label = ("red", "blue")[i % 2]
+        _image(raw / label / f"{i}.png", i, label)
+    status = json.loads(dvc(["status", "--json"], root).stdout)
+    assert "prepare" in status
+    dvc(["repro"], root)
+    after = set((root / "data/prepared/manifest.csv").read_text().splitlines())
+    assert set(manifest) <= after and len(after) == len(manifest) + 10
+
+
+def test_prepare_keeps_its_reports_when_a_class_is_too_small(tmp_path, monkeypatch):
+    from stages.prepare import main
+
+    params = small_params(**{"data.source": "folder", "data.min_per_class": 3})
+    raw = tmp_path / "data/raw"
+    for i in range(5):
+        _image(raw / "red" / f"{i}.png", i, "red")
+    _image(raw / "blue" / "0.png", 100, "blue")
+    (raw / "blue" / "1.jpg").write_bytes(b"")
+    from tests.conftest import write_params
+
+    write_params(tmp_path / "params.yaml", params)
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    assert "data/raw/blue/1.jpg,blue,empty file" in (tmp_path / "reports/rejects.csv").read_text()
+    assert json.loads((tmp_path / "reports/data_summary.json").read_text())["per_class"]["blue"]["kept"] == 1
+    assert not (tmp_path / "data/prepared/manifest.csv").exists()
