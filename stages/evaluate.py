@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -13,20 +12,13 @@ from kennel.config import Params
 from kennel.evaluation import evaluate_model
 from kennel.figures import confusion_png, roc_png
 from kennel.metrics import auc
+from kennel.paths import CONFUSION, FIGURES, METRICS, MODEL, RESIZED, ROC, RUN_FILE
 from kennel.stage import run_stage
-
-DATA = Path("data/resized")
-MODEL = Path("models/model.pt")
-RUN_FILE = Path("models/mlflow_run.json")
-METRICS = Path("reports/metrics.json")
-CONFUSION = Path("reports/confusion.csv")
-ROC = Path("reports/roc.csv")
-FIGURES = Path("reports/figures")
 
 
 def evaluate_stage(params: Params) -> None:
     run_id = tracking.read_run_file(RUN_FILE)
-    result = evaluate_model(MODEL, DATA, device=params.train.device, amp=params.train.amp)
+    result = evaluate_model(MODEL, RESIZED, device=params.train.device, amp=params.train.amp)
     m = result.metrics
     METRICS.parent.mkdir(parents=True, exist_ok=True)
     METRICS.write_text(json.dumps({"test": m}, indent=2) + "\n")

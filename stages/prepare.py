@@ -13,29 +13,27 @@ from kennel.config import Params
 from kennel.data.manifest import account, check_class_sizes, write_csv
 from kennel.data.sources import find_images
 from kennel.data.validate import inspect_all
+from kennel.paths import DATA_SUMMARY, PREPARED, REJECTS
 from kennel.stage import run_stage
 
-OUT = Path("data/prepared")
-REJECTS = Path("reports/rejects.csv")
-SUMMARY = Path("reports/data_summary.json")
 log = logging.getLogger("kennel.prepare")
 
 
 def prepare(params: Params) -> None:
     d = params.data
     start = time.perf_counter()
-    shutil.rmtree(OUT, ignore_errors=True)  # a stale synthetic set or extraction must not survive a source change
+    shutil.rmtree(PREPARED, ignore_errors=True)  # a stale synthetic set or extraction must not survive a source change
     candidates = find_images(
-        d.source, Path(d.raw_dir), out_dir=OUT, seed=params.seed, per_class=d.synthetic_per_class,
+        d.source, Path(d.raw_dir), out_dir=PREPARED, seed=params.seed, per_class=d.synthetic_per_class,
         oxford_target=d.oxford_target,
     )
     inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers)
     acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
     # The reports are written before the class-size check so that a failing run still says what was rejected.
     write_csv(acc.rejects, REJECTS)
-    SUMMARY.write_text(json.dumps(acc.summary, indent=2) + "\n")
+    DATA_SUMMARY.write_text(json.dumps(acc.summary, indent=2) + "\n")
     check_class_sizes(acc, [c.label for c in candidates if c.label], d.min_per_class)
-    write_csv(acc.manifest, OUT / "manifest.csv")
+    write_csv(acc.manifest, PREPARED / "manifest.csv")
     s = acc.summary
     log.info("found %d files: kept %d, rejected %d %s in %.1fs; rejects listed in %s",
              s["found"], s["kept"], s["rejected"], s["rejected_by_reason"] or "", time.perf_counter() - start, REJECTS)

@@ -13,10 +13,9 @@ from kennel.data.images import load_array
 from kennel.data.manifest import read_manifest
 from kennel.data.parallel import resolve_workers
 from kennel.data.tensors import write_splits
+from kennel.paths import MANIFEST, RESIZED
 from kennel.stage import run_stage
 
-MANIFEST = Path("data/prepared/manifest.csv")
-OUT = Path("data/resized")
 log = logging.getLogger("kennel.resize")
 
 
@@ -25,7 +24,7 @@ def resize(params: Params) -> None:
     manifest = read_manifest(MANIFEST)
     start = time.perf_counter()
     load = partial(load_array, mode=r.mode, max_pixels=params.data.max_pixels)
-    counts = write_splits(manifest, Path.cwd(), r.size, OUT, load, r.workers)
+    counts = write_splits(manifest, Path.cwd(), r.size, RESIZED, load, r.workers)
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     log.info("resized %d images (%s) to %dpx %s with %d workers in %.1fs: %.0f img/s",

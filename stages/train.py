@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,15 +14,9 @@ from kennel.config import Params
 from kennel.data.tensors import read_split
 from kennel.engine import amp_name
 from kennel.model import save_model
+from kennel.paths import DATA_SUMMARY, HISTORY, MODEL, REJECTS, RESIZED, RUN_FILE
 from kennel.stage import run_stage
 from kennel.training import TrainResult, train
-
-DATA = Path("data/resized")
-MODEL = Path("models/model.pt")
-RUN_FILE = Path("models/mlflow_run.json")
-HISTORY = Path("reports/train_history.csv")
-DATA_SUMMARY = Path("reports/data_summary.json")
-REJECTS = Path("reports/rejects.csv")
 
 
 def train_stage(params: Params) -> None:
@@ -46,11 +39,11 @@ def train_stage(params: Params) -> None:
                 tracking.set_tags({"kennel.weights_warning": result.weights.warning})
                 tracking.note(f"Warning: {result.weights.warning}")
 
-        result = train(params, DATA, on_epoch=lambda r: tracking.log_epoch(r.epoch, r.metrics()), on_start=on_start)
+        result = train(params, RESIZED, on_epoch=lambda r: tracking.log_epoch(r.epoch, r.metrics()), on_start=on_start)
         save_model(result.model, MODEL, params.resize.size, params.model.arch)
         HISTORY.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
-        images, _ = read_split(DATA, "train")
+        images, _ = read_split(RESIZED, "train")
         model_uri = tracking.log_model(result.model, example=np.array(images[:2]))
         tracking.set_tags({"kennel.model_uri": model_uri})
 

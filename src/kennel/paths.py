@@ -1,0 +1,18 @@
+"""The pipeline's files, relative to the workspace a stage runs in; dvc.yaml declares the same paths."""
+
+from pathlib import Path
+
+PREPARED = Path("data/prepared")
+MANIFEST = PREPARED / "manifest.csv"
+RESIZED = Path("data/resized")
+MODEL = Path("models/model.pt")
+RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
+
+REPORTS = Path("reports")
+REJECTS = REPORTS / "rejects.csv"
+DATA_SUMMARY = REPORTS / "data_summary.json"
+HISTORY = REPORTS / "train_history.csv"
+METRICS = REPORTS / "metrics.json"
+CONFUSION = REPORTS / "confusion.csv"
+ROC = REPORTS / "roc.csv"
+FIGURES = REPORTS / "figures"
