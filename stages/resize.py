@@ -24,7 +24,7 @@ def resize(params: Params) -> None:
     manifest = read_manifest(MANIFEST)
     start = time.perf_counter()
     load = partial(load_array, mode=r.mode, max_pixels=params.data.max_pixels)
-    counts = write_splits(manifest, Path.cwd(), r.size, RESIZED, load, r.workers)
+    counts = write_splits(manifest, Path.cwd(), r.size, RESIZED, load, r.workers, recipe=r.mode)
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     log.info("resized %d images (%s) to %dpx %s with %d workers in %.1fs: %.0f img/s",

@@ -1,45 +1,79 @@
-"""train: fine-tune resnet18 on the resized arrays; log params, curves and the model to a new MLflow run."""
+"""train: fine-tune resnet18 on the resized arrays; log params, curves and the model to an MLflow run.
+
+Resumes from ``models/checkpoint.pt`` when it was made with the same params and data (continuing the same MLflow
+run), and launches itself under torchrun when ``train.nproc`` > 1.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 
-from kennel import tracking
+from kennel import distributed, tracking
 from kennel.config import Params
 from kennel.data.tensors import read_split
-from kennel.engine import amp_name
+from kennel.engine import amp_name, resolve_device
 from kennel.model import save_model
-from kennel.paths import DATA_SUMMARY, HISTORY, MODEL, REJECTS, RESIZED, RUN_FILE
+from kennel.paths import CHECKPOINT, DATA_SUMMARY, HISTORY, MODEL, REJECTS, RESIZED, RUN_FILE
 from kennel.stage import run_stage
-from kennel.training import TrainResult, train
+from kennel.training import TrainResult, find_resumable, train
+
+log = logging.getLogger("kennel.train")
 
 
-def train_stage(params: Params) -> None:
+def train_stage(params: Params, argv: list[str]) -> None:
+    if params.train.nproc > 1 and not distributed.launched():
+        code = distributed.relaunch(params.train.nproc, __file__, argv)
+        if code:
+            raise SystemExit(code)
+        return
+    ctx = distributed.setup(resolve_device(params.train.device).type)
+    try:
+        resume = find_resumable(CHECKPOINT, params, RESIZED)
+        if ctx.is_main:
+            _train_and_log(params, ctx, resume)
+        else:
+            train(params, RESIZED, checkpoint=CHECKPOINT, resume=resume, ctx=ctx)
+    finally:
+        distributed.cleanup()
+
+
+def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -> None:
     root = tracking.project_root()
     flat = params.flat()
-    with tracking.open_run(root, params.mlflow.experiment, run_name=tracking.run_name(flat),
+    run_id = resume.get("mlflow_run_id") if resume else None
+    if run_id and not tracking.run_exists(root, run_id):
+        run_id = None
+    with tracking.open_run(root, params.mlflow.experiment, run_id=run_id, run_name=tracking.run_name(flat),
                            tags=tracking.provenance_tags(root)) as run_id:
         tracking.write_run_file(RUN_FILE, run_id, root)
-        tracking.log_params(flat)
-        summary = json.loads(DATA_SUMMARY.read_text())
-        tracking.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
-        tracking.log_artifacts([DATA_SUMMARY, REJECTS], "data")
+        if resume is None:
+            tracking.log_params(flat)
+            summary = json.loads(DATA_SUMMARY.read_text())
+            tracking.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
+            tracking.log_artifacts([DATA_SUMMARY, REJECTS], "data")
 
         def on_start(result: TrainResult) -> None:
             tracking.set_tags({
                 "kennel.device": result.device, "kennel.amp": amp_name(result.amp_dtype),
                 "kennel.weights": result.weights.source, "kennel.classes": ",".join(result.model.classes),
+                "kennel.data_placement": result.data_placement, "kennel.processes": ctx.world,
             })
+            if result.resumed_from:
+                tracking.set_tags({"kennel.resumed_from_epoch": result.resumed_from})
             if result.weights.warning:
                 tracking.set_tags({"kennel.weights_warning": result.weights.warning})
                 tracking.note(f"Warning: {result.weights.warning}")
 
-        result = train(params, RESIZED, on_epoch=lambda r: tracking.log_epoch(r.epoch, r.metrics()), on_start=on_start)
+        result = train(params, RESIZED, on_epoch=lambda r: tracking.log_epoch(r.epoch, r.metrics()),
+                       on_start=on_start, checkpoint=CHECKPOINT, resume=resume,
+                       checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
+        tracking.set_tags({"kennel.selected_epoch": result.selected_epoch})
         save_model(result.model, MODEL, params.resize.size, params.model.arch)
         HISTORY.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
@@ -49,7 +83,8 @@ def train_stage(params: Params) -> None:
 
 
 def main(argv=None) -> int:
-    return run_stage("train", train_stage, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_stage("train", lambda params: train_stage(params, argv), argv)
 
 
 if __name__ == "__main__":

@@ -77,16 +77,56 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Random resized crop + horizontal flip, applied per sample on the training device."""
+
+    flip: float  # probability of a horizontal flip
+    scale_min: float  # crop area as a fraction of the image
+    scale_max: float
+    ratio_min: float  # crop aspect ratio (width / height)
+    ratio_max: float
+
+    def check(self) -> None:
+        if not 0 <= self.flip <= 1:
+            raise ConfigError(f"train.augment.flip = {self.flip!r}: allowed: a probability in [0, 1]")
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            raise ConfigError(
+                f"train.augment.scale_min/scale_max = {self.scale_min!r}/{self.scale_max!r}: "
+                "allowed: 0 < scale_min <= scale_max <= 1"
+            )
+        if not 0 < self.ratio_min <= self.ratio_max:
+            raise ConfigError(
+                f"train.augment.ratio_min/ratio_max = {self.ratio_min!r}/{self.ratio_max!r}: "
+                "allowed: 0 < ratio_min <= ratio_max"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip > 0 or self.scale_min < 1 or self.ratio_min != 1 or self.ratio_max != 1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     lr: float
-    batch_size: int
+    batch_size: int  # global: split across processes when train.nproc > 1
     epochs: int
     optimizer: Literal["sgd", "adam", "adamw"]
     momentum: float
+    nesterov: bool
     weight_decay: float
+    label_smoothing: float
+    schedule: Literal["none", "cosine", "onecycle"]
+    warmup_epochs: float
+    grad_clip: float  # max global gradient norm; 0 = off
+    augment: AugmentConfig
     device: Literal["auto", "cpu", "cuda", "mps"]
     amp: Literal["auto", "bf16", "fp16", "off"]
+    compile: bool
+    data_on_device: Literal["auto", True, False]
     num_workers: int
+    deterministic: bool
+    select: Literal["best", "last"]
+    nproc: int
 
     def check(self) -> None:
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -94,9 +134,25 @@ class TrainConfig:
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.num_workers", self.num_workers, 0)
+        _at_least("train.nproc", self.nproc, 1)
         _in_unit_interval("train.momentum", self.momentum)
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay = {self.weight_decay!r}: allowed: a number >= 0")
+        _in_unit_interval("train.label_smoothing", self.label_smoothing)
+        for key, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
+                           ("warmup_epochs", self.warmup_epochs)):
+            if value < 0 or not math.isfinite(value):
+                raise ConfigError(f"train.{key} = {value!r}: allowed: a number >= 0")
+        if self.warmup_epochs >= self.epochs and self.schedule == "cosine":
+            raise ConfigError(
+                f"train.warmup_epochs = {self.warmup_epochs!r}: allowed: fewer than train.epochs ({self.epochs})"
+            )
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("train.nesterov = true: allowed only with train.optimizer sgd and train.momentum > 0")
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"train.batch_size = {self.batch_size}: allowed: a multiple of train.nproc ({self.nproc}), "
+                "since each process takes an equal share"
+            )
+        self.augment.check()
 
 
 @dataclass(frozen=True)
@@ -178,8 +234,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return _build(hint, value, prefix=f"{key}.")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key} = {value!r}: allowed: {' | '.join(map(str, choices))}")
+        # type-exact: YAML's `true` must not pass for 1, nor 1 for `true`
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{key} = {value!r}: allowed: {' | '.join(map(_yaml_word, choices))}")
         return value
     if hint is float:
         # YAML reads 1e-3 as a string; accept ints and numeric strings, never bools.
@@ -195,11 +252,19 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} = {value!r}: allowed: an integer")
         return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: allowed: true or false")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: allowed: a string")
         return value
     raise TypeError(f"unsupported type {hint} for {key}")  # a bug in this module, not in the params
+
+
+def _yaml_word(choice: Any) -> str:
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
 
 
 def _names(cls: type) -> list[str]:

@@ -1,15 +1,21 @@
-"""train_one_epoch / evaluate / fit. Knows nothing of MLflow: progress goes out through a callback."""
+"""train_one_epoch / evaluate / fit, batching and on-device augmentation.
+
+Knows nothing of MLflow or files: progress goes out through callbacks, so the same loop serves the train stage,
+the tests and the benchmarks.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn import functional as F
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -22,11 +28,31 @@ class EpochResult:
     train_accuracy: float
     val_loss: float
     val_accuracy: float
+    lr: float
     seconds: float
     images_per_second: float
 
     def metrics(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if k != "epoch"}
+
+
+@dataclass
+class FitState:
+    """What fit carries from epoch to epoch, and what a checkpoint must hold to resume it."""
+
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: tuple[float, float] = (-math.inf, -math.inf)  # (val accuracy, -val loss): higher is better
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def consider(self, result: EpochResult, model: nn.Module) -> None:
+        score = (result.val_accuracy, -result.val_loss)
+        if not math.isnan(result.val_accuracy) and score > self.best_score:
+            self.best_epoch, self.best_score = result.epoch, score
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------- devices
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,114 +86,249 @@ def amp_name(dtype: torch.dtype | None) -> str:
 
 def _cpu_has_native_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # uint8 crosses to the device (4x less than float); channels_last suits convolutions on CPU and GPU.
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if images.ndim == 4 else images
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def batch_order(
+    n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world: int = 1
+) -> list[torch.Tensor]:
+    """Index batches for one epoch: one permutation from ``generator``, this rank's equal share of it.
+
+    Every rank draws the same permutation from an identically seeded generator and takes every world-th index;
+    the order is cut to a multiple of ``world`` so that all ranks run the same number of steps. A lone last
+    sample is dropped when shuffling (BatchNorm cannot train on a batch of one).
+    """
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order[: n - n % world][rank::world]
+    if shuffle and len(order) > 1 and len(order) % batch_size == 1:
+        order = order[:-1]
+    return list(order.split(batch_size))
+
+
+class BatchSampler:
+    """``batch_order`` as a DataLoader batch sampler, for data that streams from disk."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, generator=None, rank: int = 0, world: int = 1):
+        self.args = (n, batch_size, shuffle, generator, rank, world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (b.tolist() for b in batch_order(*self.args))
+
+    def __len__(self) -> int:
+        n, batch_size, shuffle, _, _, world = self.args
+        per_rank = (n - n % world) // world
+        per_rank -= shuffle and per_rank > 1 and per_rank % batch_size == 1
+        return math.ceil(per_rank / batch_size)
+
+
+class Batches:
+    """Mini-batches drawn from tensors already where they are used (GPU memory, or RAM for the CPU).
+
+    airbench-style: no DataLoader, no per-sample Python, no copies; a batch is one index into the tensor.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
+        self.images, self.labels = images, labels.to(images.device)
+        self.sampler = BatchSampler(len(labels), batch_size, shuffle, generator, rank, world)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in batch_order(*self.sampler.args):
+            idx = idx.to(self.images.device)
+            yield self.images[idx], self.labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------------- augment
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample random resized crop + horizontal flip for a whole batch with one ``grid_sample``.
+
+    Parameters are drawn on the CPU from ``generator`` (so a run is repeatable and resumable on any device);
+    the sampling runs wherever the images are.
+    """
+
+    flip: float = 0.5
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b = images.shape[0]
+        area = torch.empty(b).uniform_(*self.scale, generator=generator)
+        log_ratio = torch.empty(b).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator)
+        w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
+        h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)  # crop centre, in [-1, 1] coordinates
+        cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
+        sign = 1 - 2 * (torch.rand(b, generator=generator) < self.flip).float()
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+        theta = theta.to(images.device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return out.contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------- loops
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable,
+    batches: Iterable,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    criterion: nn.Module | None = None,
+    grad_clip: float = 0.0,
+    augment: Augment | None = None,
+    generator: torch.Generator | None = None,
     desc: str = "train",
 ) -> tuple[float, float, int]:
     """One pass: zero_grad -> forward -> loss -> backward -> step. Returns (mean loss, accuracy, images)."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None)
+    criterion = criterion or nn.CrossEntropyLoss()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
     for images, labels in bar:
-        images = _to_device(images, device)
-        labels = labels.to(device, non_blocking=True)
+        images, labels = _to_device(images, device), labels.to(device, non_blocking=True)
+        if augment is not None:
+            images = augment(images, generator)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss = criterion(logits.float(), labels)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         n = labels.numel()
-        total_loss += loss.item() * n
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += n
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+        sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}",
+                        img_s=f"{sums[2] / (time.perf_counter() - start):.0f}")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)  # every rank reports the whole epoch, not its shard
+    loss_sum, correct, seen = sums.tolist()
+    return loss_sum / max(seen, 1), correct / max(seen, 1), int(seen)
 
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits as float32 on the CPU, labels) over a whole loader."""
+    """(outputs as float32 on the CPU, labels) over all batches."""
     model.eval()
-    all_logits, all_labels = [], []
-    for images, labels in loader:
+    outputs, all_labels = [], []
+    for images, labels in batches:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(_to_device(images, device))
-        all_logits.append(logits.float().cpu())
-        all_labels.append(torch.as_tensor(labels))
-    if not all_logits:
+            out = model(_to_device(images, device))
+        outputs.append(out.float().cpu())
+        all_labels.append(torch.as_tensor(labels).cpu())
+    if not outputs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return torch.cat(outputs), torch.cat(all_labels)
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over a loader."""
-    logits, labels = predict(model, loader, device, amp_dtype)
+    """(mean cross-entropy, accuracy); NaN for both when there is nothing to evaluate."""
+    logits, labels = predict(model, batches, device, amp_dtype)
     if len(labels) == 0:
         return float("nan"), float("nan")
-    loss = nn.functional.cross_entropy(logits, labels).item()
+    loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
 def fit(
     model: nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_batches: Iterable,
+    val_batches: Iterable,
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
+    *,
     amp_dtype: torch.dtype | None = None,
-    on_epoch: Callable[[EpochResult], None] = lambda result: None,
-) -> list[EpochResult]:
-    """Train for ``epochs``, evaluating on ``val_loader`` after each; ``on_epoch`` sees every result."""
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    history = []
-    for epoch in range(1, epochs + 1):
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    criterion: nn.Module | None = None,
+    grad_clip: float = 0.0,
+    augment: Augment | None = None,
+    generator: torch.Generator | None = None,
+    eval_model: nn.Module | None = None,
+    state: FitState | None = None,
+    start_epoch: int = 1,
+    on_epoch: Callable[[EpochResult, FitState], None] = lambda result, state: None,
+) -> FitState:
+    """Train epochs ``start_epoch..epochs``, evaluating ``eval_model`` (default ``model``) after each.
+
+    ``on_epoch`` sees every result with the state (to log, and to checkpoint: a resumed fit continues from the
+    ``state`` and ``start_epoch`` a checkpoint gives back).
+    """
+    state = state or FitState()
+    eval_model = eval_model or model
+    for epoch in range(start_epoch, epochs + 1):
         start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, seen = train_one_epoch(
-            model, train_loader, optimizer, device, amp_dtype, scaler, desc=f"epoch {epoch}/{epochs}"
+            model, train_batches, optimizer, device, amp_dtype, scaler, scheduler, criterion, grad_clip,
+            augment, generator, desc=f"epoch {epoch}/{epochs}",
         )
         train_seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate(model, val_loader, device, amp_dtype)
+        val_loss, val_acc = evaluate(eval_model, val_batches, device, amp_dtype)
         result = EpochResult(
-            epoch, train_loss, train_acc, val_loss, val_acc,
+            epoch, train_loss, train_acc, val_loss, val_acc, lr,
             seconds=time.perf_counter() - start, images_per_second=seen / max(train_seconds, 1e-9),
         )
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  %.1f img/s  %.1fs",
-            epoch, epochs, train_loss, train_acc, val_loss, val_acc, result.images_per_second, result.seconds,
+            "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  lr %.2e  %.1f img/s  %.1fs",
+            epoch, epochs, train_loss, train_acc, val_loss, val_acc, lr, result.images_per_second, result.seconds,
         )
-        history.append(result)
-        on_epoch(result)
-    return history
+        state.history.append(result)
+        state.consider(result, eval_model)
+        on_epoch(result, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------- builders
 
 
 def build_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float
+    name: str, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -175,6 +336,31 @@ def build_optimizer(
     raise ValueError(f"train.optimizer = {name!r}: allowed: sgd | adam | adamw")
 
 
-def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # uint8 crosses to the device (4x less than float); channels_last suits convolutions on CPU and GPU.
-    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+@dataclass(frozen=True)
+class WarmupCosine:
+    """LR factor per step: linear warmup from ~0 to 1, then cosine down to 0. A class, so it pickles."""
+
+    total_steps: int
+    warmup_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-step schedule: ``none``, ``cosine`` (with ``warmup_epochs`` of linear warmup) or ``onecycle``."""
+    total = max(1, epochs * steps_per_epoch)
+    if name == "none":
+        return None
+    if name == "cosine":
+        warmup = min(total - 1, round(warmup_epochs * steps_per_epoch))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup))
+    if name == "onecycle":
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total)
+    raise ValueError(f"train.schedule = {name!r}: allowed: none | cosine | onecycle")

@@ -7,6 +7,7 @@ MANIFEST = PREPARED / "manifest.csv"
 RESIZED = Path("data/resized")
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
+CHECKPOINT = Path("models/checkpoint.pt")  # persisted across runs: a killed train stage resumes from it
 
 REPORTS = Path("reports")
 REJECTS = REPORTS / "rejects.csv"

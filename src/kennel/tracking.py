@@ -70,6 +70,15 @@ def open_run(
         yield run.info.run_id
 
 
+def run_exists(root: Path, run_id: str) -> bool:
+    mlflow.set_tracking_uri(tracking_uri(root))
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
 def run_name(flat_params: Mapping[str, Any]) -> str:
     """The DVC experiment name when there is one, else the params that usually differ, and the commit."""
     if os.environ.get("DVC_EXP_NAME"):

@@ -1,24 +1,49 @@
-"""train(params, data_dir): datasets, loaders, model, optimizer and the fit loop, wired from typed params."""
+"""train(params, data_dir): data placement, model, optimizer, schedule, checkpoints and the fit loop, from params."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from kennel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kennel.config import Params
 from kennel.data.dataset import ImageArrayDataset
-from kennel.data.tensors import read_classes
-from kennel.engine import EpochResult, amp_name, build_optimizer, fit, resolve_amp, resolve_device
+from kennel.data.tensors import read_meta, read_split
+from kennel.distributed import Dist
+from kennel.engine import (
+    Augment,
+    Batches,
+    BatchSampler,
+    EpochResult,
+    FitState,
+    amp_name,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    predict,
+    resolve_amp,
+    resolve_device,
+)
 from kennel.model import Classifier, WeightsInfo, build_model
 
 log = logging.getLogger(__name__)
+
+# Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
+RESIDENT_FRACTION = 0.25
+# Params that change how fast, not what, a run computes: a checkpoint stays valid across them.
+NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "mlflow.experiment", "data.workers", "resize.workers"}
 
 
 @dataclass
@@ -28,55 +53,190 @@ class TrainResult:
     weights: WeightsInfo
     device: torch.device
     amp_dtype: torch.dtype | None
+    data_placement: str = ""  # "device" (resident) or "stream" (DataLoader from the memory map)
+    resumed_from: int = 0  # epoch of the checkpoint resumed, 0 for a fresh start
+    selected_epoch: int = 0  # the epoch whose weights the model holds
 
 
 def seed_everything(seed: int) -> torch.Generator:
+    """Seeds the global RNGs (model init) and returns the generator for shuffling and augmentation."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 
+def set_determinism(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable results
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True  # fastest conv algorithms for the fixed input size
+
+
+def fingerprint(params: Params, data_dir: Path) -> str:
+    """Hash of everything that decides the result of training: params (less speed knobs) and data."""
+    relevant = {k: v for k, v in params.flat().items() if k not in NOT_IN_FINGERPRINT}
+    data = read_meta(data_dir).get("fingerprint", "")
+    return hashlib.sha256(json.dumps([relevant, data], sort_keys=True, default=str).encode()).hexdigest()
+
+
 def make_loader(
-    dataset: ImageArrayDataset, batch_size: int, num_workers: int, device: torch.device,
-    shuffle: bool = False, generator: torch.Generator | None = None,
+    dataset: ImageArrayDataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
+    generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
 ) -> DataLoader:
-    # BatchNorm cannot train on a batch of one: drop a lone last sample (a different one each shuffled epoch).
-    drop_last = shuffle and len(dataset) > 1 and len(dataset) % batch_size == 1
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=drop_last,
-    )
+    """Batches streamed from the memory map: pinned memory and non-blocking copies on CUDA."""
+    sampler = BatchSampler(len(dataset), batch_size, shuffle, generator, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0)
+
+
+def fits_resident(nbytes: int, device: torch.device, setting: str | bool) -> bool:
+    """``train.data_on_device``: true, false, or auto = fits in a quarter of free device memory / available RAM."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= RESIDENT_FRACTION * free
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return nbytes <= RESIDENT_FRACTION * available
+    return False
+
+
+def _batches(data_dir: Path, split: str, resident: bool, batch_size: int, device: torch.device, t, ctx: Dist,
+             shuffle: bool, generator: torch.Generator | None) -> Iterable:
+    rank, world = (ctx.rank, ctx.world) if shuffle else (0, 1)  # every rank evaluates the whole split
+    if resident:
+        images, labels = read_split(data_dir, split)
+        x = torch.from_numpy(np.array(images)).to(device)  # a real copy in RAM or on the GPU, not the map
+        return Batches(x, torch.from_numpy(labels), batch_size, shuffle, generator, rank, world)
+    return make_loader(ImageArrayDataset(data_dir, split), batch_size, t.num_workers, device, shuffle, generator,
+                       rank, world)
+
+
+def extract_features(model: Classifier, batches: Iterable, device: torch.device,
+                     amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (the fc layer's input) for every image, computed once."""
+    fc, model.backbone.fc = model.backbone.fc, nn.Identity()
+    try:
+        return predict(model, batches, device, amp_dtype)
+    finally:
+        model.backbone.fc = fc
 
 
 def train(
-    params: Params, data_dir: Path, on_epoch: Callable[[EpochResult], None] = lambda r: None,
+    params: Params,
+    data_dir: Path,
+    on_epoch: Callable[[EpochResult], None] = lambda r: None,
     on_start: Callable[[TrainResult], None] = lambda r: None,
+    checkpoint: Path | None = None,
+    resume: dict | None = None,
+    checkpoint_extra: dict | None = None,
+    ctx: Dist | None = None,
 ) -> TrainResult:
     """Fine-tune per ``params`` on ``data_dir``'s train split, validating on val after every epoch.
 
-    ``on_start`` sees the built model, device and weights before the first epoch (to record them early).
+    With ``checkpoint``, the state after every epoch is saved there (by rank 0); ``resume`` (a payload from
+    ``find_resumable``) continues such a run so that it ends exactly where an uninterrupted one would.
+    ``on_start`` sees the built model, device and placement before the first epoch.
     """
-    t = params.train
+    t, ctx = params.train, ctx or Dist()
     device = resolve_device(t.device)
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", ctx.local_rank)
+    set_determinism(t.deterministic)
     amp_dtype = resolve_amp(t.amp, device)
     generator = seed_everything(params.seed)
-    train_set, val_set = ImageArrayDataset(data_dir, "train"), ImageArrayDataset(data_dir, "val")
-    if len(train_set) == 0:
-        raise ValueError(f"{data_dir}: the train split is empty")
-    model, weights = build_model(params.model.arch, read_classes(data_dir), params.model.weights, params.model.finetune)
+    model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
+                                 params.model.finetune)
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum, t.weight_decay)
-    result = TrainResult(model, [], weights, device, amp_dtype)
+
+    train_images, _ = read_split(data_dir, "train")
+    val_images, _ = read_split(data_dir, "val")
+    if len(train_images) == 0:
+        raise ValueError(f"{data_dir}: the train split is empty")
+    resident = fits_resident(train_images.nbytes + val_images.nbytes, device, t.data_on_device)
+    batch_size = t.batch_size // ctx.world
+    train_batches = _batches(data_dir, "train", resident, batch_size, device, t, ctx, True, generator)
+    val_batches = _batches(data_dir, "val", resident, batch_size, device, t, ctx, False, None)
+
+    augment = None
+    if params.model.finetune == "head":
+        # The backbone is frozen, so its features never change: compute them once and train the head on them.
+        log.info("head fine-tuning: computing backbone features once (no augmentation on cached features)")
+        train_unshuffled = _batches(data_dir, "train", resident, batch_size, device, t, Dist(), False, None)
+        features = [extract_features(model, b, device, amp_dtype) for b in (train_unshuffled, val_batches)]
+        (ftrain, ytrain), (fval, yval) = [(f.to(device), y) for f, y in features]
+        train_batches = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
+        val_batches = Batches(fval, yval, batch_size)
+        module: nn.Module = model.backbone.fc
+    else:
+        module = model
+        if t.augment.enabled:
+            a = t.augment
+            augment = Augment(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max))
+
+    trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.world > 1 else module
+    if t.compile:
+        trained = torch.compile(trained)
+    optimizer = build_optimizer(t.optimizer, module.parameters(), t.lr, t.momentum, t.weight_decay, t.nesterov)
+    scheduler = build_scheduler(t.schedule, optimizer, t.epochs, len(train_batches), t.warmup_epochs)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    state, start = FitState(), 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"], generator)
+        state = FitState([EpochResult(**r) for r in resume["history"]], resume["best_epoch"],
+                         tuple(resume["best_score"]), resume["best_state"])
+        start = resume["epoch"] + 1
+    result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
+                         resumed_from=start - 1)
     log.info(
-        "training on %s (amp %s), %d train / %d val images, weights %s",
-        device, amp_name(amp_dtype), len(train_set), len(val_set), weights.source,
+        "training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
+        device, amp_name(amp_dtype), result.data_placement, len(train_images), len(val_images), batch_size,
+        ctx.world, weights.source, f", resuming after epoch {start - 1}" if start > 1 else "",
     )
     on_start(result)
-    result.history = fit(
-        model,
-        make_loader(train_set, t.batch_size, t.num_workers, device, shuffle=True, generator=generator),
-        make_loader(val_set, t.batch_size, t.num_workers, device),
-        optimizer, t.epochs, device, amp_dtype, on_epoch,
-    )
+
+    fp = fingerprint(params, data_dir) if checkpoint is not None else ""
+
+    def after_epoch(epoch_result: EpochResult, fit_state: FitState) -> None:
+        # Report first, then checkpoint: a kill in between repeats this epoch on resume (same numbers, logged
+        # twice) rather than skipping its report.
+        on_epoch(epoch_result)
+        if checkpoint is not None and ctx.is_main:
+            save_checkpoint(checkpoint, {
+                "fingerprint": fp, "epoch": epoch_result.epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
+                "history": [asdict(r) for r in fit_state.history], "best_epoch": fit_state.best_epoch,
+                "best_score": list(fit_state.best_score), "best_state": fit_state.best_state,
+                **(checkpoint_extra or {}),
+            })
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    state = fit(trained, train_batches, val_batches, optimizer, t.epochs, device, amp_dtype=amp_dtype, scaler=scaler,
+                scheduler=scheduler, criterion=criterion, grad_clip=t.grad_clip, augment=augment, generator=generator,
+                eval_model=module, state=state, start_epoch=start, on_epoch=after_epoch)
+    result.history = state.history
+    result.selected_epoch = state.history[-1].epoch
+    if t.select == "best" and state.best_state is not None:
+        module.load_state_dict(state.best_state)
+        result.selected_epoch = state.best_epoch
+    log.info("kept the weights of epoch %d of %d (train.select: %s)", result.selected_epoch, t.epochs, t.select)
     return result
+
+
+def find_resumable(path: Path, params: Params, data_dir: Path) -> dict | None:
+    """The checkpoint to resume from, if one exists for these params and data; None means a fresh start."""
+    return load_checkpoint(path, fingerprint(params, data_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -88,9 +89,14 @@ def read_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_splits(
-    manifest: pd.DataFrame, root: Path, size: int, out_dir: Path, load: Loader, workers: int | str = 1
+    manifest: pd.DataFrame, root: Path, size: int, out_dir: Path, load: Loader, workers: int | str = 1,
+    recipe: str = "",
 ) -> dict[str, int]:
-    """One array pair per split plus ``classes.json``; returns images per split."""
+    """One array pair per split plus ``classes.json``; returns images per split.
+
+    ``classes.json`` also holds a fingerprint of the data (manifest rows, size, ``recipe`` such as the resize
+    mode): a training checkpoint made on other data is not resumed.
+    """
     classes = sorted(manifest["label"].unique())
     index = {name: i for i, name in enumerate(classes)}
     counts = {}
@@ -100,16 +106,23 @@ def write_splits(
         labels = [index[label] for label in rows["label"]]
         write_split(out_dir, split, paths, labels, size, load, workers)
         counts[split] = len(rows)
-    meta = {"classes": classes, "size": size, "counts": counts}
+    rows = manifest[["path", "label", "split", "sha1"]].to_csv(index=False)
+    fingerprint = hashlib.sha256(f"{rows}|{size}|{recipe}".encode()).hexdigest()
+    meta = {"classes": classes, "size": size, "counts": counts, "fingerprint": fingerprint}
     (out_dir / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
 
 
-def read_classes(data_dir: Path) -> list[str]:
+def read_meta(data_dir: Path) -> dict:
+    """``classes.json``: class names, size, counts per split, data fingerprint."""
     path = Path(data_dir) / "classes.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the resize stage first (dvc repro resize)")
-    return json.loads(path.read_text())["classes"]
+    return json.loads(path.read_text())
+
+
+def read_classes(data_dir: Path) -> list[str]:
+    return read_meta(data_dir)["classes"]
 
 
 def _absolute(path: str, root: Path) -> Path:

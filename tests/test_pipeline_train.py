@@ -1,0 +1,84 @@
+"""The train stage for real: killed by a signal and rerun by DVC, and run as two DDP processes with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from tests.conftest import BIN, dvc, make_project, small_params
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(root):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    return client, client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
+
+
+def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
+    params = small_params(**{"train.epochs": 4, "data.synthetic_per_class": 24})
+    straight = make_project(tmp_path / "straight", params)
+    dvc(["repro"], straight)
+
+    killed = make_project(tmp_path / "killed", params)
+    dvc(["repro", "resize"], killed)
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=killed, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = killed / "models/checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.exists(), proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: dvc and the stage, mid-training
+    proc.wait()
+    epoch_at_kill = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= epoch_at_kill < 4
+
+    out = dvc(["repro"], killed)
+    assert f"resuming from checkpoint models/checkpoint.pt after epoch {epoch_at_kill}" in out.stdout + out.stderr
+    a = torch.load(straight / "models/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(killed / "models/model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((killed / "reports/metrics.json").read_text()) == \
+        json.loads((straight / "reports/metrics.json").read_text())
+
+    client, runs = _runs(killed)
+    assert len(runs) == 1  # the resumed stage continued the killed run
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["kennel.resumed_from_epoch"] == str(epoch_at_kill)
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")} == {1, 2, 3, 4}
+    assert "test_accuracy" in run.data.metrics
+
+
+def test_two_gloo_processes_train_end_to_end(tmp_path):
+    root = make_project(tmp_path / "ddp", small_params(**{"train.nproc": 2, "train.batch_size": 8}))
+    out = dvc(["repro"], root)
+    assert "launching 2 processes" in out.stdout + out.stderr
+    history = (root / "reports/train_history.csv").read_text().splitlines()
+    assert len(history) == 3  # header + 2 epochs, written once (rank 0 only)
+    assert torch.load(root / "models/model.pt", weights_only=True)["classes"] == ["cat", "dog"]
+    assert "accuracy" in json.loads((root / "reports/metrics.json").read_text())["test"]
+    _, runs = _runs(root)
+    assert len(runs) == 1 and runs[0].data.tags["kennel.processes"] == "2"
+    assert runs[0].data.params["train.nproc"] == "2" and "test_accuracy" in runs[0].data.metrics
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun standalone rendezvous")
+def test_stage_works_when_launched_by_torchrun_directly(tmp_path):
+    root = make_project(tmp_path / "torchrun", small_params(**{"train.batch_size": 8, "train.epochs": 1}))
+    dvc(["repro", "resize"], root)
+    env = {**os.environ, "PYTHONPATH": "src"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "stages/train.py"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "launching" not in out.stdout + out.stderr  # already distributed: no second launch
+    assert (root / "models/model.pt").exists()

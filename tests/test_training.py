@@ -1,0 +1,246 @@
+"""Training engine: resume, determinism, head-mode feature caching, schedules, augmentation, selection."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kennel.config import ConfigError, params_from_dict
+from kennel.data.tensors import read_split
+from kennel.engine import Augment, Batches, FitState, WarmupCosine, batch_order, build_optimizer, build_scheduler, fit
+from kennel.model import build_model
+from kennel.training import find_resumable, seed_everything, train
+from tests.conftest import build_dataset, small_params
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("data"), per_class=16)
+
+
+def _params(**overrides):
+    return params_from_dict(small_params(**overrides))
+
+
+def _equal_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Kill(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_exact_same_weights(resized, tmp_path):
+    params = _params(**{"train.epochs": 3, "train.select": "last"})  # augment + cosine schedule from params.yaml
+    full = train(params, resized, checkpoint=tmp_path / "full.pt")
+
+    def die_in_second(result):  # epoch 1 is checkpointed; the run dies before epoch 2's checkpoint
+        if result.epoch == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(params, resized, on_epoch=die_in_second, checkpoint=tmp_path / "ckpt.pt")
+    resume = find_resumable(tmp_path / "ckpt.pt", params, resized)
+    assert resume is not None and resume["epoch"] == 1
+    resumed = train(params, resized, checkpoint=tmp_path / "ckpt.pt", resume=resume)
+    assert resumed.resumed_from == 1
+    _equal_states(full.model.state_dict(), resumed.model.state_dict())
+    strip = lambda h: [(r.epoch, r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy, r.lr) for r in h]
+    assert strip(resumed.history) == strip(full.history)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 3
+
+
+def test_checkpoint_from_other_params_or_data_is_not_resumed(resized, tmp_path, caplog):
+    params = _params(**{"train.epochs": 1})
+    train(params, resized, checkpoint=tmp_path / "ckpt.pt")
+    assert find_resumable(tmp_path / "ckpt.pt", params, resized) is not None
+    # speed-only knobs do not invalidate it
+    assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "train.num_workers": 2}), resized)
+    with caplog.at_level(logging.INFO):
+        assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "train.lr": 0.01}), resized) is None
+    assert "made with other params or data" in caplog.text
+    other_data = build_dataset(tmp_path / "other", per_class=16, seed=5)
+    assert find_resumable(tmp_path / "ckpt.pt", params, other_data) is None
+    (tmp_path / "ckpt.pt").write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING):
+        assert find_resumable(tmp_path / "ckpt.pt", params, resized) is None
+    assert "unreadable" in caplog.text
+
+
+def test_same_seed_same_weights_with_augmentation(resized):
+    params = _params()
+    assert params.train.augment.enabled
+    _equal_states(train(params, resized).model.state_dict(), train(params, resized).model.state_dict())
+
+
+def test_resident_and_streamed_data_train_identically(resized):
+    on = train(_params(**{"train.data_on_device": True, "train.amp": "off"}), resized)
+    off = train(_params(**{"train.data_on_device": False, "train.amp": "off"}), resized)
+    assert (on.data_placement, off.data_placement) == ("device", "stream")
+    _equal_states(on.model.state_dict(), off.model.state_dict())
+
+
+def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
+    params = _params(**{"model.finetune": "head", "train.amp": "off", "train.select": "last", "train.epochs": 3,
+                        "train.data_on_device": True})
+    cached = train(params, resized).model
+
+    # the same run without the cache: the frozen model sees the raw (un-augmented) images every epoch
+    t = params.train
+    generator = seed_everything(params.seed)
+    model, _ = build_model("resnet18", ["cat", "dog"], "none", "head")
+    model = model.to(memory_format=torch.channels_last)
+    x, y = read_split(resized, "train")
+    vx, vy = read_split(resized, "val")
+    train_b = Batches(torch.from_numpy(np.array(x)), torch.from_numpy(y), t.batch_size, True, generator)
+    val_b = Batches(torch.from_numpy(np.array(vx)), torch.from_numpy(vy), t.batch_size)
+    opt = build_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum, t.weight_decay)
+    sched = build_scheduler(t.schedule, opt, t.epochs, len(train_b), t.warmup_epochs)
+    fit(model, train_b, val_b, opt, t.epochs, torch.device("cpu"), scheduler=sched, generator=generator,
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing))
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(cached.backbone.fc, name), getattr(model.backbone.fc, name),
+                                   rtol=1e-4, atol=1e-5)
+    _equal_states({k: v for k, v in cached.state_dict().items() if ".fc." not in k and not k.startswith("backbone.fc")},
+                  {k: v for k, v in model.state_dict().items() if ".fc." not in k and not k.startswith("backbone.fc")})
+
+
+def test_select_best_keeps_the_best_validation_epoch(resized):
+    result = train(_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "best"}), resized)
+    scores = [(r.val_accuracy, -r.val_loss) for r in result.history]
+    assert result.selected_epoch == 1 + scores.index(max(scores))
+    last = train(_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "last"}), resized)
+    assert last.selected_epoch == 3
+    if result.selected_epoch != 3:
+        assert not torch.equal(result.model.backbone.fc.weight, last.model.backbone.fc.weight)
+
+
+def test_fit_state_prefers_accuracy_then_lower_loss():
+    state, model = FitState(), torch.nn.Linear(1, 1)
+    from kennel.engine import EpochResult
+
+    for epoch, acc, loss in [(1, 0.5, 1.0), (2, 0.8, 0.9), (3, 0.8, 0.5), (4, 0.7, 0.1), (5, math.nan, math.nan)]:
+        state.consider(EpochResult(epoch, 0, 0, loss, acc, 0.1, 1, 1), model)
+    assert state.best_epoch == 3
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["none", "cosine", "onecycle"])
+def test_each_optimizer_and_schedule_builds_from_params(resized, name, schedule):
+    params = _params(**{"train.optimizer": name, "train.schedule": schedule, "train.nesterov": name == "sgd",
+                        "train.grad_clip": 1.0, "train.label_smoothing": 0.1, "train.epochs": 1})
+    result = train(params, resized)
+    assert result.history[0].lr > 0 and math.isfinite(result.history[0].train_loss)
+
+
+def test_warmup_cosine_shape():
+    f = WarmupCosine(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
+    opt = build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler("onecycle", opt, epochs=2, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step() if len(lrs) < 9 else None
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01
+    with pytest.raises(ValueError, match="train.schedule = 'step'"):
+        build_scheduler("step", opt, 1, 1)
+
+
+BAD = [
+    ("train.schedule", "step", "none | cosine | onecycle"),
+    ("train.warmup_epochs", 5.0, "fewer than train.epochs"),
+    ("train.grad_clip", -1.0, ">= 0"),
+    ("train.label_smoothing", 1.0, "[0, 1)"),
+    ("train.nesterov", "yes", "true or false"),
+    ("train.compile", 1, "true or false"),
+    ("train.data_on_device", "maybe", "auto | true | false"),
+    ("train.data_on_device", 1, "auto | true | false"),
+    ("train.select", "worst", "best | last"),
+    ("train.nproc", 0, ">= 1"),
+    ("train.batch_size", 33, "multiple of train.nproc"),
+    ("train.augment.flip", 1.5, "[0, 1]"),
+    ("train.augment.scale_min", 0.0, "0 < scale_min"),
+    ("train.augment.ratio_max", 0.5, "ratio_min <= ratio_max"),
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])
+def test_bad_training_params_are_rejected(key, value, words):
+    raw = small_params(**{"train.nproc": 2} if key == "train.batch_size" else {})
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    assert key.split(".")[-1].split("_")[0] in str(err.value) and words in str(err.value)
+
+
+def test_nesterov_needs_sgd():
+    with pytest.raises(ConfigError, match="nesterov"):
+        params_from_dict(small_params(**{"train.nesterov": True, "train.optimizer": "adamw"}))
+
+
+# ------------------------------------------------------------------------------------ augmentation on CPU tensors
+
+
+def _images(b=4, s=16):
+    return torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_augment_identity_and_flip_are_exact():
+    x = _images()
+    same = Augment(flip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(same, x.float(), rtol=0, atol=1e-3)
+    flipped = Augment(flip=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(flipped, x.float().flip(-1), rtol=0, atol=1e-3)
+    assert flipped.dtype == torch.float32 and flipped.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_augment_crop_is_a_resized_region():
+    x = torch.arange(16 * 16, dtype=torch.float32).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    out = Augment(flip=0.0, scale=(0.25, 0.25), ratio=(1.0, 1.0))(x, torch.Generator().manual_seed(3))
+    # an 8x8 window upsampled 2x: every output value lies inside the image's range and the result is smooth
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
+    row_steps = out[0, 0, :, 1:] - out[0, 0, :, :-1]
+    assert torch.allclose(row_steps[:, 2:-2], torch.full_like(row_steps[:, 2:-2], 0.5), atol=1e-4)
+
+
+def test_augment_is_per_sample_and_seeded():
+    x = _images(8)
+    aug = Augment()
+    a, b = aug(x, torch.Generator().manual_seed(7)), aug(x, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(8)))
+    same_input = x[:1].expand(8, -1, -1, -1)
+    outs = aug(same_input, torch.Generator().manual_seed(7))
+    assert len({tuple(o.flatten()[:50].tolist()) for o in outs}) > 1  # different crops within one batch
+
+
+def test_batch_order_shards_equally_and_covers_everything():
+    g = lambda: torch.Generator().manual_seed(0)
+    shards = [batch_order(10, 3, True, g(), rank, 3) for rank in range(3)]
+    assert [sum(len(b) for b in s) for s in shards] == [3, 3, 3]  # cut to a multiple of the world size
+    seen = torch.cat([torch.cat(s) for s in shards])
+    assert len(set(seen.tolist())) == 9
+    assert [len(b) for b in batch_order(9, 4, True, g())] == [4, 4]  # lone last sample dropped
+    assert [len(b) for b in batch_order(9, 4, False, None)] == [4, 4, 1]  # never when evaluating
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_resident_bf16_training(resized):
+    result = train(_params(**{"train.device": "cuda", "train.amp": "auto", "train.epochs": 2}), resized)
+    assert result.device.type == "cuda" and result.data_placement == "device"
+    assert result.amp_dtype in (torch.bfloat16, torch.float16)
+    x = _images(4).cuda()
+    out = Augment()(x, torch.Generator().manual_seed(0))
+    assert out.device.type == "cuda" and out.shape == x.shape
