@@ -41,12 +41,20 @@ def evaluate_stage(params: Params) -> None:
         tracking.log_metrics(scalars)
         tracking.log_dict(m, "evaluation/metrics.json")
         tracking.log_artifacts(figures + [CONFUSION, ROC], "evaluation")
+        mf = params.mlflow
+        if mf.registered_model:
+            model_uri = tracking.run_tag(run_id, "kennel.serving_uri") or tracking.run_tag(run_id, "kennel.model_uri")
+            reg = tracking.register_and_promote(tracking.project_root(), run_id, model_uri, mf.registered_model,
+                                                mf.promote_if_better)
+            tracking.set_tags({"kennel.registered_version": reg.version, "kennel.promoted": str(reg.promoted).lower()})
+            print(f"registered {mf.registered_model} version {reg.version}; "
+                  f"{'now' if reg.promoted else 'not'} champion ({reg.reason})")
     print(f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
           + (f"  ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else ""))
 
 
 def main(argv=None) -> int:
-    return run_stage("evaluate", evaluate_stage, argv)
+    return run_stage("evaluate", evaluate_stage, argv, extra_errors=(tracking.TrackingUnavailable,))
 
 
 if __name__ == "__main__":

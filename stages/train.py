@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 
@@ -19,7 +20,8 @@ from kennel.config import Params
 from kennel.data.tensors import read_split
 from kennel.engine import amp_name, resolve_device
 from kennel.model import save_model
-from kennel.paths import CHECKPOINT, DATA_SUMMARY, HISTORY, MODEL, REJECTS, RESIZED, RUN_FILE
+from kennel.paths import CHECKPOINT, DATA_SUMMARY, HISTORY, MANIFEST, MODEL, REJECTS, RESIZED, RUN_FILE
+from kennel.serving import log_serving_model
 from kennel.stage import run_stage
 from kennel.training import TrainResult, find_resumable, train
 
@@ -27,6 +29,8 @@ log = logging.getLogger("kennel.train")
 
 
 def train_stage(params: Params, argv: list[str]) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 talks to MLflow: fail before any training if it cannot
+        tracking.check_reachable(tracking.tracking_uri(tracking.project_root()))
     if params.train.nproc > 1 and not distributed.launched():
         code = distributed.relaunch(params.train.nproc, __file__, argv)
         if code:
@@ -57,6 +61,8 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
             summary = json.loads(DATA_SUMMARY.read_text())
             tracking.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
             tracking.log_artifacts([DATA_SUMMARY, REJECTS], "data")
+            tracking.log_manifest(MANIFEST, f"{params.data.source}:{params.data.raw_dir}"
+                                  if params.data.source != "synthetic" else "synthetic")
 
         def on_start(result: TrainResult) -> None:
             tracking.set_tags({
@@ -74,17 +80,19 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
                        on_start=on_start, checkpoint=CHECKPOINT, resume=resume,
                        checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
         tracking.set_tags({"kennel.selected_epoch": result.selected_epoch})
-        save_model(result.model, MODEL, params.resize.size, params.model.arch)
+        save_model(result.model, MODEL, params.resize.size, params.model.arch, params.resize.mode)
         HISTORY.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
         images, _ = read_split(RESIZED, "train")
         model_uri = tracking.log_model(result.model, example=np.array(images[:2]))
-        tracking.set_tags({"kennel.model_uri": model_uri})
+        serving_uri = tracking.retry(log_serving_model, MODEL)  # the one the registry and `mlflow models serve` use
+        tracking.set_tags({"kennel.model_uri": model_uri, "kennel.serving_uri": serving_uri})
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_stage("train", lambda params: train_stage(params, argv), argv)
+    return run_stage("train", lambda params: train_stage(params, argv), argv,
+                     extra_errors=(tracking.TrackingUnavailable,))
 
 
 if __name__ == "__main__":

@@ -148,7 +148,10 @@ def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
     assert run.info.run_name == "lr-three"
     assert run.data.tags["kennel.version"] == "0.1.0+queued"  # the experiment's code, not the main workspace's
     assert run.data.params["train.lr"] == "0.003" and "test_accuracy" in run.data.metrics
-    assert run.data.tags["dvc.exp_baseline_rev"] == run_cmd(root, "git", "rev-parse", "HEAD")
+    head = run_cmd(root, "git", "rev-parse", "HEAD")
+    assert run.data.tags["dvc.exp_baseline_rev"] == run.data.tags["git.commit"] == head
+    # the queued code differed from the commit: recorded as dirty, with the file named
+    assert run.data.tags["git.dirty"] == "true" and run.data.tags["git.changed_files"] == "src/kennel/__init__.py"
     assert run.info.artifact_uri.startswith((root / "mlruns").as_uri())
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
 

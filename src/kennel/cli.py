@@ -1,4 +1,4 @@
-"""``python -m kennel ui``: the MLflow UI on the project's store, bound to 127.0.0.1 unless asked otherwise."""
+"""``python -m kennel ui | predict | reproduce``: the commands around the pipeline."""
 
 from __future__ import annotations
 
@@ -10,23 +10,25 @@ from pathlib import Path
 
 from kennel.tracking import project_root, tracking_uri
 
+USAGE = """usage: python -m kennel {ui,predict,reproduce} ...
+
+  ui          the MLflow UI on this project's runs, bound to 127.0.0.1
+  predict     classify image files or folders with a trained model
+  reproduce   rerun a past run, commit or DVC experiment and compare its metrics
+
+Run `python -m kennel COMMAND --help` for a command's options."""
+
 
 def ui_command(root: Path, host: str, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", tracking_uri(root),
-        "--host", host, "--port", str(port),
-    ]
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
+            "--host", host, "--port", str(port)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kennel", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    ui = commands.add_parser("ui", help="open the MLflow UI on this project's runs")
-    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    ui.add_argument("--port", type=int, default=5000)
+def ui(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kennel ui", description="MLflow UI on this project's runs")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
-
     root = project_root()
     uri = tracking_uri(root)
     if uri.startswith("sqlite:") and not (root / "mlflow.db").exists():
@@ -36,3 +38,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = ui_command(root, args.host, args.port)
     os.execv(cmd[0], cmd)  # replace this process so Ctrl-C and signals reach the server directly
     return 0  # not reached
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "ui":
+        return ui(rest)
+    if command == "predict":
+        from kennel.predict import predict_cli
+
+        return predict_cli(rest)
+    if command == "reproduce":
+        from kennel.reproduce import reproduce_cli
+
+        return reproduce_cli(rest)
+    print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
+    return 0 if command in ("-h", "--help") else 2

@@ -158,6 +158,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment: str
+    registered_model: str  # each run registers a version under this name; "" = no registry
+    promote_if_better: bool  # move the `champion` alias to a version that beats it on test accuracy
 
     def check(self) -> None:
         if not self.experiment.strip():

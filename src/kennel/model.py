@@ -150,10 +150,11 @@ def _load_state(backbone: nn.Module, state: dict, path: str | Path) -> None:
         )
 
 
-def save_model(model: Classifier, path: Path, size: int, arch: str = "resnet18") -> None:
-    """The DVC model output: state dict + class names + input size, loadable with ``weights_only=True``."""
+def save_model(model: Classifier, path: Path, size: int, arch: str = "resnet18", mode: str = "center_crop") -> None:
+    """The DVC model output: state dict, class names, input size and resize mode (what prediction must repeat),
+    loadable with ``weights_only=True``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"arch": arch, "classes": model.classes, "size": size, "state_dict": model.state_dict()}
+    payload = {"arch": arch, "classes": model.classes, "size": size, "mode": mode, "state_dict": model.state_dict()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

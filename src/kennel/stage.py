@@ -15,7 +15,10 @@ from kennel.model import WeightsError
 USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
 
 
-def run_stage(name: str, body: Callable[[Params], None], argv: Sequence[str] | None = None) -> int:
+def run_stage(
+    name: str, body: Callable[[Params], None], argv: Sequence[str] | None = None,
+    extra_errors: tuple[type[Exception], ...] = (),
+) -> int:
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"kennel {name} stage")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -23,7 +26,7 @@ def run_stage(name: str, body: Callable[[Params], None], argv: Sequence[str] | N
     try:
         params = load_params(args.params)
         body(params)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, *extra_errors) as err:
         print(f"kennel {name}: error: {err}", file=sys.stderr)
         return 2
     return 0

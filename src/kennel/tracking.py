@@ -7,25 +7,35 @@ afterwards, so anything relative to its working directory would be lost. ``MLFLO
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import platform
+import random
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
+import mlflow.data
 import numpy as np
+import pandas as pd
 import torch
 import torchvision
+import yaml
 from mlflow.models import infer_signature
 
 import kennel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+CHAMPION = "champion"  # the registry alias that marks the best version so far
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -43,19 +53,67 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; raised before any training starts."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, instead of after MLflow's minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
+            reply.read()
+    except (OSError, ValueError) as err:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {err}. "
+            "Start it, or unset MLFLOW_TRACKING_URI to use the project's sqlite store."
+        ) from None
+
+
+@contextmanager
+def store_lock(root: Path) -> Iterator[None]:
+    """Serialise first contact with the sqlite store: parallel queued experiments would otherwise race to create
+    its tables and the experiment ("table already exists", "database is locked")."""
+    if not tracking_uri(root).startswith("sqlite:"):
+        yield
+        return
+    with open(root / ".mlflow.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def retry(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """Call an MLflow write, retrying with backoff while sqlite reports "database is locked"."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - sqlalchemy's OperationalError arrives wrapped in several ways
+            if "database is locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(min(8.0, 0.25 * 2**attempt) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
 def experiment_id(name: str, root: Path) -> str:
     """Id of experiment ``name``, created with its artifacts under ``root/mlruns`` for a local store."""
-    mlflow.set_tracking_uri(tracking_uri(root))
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    local = not os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(root).startswith(("sqlite:", "file:"))
-    location = (root / "mlruns").as_uri() if local else None
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our lookup and create (parallel queued experiments).
-        return mlflow.get_experiment_by_name(name).experiment_id
+    uri = tracking_uri(root)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(root):
+        found = retry(mlflow.get_experiment_by_name, name)
+        if found is not None:
+            return found.experiment_id
+        local = uri.startswith(("sqlite:", "file:"))
+        location = (root / "mlruns").as_uri() if local else None
+        try:
+            return retry(mlflow.create_experiment, name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # Another process (another machine, for a server) created it between the lookup and the create.
+            return mlflow.get_experiment_by_name(name).experiment_id
 
 
 @contextmanager
@@ -64,19 +122,25 @@ def open_run(
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """Start (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED if the block raises."""
-    mlflow.set_tracking_uri(tracking_uri(root))
-    exp_id = experiment_id(experiment, root) if run_id is None else None
-    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_name, tags=dict(tags or {})) as run:
+    exp_id = experiment_id(experiment, root)
+    run = retry(mlflow.start_run, run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
+                tags=dict(tags or {}))
+    with run:
         yield run.info.run_id
 
 
 def run_exists(root: Path, run_id: str) -> bool:
+    check_reachable(tracking_uri(root))
     mlflow.set_tracking_uri(tracking_uri(root))
     try:
         mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return False
     return True
+
+
+def run_tag(run_id: str, key: str) -> str:
+    return retry(mlflow.MlflowClient().get_run, run_id).data.tags.get(key, "")
 
 
 def run_name(flat_params: Mapping[str, Any]) -> str:
@@ -93,39 +157,103 @@ def run_name(flat_params: Mapping[str, Any]) -> str:
 
 
 def provenance_tags(root: Path) -> dict[str, str]:
-    """Git commit and DVC experiment identity, so a run can be traced back to code, data and params."""
+    """Code, data and environment identity, so a run can be traced back to what made it."""
+    here = Path.cwd()
     tags = {
         "kennel.version": kennel.__version__,
         "torch.version": torch.__version__,
         "torchvision.version": torchvision.__version__,
+        "cuda.version": torch.version.cuda or "none",
         "host.python": platform.python_version(),
+        "host.device": device_name(),
     }
-    commit = _git(["rev-parse", "HEAD"], Path.cwd())
+    # In a DVC experiment the workspace sits on a temporary commit; the baseline is the one the repo keeps.
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git(["rev-parse", "HEAD"], here)
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git.commit"] = commit
-        tags["git.dirty"] = str(bool(_git(["status", "--porcelain", "--untracked-files=no"], Path.cwd()))).lower()
-    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev")):
+        changed = [f for f in _git(["diff", "--name-only", commit], here).splitlines() if not _is_result(f, here)]
+        tags.update({
+            "mlflow.source.git.commit": commit,
+            "git.commit": commit,
+            "git.branch": _git(["rev-parse", "--abbrev-ref", "HEAD"], here),
+            "git.dirty": str(bool(changed)).lower(),
+        })
+        if changed:
+            tags["git.changed_files"] = ", ".join(changed)[:5000]
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev"),
+                     ("KENNEL_REPRODUCES", "kennel.reproduces")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
+    tags.update(data_fingerprint(here / "dvc.lock"))
     return tags
 
 
+def _is_result(path: str, workspace: Path) -> bool:
+    """Files that differ from the commit without making the code differ: params (recorded on the run), the
+    lock, the .gitignore entries DVC keeps for outputs, and pipeline outputs being rewritten (reports, plots)."""
+    if path in ("params.yaml", "dvc.lock") or Path(path).name == ".gitignore":
+        return True
+    return any(path == out or path.startswith(out.rstrip("/") + "/") for out in _pipeline_outputs(workspace))
+
+
+def _pipeline_outputs(workspace: Path) -> list[str]:
+    try:
+        stages = yaml.safe_load((workspace / "dvc.yaml").read_text()).get("stages", {})
+    except (OSError, AttributeError, yaml.YAMLError):
+        return []
+    outs = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []) or []:
+                outs.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return outs
+
+
+def data_fingerprint(lock: Path) -> dict[str, str]:
+    """The dvc.lock hashes of the data outputs a run used: the same hash means the same bytes."""
+    try:
+        stages = yaml.safe_load(lock.read_text()).get("stages", {})
+    except (OSError, AttributeError, yaml.YAMLError):
+        return {}
+    tags = {}
+    for stage in ("prepare", "resize"):
+        for out in stages.get(stage, {}).get("outs", []):
+            if out.get("path", "").startswith("data/") and out.get("md5"):
+                tags[f"dvc.data.{out['path']}"] = out["md5"]
+    return tags
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return platform.processor() or "cpu"
+
+
+def log_manifest(manifest: Path, name: str) -> None:
+    """The manifest as the run's dataset input: the UI's Dataset column shows its name and digest."""
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), name=name)
+    retry(mlflow.log_input, dataset, context="training")
+
+
 def log_params(flat_params: Mapping[str, Any]) -> None:
-    mlflow.log_params(dict(flat_params))
+    retry(mlflow.log_params, dict(flat_params))
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    retry(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
 
 def note(text: str) -> None:
     """Shown as the run's description in the MLflow UI."""
-    mlflow.set_tag("mlflow.note.content", text)
+    retry(mlflow.set_tag, "mlflow.note.content", text)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
@@ -134,11 +262,11 @@ def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
 
 def log_artifacts(paths: list[Path], artifact_path: str) -> None:
     for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        retry(mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
 
 def log_dict(data: Mapping[str, Any], name: str) -> None:
-    mlflow.log_dict(dict(data), name)
+    retry(mlflow.log_dict, dict(data), name)
 
 
 def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") -> str:
@@ -153,7 +281,8 @@ def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") 
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
+    info = retry(
+        mlflow.pytorch.log_model,
         model,
         name=name,
         signature=infer_signature(example, output),
@@ -166,6 +295,40 @@ def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") 
         ],
     )
     return info.model_uri
+
+
+@dataclass(frozen=True)
+class Registration:
+    version: str
+    promoted: bool
+    reason: str
+
+
+def register_and_promote(
+    root: Path, run_id: str, model_uri: str, name: str, promote: bool, metric: str = "test_accuracy"
+) -> Registration:
+    """Register ``model_uri`` as a new version of ``name``, tagged back to its run and commit; with ``promote``,
+    move the ``champion`` alias to it when its ``metric`` beats the current champion's (or there is none)."""
+    client = mlflow.MlflowClient()
+    run = retry(client.get_run, run_id)
+    links = {k: run.data.tags[k] for k in ("git.commit", "dvc.exp_name", "mlflow.runName") if k in run.data.tags}
+    value = run.data.metrics.get(metric)
+    with store_lock(root):  # compare-and-move must not interleave with another run's
+        version = retry(mlflow.register_model, model_uri, name,
+                        tags={"run_id": run_id, **links, metric: "" if value is None else f"{value:.6g}"}).version
+        version = str(version)
+        if not promote or value is None:
+            return Registration(version, False, "promotion off" if not promote else f"run has no {metric}")
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION)
+            best = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+        except mlflow.exceptions.MlflowException:
+            champion, best = None, None
+        if champion is not None and best is not None and value <= best:
+            return Registration(version, False, f"{metric} {value:.4g} <= champion v{champion.version}'s {best:.4g}")
+        retry(client.set_registered_model_alias, name, CHAMPION, version)
+    was = f"champion v{champion.version}'s {best:.4g}" if champion is not None and best is not None else "no champion"
+    return Registration(version, True, f"{metric} {value:.4g} > {was}")
 
 
 def write_run_file(path: Path, run_id: str, root: Path) -> None:

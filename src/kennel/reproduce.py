@@ -1,0 +1,179 @@
+"""``python -m kennel reproduce REF``: rerun a past result from its commit and compare the metrics.
+
+REF is an MLflow run id, a git commit (or branch/tag) or a DVC experiment name. The code comes from a git
+worktree of the recorded commit in a temp dir (removed afterwards, whatever happens); the params are the ones
+recorded on the run; the data stages are restored from the DVC cache when it has them (else rerun); train and
+evaluate always run again. Recorded and reproduced test metrics are printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kennel.config import ConfigError, load_params
+
+METRICS = ("accuracy", "macro_f1", "roc_auc")
+
+
+class ReproduceError(RuntimeError):
+    """The reference cannot be reproduced; the message says why (unknown, dirty, missing commit)."""
+
+
+@dataclass
+class Target:
+    ref: str
+    commit: str
+    recorded: dict[str, float]
+    params: dict[str, str] = field(default_factory=dict)  # flat, as MLflow recorded them; empty: the commit's
+    run_id: str = ""
+
+
+def _git(args: Sequence[str], cwd: Path, check: bool = False) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if check and out.returncode:
+        raise ReproduceError(f"git {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _metrics_at(commit: str, root: Path) -> dict[str, float]:
+    text = _git(["show", f"{commit}:reports/metrics.json"], root)
+    test = json.loads(text).get("test", {}) if text else {}
+    return {k: float(test[k]) for k in METRICS if k in test}
+
+
+def _from_run(run_id: str, root: Path) -> Target | None:
+    import mlflow
+
+    from kennel.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    tags = run.data.tags
+    if "git.commit" not in tags:
+        raise ReproduceError(f"run {run_id} records no git commit: it was not made inside a git repository")
+    if tags.get("git.dirty") == "true":
+        raise ReproduceError(
+            f"run {run_id} was made from uncommitted changes ({tags.get('git.changed_files', 'unknown files')}): "
+            "its code is in no commit, so it cannot be reproduced"
+        )
+    recorded = {k: run.data.metrics[f"test_{k}"] for k in METRICS if f"test_{k}" in run.data.metrics}
+    return Target(run_id, tags["git.commit"], recorded, dict(run.data.params), run_id)
+
+
+def resolve(ref: str, root: Path) -> Target:
+    """What to reproduce: an MLflow run id, else a DVC experiment name, else a git commit-ish."""
+    target = _from_run(ref, root) if re.fullmatch(r"[0-9a-f]{32}", ref) else None
+    if target is None:
+        exp_refs = _git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], root).splitlines()
+        for line in exp_refs:
+            name, commit = line.split()
+            if name.rsplit("/", 1)[-1] == ref:
+                target = Target(ref, commit, _metrics_at(commit, root))
+                break
+    if target is None:
+        commit = _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], root)
+        if not commit:
+            raise ReproduceError(f"{ref!r} is neither an MLflow run id, a DVC experiment name nor a git commit here")
+        target = Target(ref, commit, _metrics_at(commit, root))
+    if subprocess.run(["git", "cat-file", "-e", f"{target.commit}^{{commit}}"], cwd=root,
+                      capture_output=True).returncode:
+        raise ReproduceError(f"commit {target.commit} recorded for {ref} is not in this repository (git fetch it?)")
+    if not target.recorded:
+        raise ReproduceError(f"no recorded test metrics for {ref} (not on an MLflow run, not in reports/metrics.json)")
+    return target
+
+
+def apply_params(params_file: Path, flat: dict[str, str]) -> None:
+    """Write MLflow's flat string params back into params.yaml, with the types the file already has."""
+    tree = yaml.safe_load(params_file.read_text())
+    for key, text in flat.items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        old = node.get(last)
+        node[last] = yaml.safe_load(text) if not isinstance(old, str) else text
+    params_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def _dvc(args: Sequence[str], cwd: Path, env: dict) -> None:
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, text=True,
+                         stdout=sys.stderr, stderr=subprocess.STDOUT)
+    if out.returncode:
+        raise ReproduceError(f"dvc {' '.join(args)} failed (exit {out.returncode}) in the worktree")
+
+
+def reproduce(target: Target, root: Path) -> dict[str, float]:
+    """Rerun ``target`` in a temporary worktree; returns the reproduced test metrics."""
+    from kennel.tracking import tracking_uri
+
+    tmp = Path(tempfile.mkdtemp(prefix="kennel-reproduce-"))
+    tree = tmp / "worktree"
+    _git(["worktree", "add", "--detach", str(tree), target.commit], root, check=True)
+    try:
+        if target.params:
+            apply_params(tree / "params.yaml", target.params)
+        load_params(tree / "params.yaml")  # bad recorded params fail here, not half way
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "KENNEL_REPRODUCES": target.ref}
+        env.pop("DVC_ROOT", None)
+        _dvc(["cache", "dir", "--local", str(root / ".dvc" / "cache")], tree, env)
+        _dvc(["repro", "resize"], tree, env)  # data: restored from the cache when it has it, else recomputed
+        for stage in ("train", "evaluate"):  # the result itself is always recomputed
+            _dvc(["repro", "--force", "--single-item", "--no-run-cache", stage], tree, env)
+        test = json.loads((tree / "reports" / "metrics.json").read_text())["test"]
+        return {k: float(test[k]) for k in METRICS if k in test}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _git(["worktree", "prune"], root)
+
+
+def compare(recorded: dict[str, float], reproduced: dict[str, float], tolerance: float) -> tuple[bool, str]:
+    lines = [f"{'metric':<10} {'recorded':>12} {'reproduced':>12} {'difference':>12}"]
+    ok = True
+    for key in recorded:
+        got = reproduced.get(key)
+        diff = abs(got - recorded[key]) if got is not None else float("inf")
+        ok &= diff <= tolerance
+        lines.append(f"{key:<10} {recorded[key]:>12.6f} {got if got is not None else float('nan'):>12.6f} "
+                     f"{diff:>12.3g}{'' if diff <= tolerance else '  MISMATCH'}")
+    return ok, "\n".join(lines)
+
+
+def reproduce_cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kennel reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", help="MLflow run id, git commit/branch/tag, or DVC experiment name")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="largest allowed absolute difference per metric (default 0: exact, as on a CPU)")
+    args = parser.parse_args(argv)
+    from kennel.tracking import project_root
+
+    root = project_root()
+    try:
+        target = resolve(args.ref, root)
+        print(f"reproducing {args.ref} at commit {target.commit[:12]}"
+              + (f" with the params of run {target.run_id}" if target.run_id else ""), flush=True)
+        reproduced = reproduce(target, root)
+    except (ReproduceError, ConfigError) as err:
+        print(f"kennel reproduce: error: {err}", file=sys.stderr)
+        return 2
+    ok, table = compare(target.recorded, reproduced, args.tolerance)
+    print(table)
+    print("reproduced" if ok else f"NOT reproduced (tolerance {args.tolerance:g})")
+    return 0 if ok else 1

@@ -1,0 +1,125 @@
+"""An MLflow pyfunc model that classifies images, so ``mlflow models serve`` can answer requests carrying images.
+
+It wraps the kennel model file and does the same preprocessing as ``kennel predict``. Requests carry either
+image files (a ``dataframe_split`` with a column ``image`` of base64-encoded file bytes, any format PIL reads) or
+pixels (``inputs``: N x 3 x S x S or N x S x S x 3, values 0..255). Either way the answer has one row per image:
+``class``, ``error`` (empty when fine) and ``p_<class>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import PIL
+import torch
+import torchvision
+from mlflow.exceptions import MlflowException
+from PIL import UnidentifiedImageError
+
+import kennel
+from kennel.data.images import load_array
+from kennel.predict import LoadedModel, load_model_file, predict_arrays, result_frame
+
+IMAGE_COLUMN = "image"
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """The kennel model file in ``artifacts["model"]``; images or pixel arrays in, class probabilities out."""
+
+    # ``model_input`` is untyped on purpose: with a type hint MLflow's server accepts only {"inputs": ...} and
+    # refuses the dataframe_split that carries image files. This is MLflow's own switch (its chat models set it)
+    # for a predict without hints: no input validation wrapper, and no warning asking for hints.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        self.model: LoadedModel = load_model_file(Path(context.artifacts["model"]))
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:  # {"inputs": {"image": [...]}}
+            model_input = pd.DataFrame({IMAGE_COLUMN: list(np.atleast_1d(model_input[IMAGE_COLUMN]))})
+        if isinstance(model_input, pd.DataFrame):
+            if IMAGE_COLUMN not in model_input.columns:
+                raise MlflowException.invalid_parameter_value(
+                    f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files, got columns "
+                    f"{list(model_input.columns)}")
+            return self._predict_encoded(list(model_input[IMAGE_COLUMN]))
+        return self._predict_pixels(np.asarray(model_input))
+
+    def _predict_encoded(self, values: list) -> pd.DataFrame:
+        """One row per value; a value that does not decode to an image gets its error, the others still run."""
+        arrays, errors = [], []
+        for value in values:
+            try:
+                arrays.append(load_array(io.BytesIO(_image_bytes(value)), self.model.size, self.model.mode))
+                errors.append("")
+            except UnidentifiedImageError:
+                errors.append("UnidentifiedImageError: not an image file PIL can read")
+            except Exception as err:  # noqa: BLE001 - one bad image must not fail the whole request
+                errors.append(f"{type(err).__name__}: {err}")
+        size = self.model.size
+        images = np.stack(arrays) if arrays else np.empty((0, 3, size, size), dtype=np.uint8)
+        return result_frame(predict_arrays(images, self.model), errors, self.model.classes)
+
+    def _predict_pixels(self, x: np.ndarray) -> pd.DataFrame:
+        size = self.model.size
+        if x.ndim == 3:
+            x = x[None]  # a single image
+        if x.ndim == 4 and x.shape[1] != 3 and x.shape[3] == 3:
+            x = x.transpose(0, 3, 1, 2)  # HWC, as images usually come
+        if x.ndim != 4 or x.shape[1:] != (3, size, size):
+            raise MlflowException.invalid_parameter_value(
+                f"expected pixels N x 3 x {size} x {size} or N x {size} x {size} x 3, got shape {x.shape}")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise MlflowException.invalid_parameter_value(f"expected numbers 0..255, got dtype {x.dtype}")
+        if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 255):
+            # casting would wrap 256 to 0 silently
+            raise MlflowException.invalid_parameter_value("pixel values must lie in 0..255")
+        images = np.rint(x).astype(np.uint8) if np.issubdtype(x.dtype, np.floating) else x.astype(np.uint8)
+        probs = predict_arrays(images, self.model)
+        return result_frame(probs, [""] * len(images), self.model.classes)
+
+
+def _image_bytes(value: object) -> bytes:
+    """Raw bytes pass through; text is base64 (what JSON can carry)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected base64 text, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"not base64 ({err})") from None
+
+
+def requirements() -> list[str]:
+    """The pinned stack the served model runs with (local build suffixes such as ``+cu130`` dropped)."""
+    versions = {
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+        "numpy": np.__version__, "pandas": pd.__version__, "mlflow": mlflow.__version__,
+    }
+    return [f"{name}=={version.split('+')[0]}" for name, version in versions.items()]
+
+
+def log_serving_model(model_file: Path, name: str = "classifier", registered_model_name: str | None = None) -> str:
+    """Log ``model_file`` as a servable pyfunc model in the active MLflow run; returns its ``models:/`` URI.
+
+    The kennel package travels with the model (``code_paths``), so serving needs no kennel install; classes,
+    input size and resize mode go into the model's metadata for clients that send pixels.
+    """
+    loaded = load_model_file(Path(model_file))
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=ImageClassifier(),
+        artifacts={"model": str(model_file)},
+        code_paths=[str(Path(kennel.__file__).parent)],
+        pip_requirements=requirements(),
+        registered_model_name=registered_model_name,
+        metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode},
+    )
+    return info.model_uri

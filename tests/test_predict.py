@@ -1,0 +1,238 @@
+"""``kennel predict``: files and folders in, one row per file out, with the tensors training saw."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from kennel import tracking
+from kennel.config import params_from_dict
+from kennel.data.images import load_array
+from kennel.data.manifest import SPLITS, account
+from kennel.data.sources import find_images
+from kennel.data.validate import inspect_all
+from kennel.metrics import softmax
+from kennel.model import Classifier, save_model
+from kennel.predict import LoadedModel, load_model_file, predict_cli, predict_files, preprocess, resolve_model
+from kennel.training import train
+from tests.conftest import build_dataset, isolate, small_params
+
+SIZE = 32
+MODE = "squash"  # what build_dataset resizes with (load_array's default)
+
+
+@dataclass
+class Trained:
+    root: Path  # a project folder: models/model.pt, data under prepared/ and resized/
+    resized: Path
+    model: Classifier
+    loaded: LoadedModel
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    """One epoch on 16 tiny synthetic images: seconds, and a real kennel model file."""
+    mp = pytest.MonkeyPatch()
+    isolate(mp, tmp_path_factory.mktemp("torch_home"))
+    root = tmp_path_factory.mktemp("project")
+    (root / ".dvc").mkdir()  # project_root() stops here
+    resized = build_dataset(root, per_class=8, size=SIZE)
+    result = train(params_from_dict(small_params(**{"train.epochs": 1})), resized)
+    save_model(result.model, root / "models" / "model.pt", size=SIZE, mode=MODE)
+    yield Trained(root, resized, result.model.eval(), load_model_file(root / "models" / "model.pt"))
+    mp.undo()
+
+
+@pytest.fixture
+def batch(trained, tmp_path) -> Path:
+    """A folder as users have them: good images (nested, any format and shape) and broken files."""
+    folder = tmp_path / "batch"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    images = sorted((trained.root / "prepared" / "images").rglob("*.jpg"))
+    shutil.copy(images[0], folder / "a.jpg")
+    shutil.copy(images[-1], folder / "nested" / "b.jpg")
+    Image.open(images[1]).convert("RGBA").resize((90, 60)).save(folder / "nested" / "deeper" / "c.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image, whatever the name says\n")
+    return folder
+
+
+def _probabilities(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    return frame[[f"p_{c}" for c in classes]].to_numpy()
+
+
+def test_predict_files_gives_one_row_per_file(trained, batch):
+    frame = predict_files([batch], trained.loaded, batch_size=2)  # broken files sit between good ones in a batch
+    classes = trained.loaded.classes
+    assert list(frame.columns) == ["path", "class", "error"] + [f"p_{c}" for c in classes]
+    expected = sorted(str(p) for p in batch.rglob("*") if p.is_file())
+    assert list(frame["path"]) == expected and len(frame) == 5
+
+    broken = frame[frame["path"].str.endswith(("empty.jpg", "notes.jpg"))]
+    assert len(broken) == 2
+    assert (broken["class"] == "").all() and broken["error"].str.contains("UnidentifiedImageError").all()
+    assert np.isnan(_probabilities(broken, classes)).all()
+
+    good = frame[frame["error"] == ""]
+    assert len(good) == 3
+    probs = _probabilities(good, classes)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-9)
+    assert list(good["class"]) == [classes[i] for i in probs.argmax(axis=1)]
+
+
+def test_predict_files_takes_files_and_missing_paths(trained, batch):
+    frame = predict_files([batch / "a.jpg", batch / "gone.jpg"], trained.loaded)
+    assert list(frame["path"]) == [str(batch / "a.jpg"), str(batch / "gone.jpg")]
+    assert frame["error"].iloc[0] == "" and frame["error"].iloc[1].startswith("FileNotFoundError")
+
+
+def _manifest(root: Path) -> pd.DataFrame:
+    """build_dataset's manifest again, from its images on disk (the folder layout gives the same labels)."""
+    candidates = find_images("folder", root / "prepared" / "images")
+    return account(candidates, inspect_all(candidates, 8, 10**8), root, 0.25, 0.25, 0).manifest
+
+
+def test_predict_feeds_the_model_the_training_tensors(trained):
+    manifest = _manifest(trained.root)
+    rows = manifest[["path", "label", "split", "sha1"]].to_csv(index=False)
+    fingerprint = json.loads((trained.resized / "classes.json").read_text())["fingerprint"]
+    assert hashlib.sha256(f"{rows}|{SIZE}|".encode()).hexdigest() == fingerprint  # same rows, same order
+
+    assert trained.loaded.mode == MODE and trained.loaded.size == SIZE
+    for split in SPLITS:
+        paths = [trained.root / p for p in manifest.loc[manifest["split"] == split, "path"]]
+        resized = np.load(trained.resized / f"{split}_x.npy")
+        assert len(paths) == len(resized) > 0
+        for path, row in zip(paths, resized, strict=True):
+            np.testing.assert_array_equal(preprocess(path, trained.loaded), row)
+        # and the probabilities are the model's on exactly those rows
+        with torch.inference_mode():
+            expected = softmax(trained.model(torch.from_numpy(resized)).numpy().astype(np.float64))
+        frame = predict_files(paths, trained.loaded)
+        np.testing.assert_allclose(_probabilities(frame, trained.loaded.classes), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_uses_the_model_resize_mode(trained, batch):
+    wide = batch / "nested" / "deeper" / "c.png"  # 90 x 60: the modes differ
+    for mode in ("pad", "center_crop"):
+        model = replace(trained.loaded, mode=mode)
+        np.testing.assert_array_equal(preprocess(wide, model), load_array(wide, SIZE, mode))
+    assert not np.array_equal(preprocess(wide, replace(trained.loaded, mode="pad")),
+                              preprocess(wide, replace(trained.loaded, mode="squash")))
+
+
+def test_model_file_without_mode_means_center_crop(trained, tmp_path):
+    payload = torch.load(trained.root / "models" / "model.pt", weights_only=True)
+    del payload["mode"]  # a file written before the mode was stored
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_model_file(tmp_path / "old.pt").mode == "center_crop"
+
+
+def test_cli_prints_a_table_for_the_default_model(trained, batch, monkeypatch, capsys):
+    monkeypatch.chdir(trained.root)
+    assert predict_cli([str(batch)]) == 0
+    out = capsys.readouterr().out
+    assert "a.jpg" in out and "notes.jpg" in out and "UnidentifiedImageError" in out
+    assert "5 file(s), 3 predicted, 2 failed" in out and str(trained.root / "models" / "model.pt") in out
+
+
+def test_cli_writes_csv(trained, batch, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained.root)
+    out_csv = tmp_path / "out" / "predictions.csv"
+    assert predict_cli([str(batch), "--output", str(out_csv), "--batch-size", "3"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and str(out_csv) in printed[0]
+    written = pd.read_csv(out_csv, keep_default_na=False, na_values=[""])
+    expected = predict_files([batch], trained.loaded)
+    assert list(written["path"]) == list(expected["path"])
+    np.testing.assert_allclose(_probabilities(written, trained.loaded.classes),
+                               _probabilities(expected, trained.loaded.classes), atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("ref, says", [
+    ("missing/model.pt", "'missing/model.pt': no such model file"),
+    ("0123456789abcdef0123456789abcdef", "no MLflow store"),
+    ("models:/no-such-model@champion", "no MLflow store"),
+])
+def test_cli_refuses_a_bad_model_reference(trained, batch, tmp_path, monkeypatch, capsys, ref, says):
+    monkeypatch.chdir(tmp_path)  # no mlflow.db here
+    (tmp_path / ".dvc").mkdir()
+    assert predict_cli([str(batch), "--model", ref]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kennel predict: error: cannot load model:") and says in err, err
+    assert not (tmp_path / "mlflow.db").exists()  # looking a reference up creates no store
+
+
+def test_cli_refuses_a_model_file_that_is_not_one(batch, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    assert predict_cli([str(batch), "--model", str(tmp_path / "junk.pt")]) == 2
+    assert f"'{tmp_path / 'junk.pt'}': not a kennel model file" in capsys.readouterr().err
+
+
+def test_cli_refuses_when_no_path_exists(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained.root)
+    assert predict_cli([str(tmp_path / "nothing"), str(tmp_path / "none.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kennel predict: error: no such file or folder:") and "none.jpg" in err
+
+
+@pytest.fixture(scope="module")
+def registered(trained) -> tuple[str, str]:
+    """The model logged the way the train stage logs it, registered as version 1 with the alias champion."""
+    root = trained.root
+    with tracking.open_run(root, "predict-test") as run_id:
+        tracking.log_params({"resize.size": SIZE, "resize.mode": MODE})
+        x = np.load(trained.resized / "train_x.npy")[:2]
+        uri = tracking.log_model(trained.model, example=x)
+        tracking.set_tags({"kennel.model_uri": uri, "kennel.classes": ",".join(trained.model.classes)})
+    version = mlflow.register_model(uri, "kennel-predict-test").version
+    mlflow.MlflowClient().set_registered_model_alias("kennel-predict-test", "champion", version)
+    return run_id, version
+
+
+def test_cli_loads_mlflow_references(trained, registered, batch, tmp_path, monkeypatch, capsys):
+    run_id, version = registered
+    monkeypatch.chdir(trained.root)
+    expected = predict_files([batch], trained.loaded)
+    for ref in (run_id, "models:/kennel-predict-test@champion", f"models:/kennel-predict-test/{version}"):
+        out_csv = tmp_path / "predictions.csv"
+        assert predict_cli([str(batch), "--model", ref, "--output", str(out_csv)]) == 0, capsys.readouterr().err
+        assert ref in capsys.readouterr().out
+        written = pd.read_csv(out_csv, keep_default_na=False, na_values=[""])
+        assert list(written["class"].fillna("")) == list(expected["class"])
+        np.testing.assert_allclose(_probabilities(written, trained.loaded.classes),
+                                   _probabilities(expected, trained.loaded.classes), atol=1e-5, equal_nan=True)
+
+
+def test_resolve_model_names_what_is_missing(trained, registered):
+    model = resolve_model(registered[0], trained.root)
+    assert model.classes == trained.loaded.classes and (model.size, model.mode) == (SIZE, MODE)
+    logged = mlflow.MlflowClient().get_run(registered[0]).data.tags["kennel.model_uri"]  # models:/m-...
+    assert resolve_model(logged, trained.root).classes == trained.loaded.classes
+    with pytest.raises(ValueError, match="'models:/kennel-predict-test@nope': not found in the MLflow store"):
+        resolve_model("models:/kennel-predict-test@nope", trained.root)
+    with pytest.raises(ValueError, match="no such MLflow run 0123456789abcdef0123456789abcdef"):
+        resolve_model("0123456789abcdef0123456789abcdef", trained.root)
+
+
+def test_cli_refuses_an_unreachable_tracking_server(batch, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens, on loopback
+    assert predict_cli([str(batch), "--model", "models:/kennel-predict-test@champion"]) == 2
+    err = capsys.readouterr().err
+    assert "'models:/kennel-predict-test@champion'" in err and "http://127.0.0.1:9" in err and "unreachable" in err
+
+
+def test_cli_refuses_a_bad_batch_size(batch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli([str(batch), "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "expected a whole number >= 1, got '0'" in capsys.readouterr().err

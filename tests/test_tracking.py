@@ -1,0 +1,87 @@
+"""MLflow linking: provenance tags, reachability, registry promotion; on real sqlite stores in temp dirs."""
+
+import socket
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from kennel import tracking
+from tests.conftest import run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_provenance_tags_name_commit_branch_dirtiness_and_data(tmp_path, monkeypatch):
+    run(["git", "init", "-q", "-b", "trial"], tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/prepared\n      md5: abc.dir\n"
+        "  resize:\n    outs:\n    - path: data/resized\n      md5: def.dir\n")
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "commit", "-qm", "x"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "f" * 40)
+    tags = tracking.provenance_tags(tmp_path)
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    assert tags["git.commit"] == tags["mlflow.source.git.commit"] == "f" * 40  # an experiment's baseline
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert tracking.provenance_tags(tmp_path)["git.commit"] == head
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", head)
+    assert tags["git.branch"] == "trial" and tags["git.dirty"] == "false" and "git.changed_files" not in tags
+    assert tags["dvc.exp_name"] == "brisk-lark"
+    assert tags["dvc.data.data/prepared"] == "abc.dir" and tags["dvc.data.data/resized"] == "def.dir"
+    assert tags["torch.version"] == torch.__version__ and tags["host.device"] and "cuda.version" in tags
+    (tmp_path / "params.yaml").write_text("seed: 2\n")  # params are recorded on the run: not dirty
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")  # nor is a rewritten lock
+    assert tracking.provenance_tags(tmp_path)["git.dirty"] == "false"
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    (tmp_path / "train.py").write_text("print('changed code')\n")
+    run(["git", "add", "train.py"], tmp_path)
+    tags = tracking.provenance_tags(tmp_path)
+    assert tags["git.dirty"] == "true" and tags["git.changed_files"] == "train.py"
+
+
+def test_unreachable_server_fails_fast_naming_the_uri():
+    uri = f"http://127.0.0.1:{_free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingUnavailable, match=f"{uri} .*unreachable"):
+        tracking.check_reachable(uri)
+    assert time.perf_counter() - start < 10
+    tracking.check_reachable("sqlite:///anything.db")  # local stores need no check
+
+
+def _run_with_model(root, accuracy: float | None) -> tuple[str, str]:
+    with tracking.open_run(root, "registry-test") as run_id:
+        if accuracy is not None:
+            tracking.log_metrics({"test_accuracy": accuracy})
+        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model",
+                                        input_example=np.zeros((2, 2), np.float32))
+    return run_id, info.model_uri
+
+
+def test_champion_moves_only_to_a_better_version(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    regs = []
+    for acc in (0.5, 0.7, 0.6, 0.7):
+        run_id, uri = _run_with_model(tmp_path, acc)
+        regs.append(tracking.register_and_promote(tmp_path, run_id, uri, "pets", promote=True))
+    assert [r.version for r in regs] == ["1", "2", "3", "4"]
+    assert [r.promoted for r in regs] == [True, True, False, False]  # a tie does not move it
+    assert "0.6 <= champion v2's 0.7" in regs[2].reason
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("pets", "champion").version) == "2"
+    version = client.get_model_version("pets", "2")
+    assert version.tags["run_id"] == version.run_id and version.tags["test_accuracy"] == "0.7"
+
+    run_id, uri = _run_with_model(tmp_path, 0.99)
+    off = tracking.register_and_promote(tmp_path, run_id, uri, "pets", promote=False)
+    assert not off.promoted and str(client.get_model_version_by_alias("pets", "champion").version) == "2"
