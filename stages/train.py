@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from kennel import distributed, tracking
+from kennel.checkpoint import mark_complete
 from kennel.config import Params
 from kennel.data.tensors import read_split
 from kennel.engine import amp_name, resolve_device
@@ -87,6 +88,7 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
         model_uri = tracking.log_model(result.model, example=np.array(images[:2]))
         serving_uri = tracking.retry(log_serving_model, MODEL)  # the one the registry and `mlflow models serve` use
         tracking.set_tags({"kennel.model_uri": model_uri, "kennel.serving_uri": serving_uri})
+    mark_complete(CHECKPOINT)
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,11 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["kennel.resumed_from_epoch"] == str(epoch_at_kill)
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")} == {1, 2, 3, 4}
     assert "test_accuracy" in run.data.metrics
+    # the finished stage flags its checkpoint: forcing the stage again trains anew instead of resuming
+    assert torch.load(checkpoint, weights_only=True)["complete"] is True
+    out = dvc(["repro", "--force", "--single-item", "train"], killed)
+    assert "resuming" not in out.stdout + out.stderr and "belongs to a run that finished" in out.stdout + out.stderr
+    assert len(_runs(killed)[1]) == 2
 
 
 def test_two_gloo_processes_train_end_to_end(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from kennel.checkpoint import mark_complete
 from kennel.config import ConfigError, params_from_dict
 from kennel.data.tensors import read_split
 from kennel.engine import Augment, Batches, FitState, WarmupCosine, batch_order, build_optimizer, build_scheduler, fit
@@ -58,13 +59,18 @@ def test_checkpoint_from_other_params_or_data_is_not_resumed(resized, tmp_path, 
     params = _params(**{"train.epochs": 1})
     train(params, resized, checkpoint=tmp_path / "ckpt.pt")
     assert find_resumable(tmp_path / "ckpt.pt", params, resized) is not None
-    # speed-only knobs do not invalidate it
+    # speed-only knobs and where the run is recorded do not invalidate it
     assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "train.num_workers": 2}), resized)
+    assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "mlflow.registered_model": ""}), resized)
     with caplog.at_level(logging.INFO):
         assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "train.lr": 0.01}), resized) is None
     assert "made with other params or data" in caplog.text
     other_data = build_dataset(tmp_path / "other", per_class=16, seed=5)
     assert find_resumable(tmp_path / "ckpt.pt", params, other_data) is None
+    mark_complete(tmp_path / "ckpt.pt")  # what the train stage does once everything is logged
+    with caplog.at_level(logging.INFO):
+        assert find_resumable(tmp_path / "ckpt.pt", params, resized) is None
+    assert "belongs to a run that finished" in caplog.text
     (tmp_path / "ckpt.pt").write_bytes(b"torn")
     with caplog.at_level(logging.WARNING):
         assert find_resumable(tmp_path / "ckpt.pt", params, resized) is None

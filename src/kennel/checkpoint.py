@@ -47,7 +47,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    """The checkpoint at ``path`` if it was made with the same params and data (``fingerprint``), else None."""
+    """The checkpoint at ``path`` if it is from an unfinished run with the same params, data and code
+    (``fingerprint``), else None."""
     if not path.exists():
         return None
     try:
@@ -55,8 +56,18 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is only a lost head start
         log.warning("checkpoint %s is unreadable (%s: %s): starting fresh", path, type(err).__name__, err)
         return None
+    if payload.get("complete"):
+        log.info("checkpoint %s belongs to a run that finished: starting fresh", path)
+        return None
     if payload.get("fingerprint") != fingerprint:
         log.info("checkpoint %s was made with other params or data: not resuming, starting fresh", path)
         return None
     log.info("resuming from checkpoint %s after epoch %d", path, payload["epoch"])
     return payload
+
+
+def mark_complete(path: Path) -> None:
+    """Flag the checkpoint of a run whose stage finished: rerunning the stage then trains anew, not resumes."""
+    if path.exists():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        save_checkpoint(path, {**payload, "complete": True})

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
-# Params that change how fast, not what, a run computes: a checkpoint stays valid across them.
-NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "mlflow.experiment", "data.workers", "resize.workers"}
+# Params that change how fast, not what, a run trains (or only where it is recorded): a checkpoint stays valid.
+NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "data.workers", "resize.workers"}
 
 
 @dataclass
@@ -77,10 +77,21 @@ def set_determinism(deterministic: bool) -> None:
 
 
 def fingerprint(params: Params, data_dir: Path) -> str:
-    """Hash of everything that decides the result of training: params (less speed knobs) and data."""
-    relevant = {k: v for k, v in params.flat().items() if k not in NOT_IN_FINGERPRINT}
+    """Hash of everything that decides the result of training: params (less speed knobs), data and code."""
+    relevant = {k: v for k, v in params.flat().items()
+                if k not in NOT_IN_FINGERPRINT and not k.startswith("mlflow.")}
     data = read_meta(data_dir).get("fingerprint", "")
-    return hashlib.sha256(json.dumps([relevant, data], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([relevant, data, code_fingerprint()], sort_keys=True, default=str).encode()
+                          ).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """Hash of the kennel package's source: a fixed bug must not be resumed into an old run's weights."""
+    package = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def make_loader(
