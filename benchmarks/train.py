@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kennel.data.images import load_array  # noqa: E402
 from kennel.data.parallel import pmap, resolve_workers  # noqa: E402
 from kennel.data.tensors import read_split, write_split  # noqa: E402
-from kennel.engine import Augment, Batches, amp_name, resolve_amp, train_one_epoch  # noqa: E402
+from kennel.engine import Augment, Batches, Step, amp_name, resolve_amp, train_one_epoch  # noqa: E402
 from kennel.model import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from kennel.training import extract_features  # noqa: E402
 
@@ -102,7 +102,7 @@ def kennel(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp) ->
 
     def epoch(images, labels):
         batches = Batches(images, labels, args.batch_size, shuffle=True, generator=gen)
-        train_one_epoch(model, batches, opt, device, amp, augment=aug, generator=gen)
+        train_one_epoch(model, batches, opt, device, Step(amp, augment=aug, generator=gen))
 
     epoch(x[: args.warmup * args.batch_size], y[: args.warmup * args.batch_size])
     rate = n / _timed(lambda: epoch(x[:n], y[:n]), device)
@@ -145,7 +145,7 @@ def head_epoch(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp
     gen = torch.Generator().manual_seed(0)
 
     def epoch():
-        train_one_epoch(fc, Batches(features, labels, args.batch_size, True, gen), opt, device, amp)
+        train_one_epoch(fc, Batches(features, labels, args.batch_size, True, gen), opt, device, Step(amp))
 
     epoch()  # warm-up
     return cache, _timed(epoch, device)

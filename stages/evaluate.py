@@ -37,15 +37,15 @@ def evaluate_stage(params: Params) -> None:
         scalars["test_roc_auc"] = m["roc_auc"]
     for name, r in m["per_class"].items():
         scalars.update({f"test_{k}_{name}": r[k] for k in ("precision", "recall", "f1")})
-    with tracking.open_run(tracking.project_root(), params.mlflow.experiment, run_id=run_id):
+    root = tracking.project_root()
+    with tracking.open_run(root, params.mlflow.experiment, run_id=run_id):
         tracking.log_metrics(scalars)
         tracking.log_dict(m, "evaluation/metrics.json")
         tracking.log_artifacts(figures + [CONFUSION, ROC], "evaluation")
         mf = params.mlflow
         if mf.registered_model:
             model_uri = tracking.run_tag(run_id, "kennel.serving_uri") or tracking.run_tag(run_id, "kennel.model_uri")
-            reg = tracking.register_and_promote(tracking.project_root(), run_id, model_uri, mf.registered_model,
-                                                mf.promote_if_better)
+            reg = tracking.register_and_promote(root, run_id, model_uri, mf.registered_model, mf.promote_if_better)
             tracking.set_tags({"kennel.registered_version": reg.version, "kennel.promoted": str(reg.promoted).lower()})
             print(f"registered {mf.registered_model} version {reg.version}; "
                   f"{'now' if reg.promoted else 'not'} champion ({reg.reason})")

@@ -1,7 +1,7 @@
 """train: fine-tune resnet18 on the resized arrays; log params, curves and the model to an MLflow run.
 
-Resumes from ``models/checkpoint.pt`` when it was made with the same params and data (continuing the same MLflow
-run), and launches itself under torchrun when ``train.nproc`` > 1.
+Resumes from ``models/checkpoint.pt`` when an unfinished run left it with the same params, data and code
+(continuing the same MLflow run), and launches itself under torchrun when ``train.nproc`` > 1.
 """
 
 from __future__ import annotations

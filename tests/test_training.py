@@ -10,7 +10,17 @@ import torch
 from kennel.checkpoint import mark_complete
 from kennel.config import ConfigError, params_from_dict
 from kennel.data.tensors import read_split
-from kennel.engine import Augment, Batches, FitState, WarmupCosine, batch_order, build_optimizer, build_scheduler, fit
+from kennel.engine import (
+    Augment,
+    Batches,
+    FitState,
+    Step,
+    WarmupCosine,
+    batch_order,
+    build_optimizer,
+    build_scheduler,
+    fit,
+)
 from kennel.model import build_model
 from kennel.training import find_resumable, seed_everything, train
 from tests.conftest import build_dataset, small_params
@@ -106,8 +116,9 @@ def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
     val_b = Batches(torch.from_numpy(np.array(vx)), torch.from_numpy(vy), t.batch_size)
     opt = build_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum, t.weight_decay)
     sched = build_scheduler(t.schedule, opt, t.epochs, len(train_b), t.warmup_epochs)
-    fit(model, train_b, val_b, opt, t.epochs, torch.device("cpu"), scheduler=sched, generator=generator,
-        criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing))
+    step = Step(scheduler=sched, generator=generator,
+                criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing))
+    fit(model, train_b, val_b, opt, t.epochs, torch.device("cpu"), step)
     for name in ("weight", "bias"):
         torch.testing.assert_close(getattr(cached.backbone.fc, name), getattr(model.backbone.fc, name),
                                    rtol=1e-4, atol=1e-5)

@@ -189,30 +189,38 @@ class Augment:
 # ---------------------------------------------------------------------------------------------------- loops
 
 
+@dataclass(frozen=True)
+class Step:
+    """How one optimisation step runs, beyond the model, optimizer and device."""
+
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped every batch
+    criterion: nn.Module | None = None  # default: cross-entropy
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    augment: Augment | None = None
+    generator: torch.Generator | None = None  # draws the augmentation
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    criterion: nn.Module | None = None,
-    grad_clip: float = 0.0,
-    augment: Augment | None = None,
-    generator: torch.Generator | None = None,
+    step: Step = Step(),
     desc: str = "train",
 ) -> tuple[float, float, int]:
     """One pass: zero_grad -> forward -> loss -> backward -> step. Returns (mean loss, accuracy, images)."""
     model.train()
-    criterion = criterion or nn.CrossEntropyLoss()
+    amp_dtype, scaler, grad_clip = step.amp_dtype, step.scaler, step.grad_clip
+    criterion = step.criterion or nn.CrossEntropyLoss()
     sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
     start = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
     for images, labels in bar:
         images, labels = _to_device(images, device), labels.to(device, non_blocking=True)
-        if augment is not None:
-            images = augment(images, generator)
+        if step.augment is not None:
+            images = step.augment(images, step.generator)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
@@ -229,8 +237,8 @@ def train_one_epoch(
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        if step.scheduler is not None:
+            step.scheduler.step()
         n = labels.numel()
         sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}",
@@ -276,14 +284,8 @@ def fit(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
+    step: Step = Step(),
     *,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    criterion: nn.Module | None = None,
-    grad_clip: float = 0.0,
-    augment: Augment | None = None,
-    generator: torch.Generator | None = None,
     eval_model: nn.Module | None = None,
     state: FitState | None = None,
     start_epoch: int = 1,
@@ -300,11 +302,10 @@ def fit(
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, seen = train_one_epoch(
-            model, train_batches, optimizer, device, amp_dtype, scaler, scheduler, criterion, grad_clip,
-            augment, generator, desc=f"epoch {epoch}/{epochs}",
+            model, train_batches, optimizer, device, step, desc=f"epoch {epoch}/{epochs}"
         )
         train_seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate(eval_model, val_batches, device, amp_dtype)
+        val_loss, val_acc = evaluate(eval_model, val_batches, device, step.amp_dtype)
         result = EpochResult(
             epoch, train_loss, train_acc, val_loss, val_acc, lr,
             seconds=time.perf_counter() - start, images_per_second=seen / max(train_seconds, 1e-9),

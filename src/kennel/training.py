@@ -28,6 +28,7 @@ from kennel.engine import (
     BatchSampler,
     EpochResult,
     FitState,
+    Step,
     amp_name,
     build_optimizer,
     build_scheduler,
@@ -236,9 +237,9 @@ def train(
             })
 
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    state = fit(trained, train_batches, val_batches, optimizer, t.epochs, device, amp_dtype=amp_dtype, scaler=scaler,
-                scheduler=scheduler, criterion=criterion, grad_clip=t.grad_clip, augment=augment, generator=generator,
-                eval_model=module, state=state, start_epoch=start, on_epoch=after_epoch)
+    step = Step(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
+    state = fit(trained, train_batches, val_batches, optimizer, t.epochs, device, step, eval_model=module,
+                state=state, start_epoch=start, on_epoch=after_epoch)
     result.history = state.history
     result.selected_epoch = state.history[-1].epoch
     if t.select == "best" and state.best_state is not None:
