@@ -111,3 +111,22 @@ def build_dataset(root: Path, per_class: int = 16, size: int = 32, seed: int = 0
     acc = account(candidates, inspect_all(candidates, 8, 10**8), root, val, test, seed)
     write_splits(acc.manifest, root, size, root / "resized", load_array)
     return root / "resized"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for servers the tests start (or expect to find missing)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def project_runs(root: Path):
+    """(client, runs of the project's `kennel` experiment, oldest first) from the project's sqlite store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("kennel")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from tests.conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port
 
 
 def test_ui_refuses_without_runs(tmp_path):
@@ -34,7 +27,7 @@ def test_ui_serves_the_project_store(tmp_path):
     exp = mlflow.create_experiment("kennel-ui-test")
     with mlflow.start_run(experiment_id=exp, run_name="visible-run"):
         mlflow.log_param("train.lr", 0.01)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "kennel", "ui", "--port", str(port)], cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import dvc, isolate, make_project, run, small_params, write_params
+from tests.conftest import dvc, isolate, make_project, project_runs, run, small_params, write_params
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
@@ -26,17 +26,6 @@ def project(tmp_path_factory):
     out = dvc(["repro"], root)
     yield root, out
     mp.undo()
-
-
-def _client(root):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    return mlflow.MlflowClient()
-
-
-def _runs(root):
-    client = _client(root)
-    exp = client.get_experiment_by_name("kennel")
-    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 def test_repro_writes_metrics_and_plots(project):
@@ -66,7 +55,7 @@ def test_repro_writes_metrics_and_plots(project):
 
 def test_mlflow_run_holds_everything(project):
     root, _ = project
-    client, runs = _runs(root)
+    client, runs = project_runs(root)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -104,7 +93,7 @@ def test_second_repro_is_a_noop(project):
     out = dvc(["repro"], root)
     assert "Running stage" not in out.stdout
     assert (root / "dvc.lock").read_text() == lock
-    assert len(_runs(root)[1]) == 1
+    assert len(project_runs(root)[1]) == 1
 
 
 def test_lr_change_reruns_only_train_and_evaluate(project):
@@ -119,7 +108,7 @@ def test_lr_change_reruns_only_train_and_evaluate(project):
     out = dvc(["repro"], root).stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'resize'" not in out
-    _, runs = _runs(root)
+    _, runs = project_runs(root)
     assert [r.data.params["train.lr"] for r in runs] == ["0.001", "0.002"]
     assert "test_accuracy" in runs[-1].data.metrics
 
@@ -141,7 +130,7 @@ def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
         time.sleep(3)
     assert "Success" in status, status + dvc(["queue", "logs", "lr-three"], root, check=False).stdout
 
-    _, runs = _runs(root)
+    _, runs = project_runs(root)
     exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == "lr-three"]
     assert len(exp_runs) == 1
     run = exp_runs[0]

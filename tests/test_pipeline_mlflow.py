@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BIN, dvc, make_project, small_params
+from tests.conftest import BIN, dvc, free_port, make_project, small_params
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1: sqlite backend, artifacts proxied into a temp dir."""
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
     server = subprocess.Popen(
@@ -79,7 +72,7 @@ def test_pipeline_against_a_tracking_server(tmp_path, mlflow_server, monkeypatch
 def test_unreachable_server_stops_train_before_any_training(tmp_path, monkeypatch):
     root = make_project(tmp_path / "project", small_params())
     dvc(["repro", "resize"], root)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": "src"}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "stages/train.py"], cwd=root, env=env, capture_output=True, text=True,

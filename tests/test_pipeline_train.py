@@ -9,19 +9,12 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pytest
 import torch
 
-from tests.conftest import BIN, dvc, make_project, small_params
+from tests.conftest import BIN, dvc, make_project, project_runs, small_params
 
 pytestmark = pytest.mark.slow
-
-
-def _runs(root):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    return client, client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
 
 
 def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
@@ -51,7 +44,7 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
     assert json.loads((killed / "reports/metrics.json").read_text()) == \
         json.loads((straight / "reports/metrics.json").read_text())
 
-    client, runs = _runs(killed)
+    client, runs = project_runs(killed)
     assert len(runs) == 1  # the resumed stage continued the killed run
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["kennel.resumed_from_epoch"] == str(epoch_at_kill)
@@ -61,7 +54,7 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
     assert torch.load(checkpoint, weights_only=True)["complete"] is True
     out = dvc(["repro", "--force", "--single-item", "train"], killed)
     assert "resuming" not in out.stdout + out.stderr and "belongs to a run that finished" in out.stdout + out.stderr
-    assert len(_runs(killed)[1]) == 2
+    assert len(project_runs(killed)[1]) == 2
 
 
 def test_two_gloo_processes_train_end_to_end(tmp_path):
@@ -72,7 +65,7 @@ def test_two_gloo_processes_train_end_to_end(tmp_path):
     assert len(history) == 3  # header + 2 epochs, written once (rank 0 only)
     assert torch.load(root / "models/model.pt", weights_only=True)["classes"] == ["cat", "dog"]
     assert "accuracy" in json.loads((root / "reports/metrics.json").read_text())["test"]
-    _, runs = _runs(root)
+    _, runs = project_runs(root)
     assert len(runs) == 1 and runs[0].data.tags["kennel.processes"] == "2"
     assert runs[0].data.params["train.nproc"] == "2" and "test_accuracy" in runs[0].data.metrics
 

@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import pytest
 
-from tests.conftest import REPO, dvc, make_project, run, small_params
+from tests.conftest import REPO, dvc, make_project, project_runs, run, small_params
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +34,8 @@ def _reproduce(root, *args):
                           capture_output=True, text=True, timeout=900)
 
 
-def _runs(root):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    return client, client.search_runs([client.get_experiment_by_name("kennel").experiment_id],
-                                      order_by=["attributes.start_time ASC"])
-
-
 def test_reproduce_a_run_id_exactly(project):
-    client, runs = _runs(project)
+    client, runs = project_runs(project)
     original = runs[0]
     out = _reproduce(project, original.info.run_id)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -51,7 +43,7 @@ def test_reproduce_a_run_id_exactly(project):
     assert f"{original.data.metrics['test_accuracy']:.6f}" in out.stdout
     assert not list((project.parent).glob("kennel-reproduce-*"))
     assert run(["git", "worktree", "list"], project).stdout.count("\n") == 1  # the worktree is gone
-    _, runs = _runs(project)
+    _, runs = project_runs(project)
     assert runs[-1].data.tags["kennel.reproduces"] == original.info.run_id  # the rerun is on record too
 
 
@@ -73,7 +65,7 @@ def _exp_ref(root, name):
 
 
 def test_mismatch_exits_non_zero(project):
-    client, runs = _runs(project)
+    client, runs = project_runs(project)
     run_id = runs[0].info.run_id
     client.log_metric(run_id, "test_accuracy", -1.0)  # the latest value is what the run records now
     out = _reproduce(project, run_id)
@@ -81,7 +73,7 @@ def test_mismatch_exits_non_zero(project):
 
 
 def test_refusals(project):
-    client, runs = _runs(project)
+    client, runs = project_runs(project)
     exp_id = runs[0].info.experiment_id
     dirty = client.create_run(exp_id, tags={"git.commit": runs[0].data.tags["git.commit"], "git.dirty": "true",
                                             "git.changed_files": "src/kennel/engine.py"})

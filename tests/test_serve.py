@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,11 @@ from kennel import tracking
 from kennel.model import build_model, save_model
 from kennel.predict import load_model_file, predict_files
 from kennel.serving import log_serving_model
+from tests.conftest import free_port
 
 SIZE = 32
 NAME = "kennel-serve-test"
 START_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -121,7 +115,7 @@ def test_served_model_classifies_images_and_pixels(tmp_path, images):
     _log(tmp_path)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", "1")
 
-    port, log = _free_port(), tmp_path / "server.log"
+    port, log = free_port(), tmp_path / "server.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(tmp_path)}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]

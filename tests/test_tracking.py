@@ -1,6 +1,5 @@
 """MLflow linking: provenance tags, reachability, registry promotion; on real sqlite stores in temp dirs."""
 
-import socket
 import time
 
 import mlflow
@@ -9,13 +8,7 @@ import pytest
 import torch
 
 from kennel import tracking
-from tests.conftest import run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, run
 
 
 def test_provenance_tags_name_commit_branch_dirtiness_and_data(tmp_path, monkeypatch):
@@ -50,7 +43,7 @@ def test_provenance_tags_name_commit_branch_dirtiness_and_data(tmp_path, monkeyp
 
 
 def test_unreachable_server_fails_fast_naming_the_uri():
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.perf_counter()
     with pytest.raises(tracking.TrackingUnavailable, match=f"{uri} .*unreachable"):
         tracking.check_reachable(uri)

@@ -172,7 +172,6 @@ def train(
         raise ValueError(f"{data_dir}: the train split is empty")
     resident = fits_resident(train_images.nbytes + val_images.nbytes, device, t.data_on_device)
     batch_size = t.batch_size // ctx.world
-    train_batches = _batches(data_dir, "train", resident, batch_size, device, t, ctx, True, generator)
     val_batches = _batches(data_dir, "val", resident, batch_size, device, t, ctx, False, None)
 
     augment = None
@@ -182,10 +181,11 @@ def train(
         train_unshuffled = _batches(data_dir, "train", resident, batch_size, device, t, Dist(), False, None)
         features = [extract_features(model, b, device, amp_dtype) for b in (train_unshuffled, val_batches)]
         (ftrain, ytrain), (fval, yval) = [(f.to(device), y) for f, y in features]
-        train_batches = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
+        train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
         val_batches = Batches(fval, yval, batch_size)
         module: nn.Module = model.backbone.fc
     else:
+        train_batches = _batches(data_dir, "train", resident, batch_size, device, t, ctx, True, generator)
         module = model
         if t.augment.enabled:
             a = t.augment
