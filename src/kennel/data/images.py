@@ -52,13 +52,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """The first frame of ``path`` as RGB (see ``to_rgb``), fully decoded."""
-    with open_checked(path, max_pixels) as img:
-        img.seek(0)
-        return to_rgb(img)
-
-
 def to_array(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
     """Antialiased resize of an RGB image to ``size``x``size`` by ``mode``; returns uint8 (3, size, size).
 
