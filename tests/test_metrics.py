@@ -65,3 +65,34 @@ def test_classification_metrics_binary():
 def test_multiclass_has_no_roc_auc():
     m = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["a", "b", "c"])
     assert m["accuracy"] == 1.0 and "roc_auc" not in m
+
+
+# A fixed case whose numbers were computed by the hand-written metrics this module replaced: the scikit-learn
+# implementation must give the same outputs.
+BINARY_P = np.array([0.9, 0.8, 0.75, 0.6, 0.6, 0.55, 0.4, 0.35, 0.3, 0.2, 0.1, 0.05])
+BINARY_Y = np.array([1, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0])
+THREE_P = np.array([[.7, .2, .1], [.5, .3, .2], [.2, .6, .2], [.1, .8, .1], [.3, .3, .4], [.4, .5, .1],
+                    [.6, .1, .3], [.2, .7, .1], [.25, .25, .5], [.1, .2, .7]])
+THREE_Y = np.array([0, 1, 1, 1, 2, 0, 2, 1, 2, 0])
+
+
+def test_binary_numbers_are_pinned():
+    m = classification_metrics(BINARY_Y, np.stack([1 - BINARY_P, BINARY_P], 1), ["cat", "dog"])
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["macro_f1"] == pytest.approx(2 / 3)
+    assert m["confusion_matrix"] == [[4, 2], [2, 4]]
+    assert m["per_class"]["cat"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 6})
+    assert m["roc_auc"] == pytest.approx(0.6805555555555556)
+    fpr, tpr, thr = roc_curve(BINARY_Y, BINARY_P)
+    assert fpr.tolist() == pytest.approx([0, 0, 0, 1 / 6, 2 / 6, 2 / 6, 3 / 6, 3 / 6, 4 / 6, 5 / 6, 5 / 6, 1])
+    assert tpr.tolist() == pytest.approx([0, 1 / 6, 2 / 6, 2 / 6, 3 / 6, 4 / 6, 4 / 6, 5 / 6, 5 / 6, 5 / 6, 1, 1])
+    assert thr[0] == np.inf and thr[1:].tolist() == pytest.approx(sorted(set(BINARY_P), reverse=True))
+
+
+def test_three_class_numbers_are_pinned():
+    m = classification_metrics(THREE_Y, THREE_P, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.6) and m["macro_f1"] == pytest.approx(0.5833333333333334)
+    assert m["confusion_matrix"] == [[1, 1, 1], [1, 3, 0], [1, 0, 2]]
+    assert {k: (r["precision"], r["recall"], r["f1"], r["support"]) for k, r in m["per_class"].items()} == {
+        "a": pytest.approx((1 / 3, 1 / 3, 1 / 3, 3)), "b": pytest.approx((0.75, 0.75, 0.75, 4)),
+        "c": pytest.approx((2 / 3, 2 / 3, 2 / 3, 3)),
+    }
