@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from kennel.metrics import auc, classification_metrics, confusion_matrix, per_class, roc_curve, softmax
+from kennel.metrics import (
+    auc, calibration, classification_metrics, confusion_matrix, curves, per_class, pr_curve, roc_curve, softmax,
+)
 
 
 def test_confusion_matrix_counts_by_hand():
@@ -62,9 +64,10 @@ def test_classification_metrics_binary():
     assert m["macro_f1"] == pytest.approx(0.5)
 
 
-def test_multiclass_has_no_roc_auc():
+def test_multiclass_has_roc_and_pr_per_class_not_one_roc_auc():
     m = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["a", "b", "c"])
     assert m["accuracy"] == 1.0 and "roc_auc" not in m
+    assert m["one_vs_rest"] == {k: {"roc_auc": 1.0, "average_precision": 1.0} for k in "abc"}
 
 
 # A fixed case whose numbers were computed by the hand-written metrics this module replaced: the scikit-learn
@@ -96,3 +99,58 @@ def test_three_class_numbers_are_pinned():
         "a": pytest.approx((1 / 3, 1 / 3, 1 / 3, 3)), "b": pytest.approx((0.75, 0.75, 0.75, 4)),
         "c": pytest.approx((2 / 3, 2 / 3, 2 / 3, 3)),
     }
+
+
+def test_multiclass_curves_exist_per_class_one_vs_rest():
+    found = curves(THREE_Y, THREE_P, ["a", "b", "c"])
+    assert [c.name for c in found] == ["a", "b", "c"]
+    for k, c in enumerate(found):
+        assert list(c.roc.columns) == ["fpr", "tpr", "threshold"] and list(c.pr.columns) == ["recall", "precision",
+                                                                                               "threshold"]
+        assert c.roc.iloc[0][["fpr", "tpr"]].tolist() == [0, 0] and c.roc.iloc[-1][["fpr", "tpr"]].tolist() == [1, 1]
+        assert c.pr["recall"].iloc[-1] == 1 and c.pr["recall"].is_monotonic_increasing
+        # b scores its images 0.3, 0.6, 0.8, 0.7 and the rest 0.2, 0.3, 0.5, 0.1, 0.25, 0.2: of the 24 pairs, 0.3
+        # loses to 0.5 and ties 0.3 (half a pair)
+        if k == 1:
+            assert c.roc_auc == pytest.approx(22.5 / 24)
+    m = classification_metrics(THREE_Y, THREE_P, ["a", "b", "c"])
+    assert set(m["one_vs_rest"]) == {"a", "b", "c"}
+
+
+def test_a_class_absent_from_the_labels_has_no_curve():
+    found = curves(np.array([0, 1, 0, 1]), np.full((4, 3), 1 / 3), ["a", "b", "c"])
+    assert [c.name for c in found] == ["a", "b"]
+
+
+def test_binary_curves_are_the_positive_class_and_pr_by_hand():
+    (c,) = curves(BINARY_Y, np.stack([1 - BINARY_P, BINARY_P], 1), ["cat", "dog"])
+    assert c.name == "dog" and c.roc_auc == pytest.approx(0.6805555555555556)
+    recall, precision, thr = pr_curve(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1]))
+    assert recall.tolist() == pytest.approx([0, 0.5, 0.5, 1, 1])
+    assert precision.tolist() == pytest.approx([1, 1, 0.5, 2 / 3, 0.5])
+    assert thr[0] == np.inf and thr[1:].tolist() == pytest.approx([0.9, 0.8, 0.7, 0.1])
+
+
+def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
+    rng = np.random.default_rng(0)
+    n = 20000
+    confidence = rng.uniform(0.5, 1.0, n)
+    # calibrated: the predicted class (0) is right with exactly the probability it is given
+    y = np.where(rng.random(n) < confidence, 0, 1)
+    probs = np.stack([confidence, 1 - confidence], 1)
+    ece, table = calibration(y, probs, bins=10)
+    assert ece < 0.02
+    assert table["count"].sum() == n and (table["bin_low"] >= 0.5).all()
+    # over-confident: always 99% sure, right 60% of the time
+    y = np.where(rng.random(n) < 0.6, 0, 1)
+    ece, table = calibration(y, np.tile([0.99, 0.01], (n, 1)), bins=10)
+    assert ece == pytest.approx(0.39, abs=0.02)
+    assert len(table) == 1 and table["accuracy"].iloc[0] == pytest.approx(0.6, abs=0.02)
+
+
+def test_ece_by_hand():
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.45, 0.55]])
+    y = np.array([0, 1, 1, 1])
+    ece, table = calibration(y, probs, bins=2)  # bins [0, .5), [.5, 1]: all four in the top bin
+    assert table["count"].tolist() == [4]
+    assert ece == pytest.approx(abs(0.75 - np.mean([0.95, 0.9, 0.7, 0.55])))
