@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 
 from kennel.metrics import (
-    auc, calibration, classification_metrics, confusion_matrix, curves, per_class, pr_curve, roc_curve, softmax,
+    auc,
+    calibration,
+    classification_metrics,
+    confusion_matrix,
+    curves,
+    per_class,
+    pr_curve,
+    roc_curve,
+    softmax,
 )
 
 
