@@ -50,6 +50,8 @@ BAD = [
     ("train.optimizer", "lion", ["train.optimizer", "'lion'", "sgd | adam | adamw"]),
     ("resize.size", 8, ["resize.size", "8", ">= 32"]),
     ("mlflow.experiment", 3, ["mlflow.experiment", "3", "string"]),
+    ("evaluate.top_losses", 0, ["evaluate.top_losses", "0", ">= 1"]),
+    ("evaluate.calibration_bins", 1, ["evaluate.calibration_bins", "1", ">= 2"]),
     ("train", "fast", ["train", "'fast'", "mapping"]),
 ]
 

@@ -156,6 +156,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    top_losses: int  # test images in the top-losses grids, highest loss first
+    calibration_bins: int  # equal-width confidence bins of the reliability diagram and the ECE
+
+    def check(self) -> None:
+        _at_least("evaluate.top_losses", self.top_losses, 1)
+        _at_least("evaluate.calibration_bins", self.calibration_bins, 2)
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     experiment: str
     registered_model: str  # each run registers a version under this name; "" = no registry
@@ -173,11 +183,12 @@ class Params:
     resize: ResizeConfig
     model: ModelConfig
     train: TrainConfig
+    evaluate: EvaluateConfig
     mlflow: MlflowConfig
 
     def check(self) -> None:
         _at_least("seed", self.seed, 0)
-        for section in (self.data, self.resize, self.model, self.train, self.mlflow):
+        for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.mlflow):
             section.check()
 
     def flat(self) -> dict[str, Any]:
