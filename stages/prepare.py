@@ -11,9 +11,10 @@ from pathlib import Path
 
 from kennel.config import Params
 from kennel.data.manifest import account, check_class_sizes, write_csv
+from kennel.data.report import write_data_report
 from kennel.data.sources import find_images
 from kennel.data.validate import inspect_all
-from kennel.paths import DATA_SUMMARY, PREPARED, REJECTS
+from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS
 from kennel.stage import run_stage
 
 log = logging.getLogger("kennel.prepare")
@@ -32,6 +33,7 @@ def prepare(params: Params) -> None:
     # The reports are written before the class-size check so that a failing run still says what was rejected.
     write_csv(acc.rejects, REJECTS)
     DATA_SUMMARY.write_text(json.dumps(acc.summary, indent=2) + "\n")
+    write_data_report(acc.manifest, acc.rejects, acc.summary, Path.cwd(), DATA_REPORT, params.seed, d.max_pixels)
     check_class_sizes(acc, [c.label for c in candidates if c.label], d.min_per_class)
     write_csv(acc.manifest, PREPARED / "manifest.csv")
     s = acc.summary

@@ -21,7 +21,7 @@ from kennel.config import Params
 from kennel.data.tensors import read_split
 from kennel.engine import amp_name, resolve_device
 from kennel.model import save_model
-from kennel.paths import CHECKPOINT, DATA_SUMMARY, HISTORY, MANIFEST, MODEL, REJECTS, RESIZED, RUN_FILE
+from kennel.paths import CHECKPOINT, DATA_REPORT, DATA_SUMMARY, HISTORY, MANIFEST, MODEL, REJECTS, RESIZED, RUN_FILE
 from kennel.serving import log_serving_model
 from kennel.stage import run_stage
 from kennel.training import TrainResult, find_resumable, train
@@ -61,7 +61,7 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
             tracking.log_params(flat)
             summary = json.loads(DATA_SUMMARY.read_text())
             tracking.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
-            tracking.log_artifacts([DATA_SUMMARY, REJECTS], "data")
+            tracking.log_artifacts([DATA_SUMMARY, REJECTS, *sorted(DATA_REPORT.glob("*"))], "data")
             tracking.log_manifest(MANIFEST, f"{params.data.source}:{params.data.raw_dir}"
                                   if params.data.source != "synthetic" else "synthetic")
 

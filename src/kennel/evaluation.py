@@ -1,44 +1,81 @@
-"""Score a saved model on the test split: probabilities, metrics and the curves for plots."""
+"""Score a saved model on the test split: per-image predictions, metrics, curves, and the images it gets most wrong."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from kennel.data.dataset import ImageArrayDataset
+from kennel.data.manifest import read_manifest
 from kennel.engine import predict, resolve_amp, resolve_device
-from kennel.metrics import classification_metrics, roc_curve, softmax
-from kennel.model import load_model
+from kennel.gradcam import grad_cam
+from kennel.metrics import Curves, calibration, classification_metrics, curves, softmax
+from kennel.model import Classifier, load_model
 from kennel.training import make_loader
 
 
 @dataclass
 class Evaluation:
     classes: list[str]
+    paths: list[str]  # the manifest path of each test image, in the order of the arrays
     labels: np.ndarray
     probs: np.ndarray
+    losses: np.ndarray  # per-image cross-entropy: -log(probability of the true class)
     metrics: dict
+    reliability: pd.DataFrame  # calibration table: one row per non-empty confidence bin
+    curves: list[Curves]  # binary: the positive class; more classes: one per class, one-vs-rest
+    images: np.ndarray = field(repr=False)  # uint8 N x 3 x S x S, what the model saw
+    model: Classifier = field(repr=False)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
 
     def confusion_rows(self) -> pd.DataFrame:
         """One row per test image (actual, predicted): DVC's confusion template counts them."""
         return pd.DataFrame({
             "actual": [self.classes[i] for i in self.labels],
-            "predicted": [self.classes[i] for i in self.probs.argmax(axis=1)],
+            "predicted": [self.classes[i] for i in self.predicted],
         })
 
-    def roc(self) -> pd.DataFrame | None:
-        if "roc_auc" not in self.metrics:
-            return None
-        fpr, tpr, thresholds = roc_curve(self.labels == 1, self.probs[:, 1])
-        return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds})
+    def predictions(self) -> pd.DataFrame:
+        """One row per test image: path, true and predicted class, a probability per class, loss."""
+        frame = pd.DataFrame({
+            "path": self.paths,
+            "true": [self.classes[i] for i in self.labels],
+            "predicted": [self.classes[i] for i in self.predicted],
+        })
+        for k, name in enumerate(self.classes):
+            frame[f"prob_{name}"] = self.probs[:, k]
+        frame["loss"] = self.losses
+        return frame
+
+    def top_losses(self, k: int) -> np.ndarray:
+        """Indices of the ``k`` highest-loss test images, highest first: the most confidently wrong lead."""
+        return np.argsort(-self.losses, kind="stable")[:k]
+
+    def captions(self, indices: np.ndarray) -> list[str]:
+        """true / predicted (its probability) / loss, and the file name, for each image."""
+        return [
+            f"{Path(self.paths[i]).name[:28]}\ntrue {self.classes[self.labels[i]]}  loss {self.losses[i]:.2f}\n"
+            f"pred {self.classes[self.predicted[i]]} ({self.probs[i, self.predicted[i]]:.2f})"
+            for i in indices
+        ]
+
+    def cams(self, indices: np.ndarray) -> np.ndarray:
+        """Grad-CAM heatmaps of the predicted class for the given test images."""
+        images = torch.from_numpy(np.array(self.images[indices]))
+        return grad_cam(self.model, images, torch.from_numpy(self.predicted[indices]))
 
 
 def evaluate_model(
-    model_path: Path, data_dir: Path, split: str = "test", device: str = "auto", amp: str = "auto",
-    batch_size: int = 64,
+    model_path: Path, data_dir: Path, manifest: Path, split: str = "test", device: str = "auto",
+    amp: str = "auto", batch_size: int = 64, calibration_bins: int = 10,
 ) -> Evaluation:
     dev = resolve_device(device)
     model, _ = load_model(model_path, dev)
@@ -46,6 +83,35 @@ def evaluate_model(
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split} split is empty; raise data.test_fraction")
     logits, labels = predict(model, make_loader(dataset, batch_size, 0, dev), dev, resolve_amp(amp, dev))
-    probs = softmax(logits.numpy().astype(np.float64))
-    labels = labels.numpy()
-    return Evaluation(model.classes, labels, probs, classification_metrics(labels, probs, model.classes))
+    logits, labels = logits.numpy().astype(np.float64), labels.numpy()
+    probs = softmax(logits)
+    log_probs = logits - logits.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+    return Evaluation(
+        classes=model.classes,
+        paths=split_paths(manifest, split, model.classes, labels),
+        labels=labels,
+        probs=probs,
+        losses=-log_probs[np.arange(len(labels)), labels],
+        metrics=classification_metrics(labels, probs, model.classes, calibration_bins),
+        reliability=calibration(labels, probs, calibration_bins)[1],
+        curves=curves(labels, probs, model.classes),
+        images=dataset.images,
+        model=model,
+    )
+
+
+def split_paths(manifest: Path, split: str, classes: list[str], labels: np.ndarray) -> list[str]:
+    """The manifest paths of a split, in the order the resize stage wrote its arrays (manifest order)."""
+    rows = read_manifest(manifest)
+    rows = rows[rows["split"] == split]
+    index = {name: i for i, name in enumerate(classes)}
+    if [index.get(label, -1) for label in rows["label"]] != labels.tolist():
+        raise ValueError(f"{manifest}: the {split} rows do not match the resized {split} split; "
+                         "rerun the resize stage (dvc repro resize)")
+    return rows["path"].tolist()
+
+
+def file_name(label: str) -> str:
+    """A class name made safe as a file name (class names come from folder names, but need not be tidy)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "class"

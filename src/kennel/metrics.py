@@ -106,7 +106,7 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> tuple[
     accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
     filled = counts > 0
     table = pd.DataFrame({
-        "bin_low": edges[:-1][filled], "bin_high": edges[1:][filled], "confidence": mean_confidence,
+        "bin_low": edges[:-1][filled].round(6), "bin_high": edges[1:][filled].round(6), "confidence": mean_confidence,
         "accuracy": accuracy, "count": counts[filled],
     })
     ece = float((table["count"] * (table["accuracy"] - table["confidence"]).abs()).sum() / max(len(correct), 1))

@@ -1,0 +1,43 @@
+"""The run's description: how good the model is and on what data, in a few lines of Markdown for the MLflow UI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote
+
+SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
+
+
+def run_note(
+    metrics: Mapping, data: Mapping, run_id: str, selected_epoch: str, epochs: int, select: str,
+    figures: Sequence[tuple[str, str]], warning: str = "",
+) -> str:
+    """``metrics`` as in metrics.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
+    n_test = sum(r["support"] for r in metrics["per_class"].values())
+    scores = [f"macro F1 {metrics['macro_f1']:.3f}"]
+    if "roc_auc" in metrics:
+        scores.append(f"ROC AUC {metrics['roc_auc']:.3f}")
+    scores.append(f"ECE {metrics['ece']:.3f}")
+    per_class = data["per_class"]
+    splits = "/".join(str(sum(c[s] for c in per_class.values())) for s in ("train", "val", "test"))
+    reasons = ", ".join(f"{k}: {v}" for k, v in data.get("rejected_by_reason", {}).items())
+    lines = [
+        f"**Test accuracy {metrics['accuracy']:.3f}** on {n_test} test images ({', '.join(scores)}).",
+        "",
+        f"Model weights of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, "
+        f"{SELECT.get(select, select)}).",
+        "",
+        f"Data: {data['found']} files found, {data['kept']} kept, {data['rejected']} rejected"
+        + (f" ({reasons})" if reasons else "") + f"; train/val/test {splits}; classes "
+        + ", ".join(f"{name} ({c['kept']})" for name, c in per_class.items()) + ".",
+        "",
+        "Figures: " + " · ".join(f"[{title}]({artifact_link(run_id, path)})" for title, path in figures),
+    ]
+    if warning:
+        lines = [f"Warning: {warning}", ""] + lines
+    return "\n".join(lines) + "\n"
+
+
+def artifact_link(run_id: str, path: str) -> str:
+    """A link, relative to the MLflow UI, that opens one artifact of the run."""
+    return f"get-artifact?path={quote(path)}&run_uuid={run_id}"
