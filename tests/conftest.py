@@ -99,16 +99,18 @@ def small_params_file(tmp_path) -> Path:
 
 
 def build_dataset(root: Path, per_class: int = 16, size: int = 32, seed: int = 0, val: float = 0.25,
-                  test: float = 0.25) -> Path:
-    """Synthetic images -> manifest -> resized arrays with the library functions the stages use."""
+                  test: float = 0.25, source: str = "synthetic") -> Path:
+    """Synthetic images (or, for ``source`` folder, ``root/raw/<class>/``) -> manifest (``root/manifest.csv``) ->
+    resized arrays, with the library functions the stages use."""
     from kennel.data.images import load_array
-    from kennel.data.manifest import account
+    from kennel.data.manifest import account, write_csv
     from kennel.data.sources import find_images
     from kennel.data.tensors import write_splits
     from kennel.data.validate import inspect_all
 
-    candidates = find_images("synthetic", root, out_dir=root / "prepared", seed=seed, per_class=per_class)
+    candidates = find_images(source, root / "raw", out_dir=root / "prepared", seed=seed, per_class=per_class)
     acc = account(candidates, inspect_all(candidates, 8, 10**8), root, val, test, seed)
+    write_csv(acc.manifest, root / "manifest.csv")
     write_splits(acc.manifest, root, size, root / "resized", load_array)
     return root / "resized"
 
