@@ -7,6 +7,7 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -41,14 +42,25 @@ def test_repro_writes_metrics_and_plots(project):
     assert json.loads(shown)  # dvc reads the metrics file
     assert "test.accuracy" in dvc(["metrics", "show"], root).stdout
     plots = dvc(["plots", "show", "--json"], root).stdout
-    for title in ("Loss", "Accuracy", "Confusion matrix", "ROC"):
+    for title in ("Loss", "Accuracy", "Confusion matrix", "Reliability", "Test loss per image", "reports/roc/dog.csv",
+                  "reports/pr/dog.csv", "reports/figures/top_losses_gradcam.png", "reports/data/samples.png",
+                  "reports/data/class_counts.csv"):
         assert title in plots
     html = dvc(["plots", "show", "-o", "plots_html"], root)
     assert (root / "plots_html" / "index.html").stat().st_size > 1000, html.stdout
     history = (root / "reports/train_history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 1 + EPOCHS
-    for png in ("confusion_matrix.png", "roc.png"):
+    for png in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "top_losses.png",
+                "top_losses_gradcam.png"):
         assert (root / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"
+    for png in ("samples.png", "sizes.png", "class_counts.png", "rejected.png"):
+        assert (root / "reports/data" / png).read_bytes()[:4] == b"\x89PNG"
+    predictions = pd.read_csv(root / "reports/predictions.csv")
+    assert len(predictions) == n_test and predictions["path"].is_unique
+    assert (predictions["true"] == predictions["predicted"]).mean() == pytest.approx(metrics["accuracy"])
+    assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["average_precision"] <= 1
+    counts = pd.read_csv(root / "reports/data/class_counts.csv")
+    assert counts["label"].tolist() == ["cat", "dog"] and counts["test"].sum() == n_test
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "resize", "train", "evaluate"}
 
@@ -77,7 +89,14 @@ def test_mlflow_run_holds_everything(project):
     assert tags["mlflow.runName"].endswith("@" + tags["git.commit"][:7])
     assert tags["mlflow.runName"].startswith("full-adamw-lr0.001-bs8")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/roc.png", "evaluation/metrics.json"} <= artifacts
+    assert {f"evaluation/{name}" for name in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png",
+            "top_losses.png", "top_losses_gradcam.png", "metrics.json", "predictions.csv")} <= artifacts
+    data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/samples.png", "data/sizes.png", "data/class_counts.png", "data/rejected.png"} <= data
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"**Test accuracy {metrics['accuracy']:.3f}**") and "of 2 (train.select: best" in note
+    assert f"get-artifact?path=evaluation/top_losses_gradcam.png&run_uuid={run.info.run_id}" in note
+    assert "test_ece" in run.data.metrics
 
     model = mlflow.pytorch.load_model(tags["kennel.model_uri"])
     x = np.load(root / "data/resized/test_x.npy")

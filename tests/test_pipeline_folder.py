@@ -51,7 +51,8 @@ def test_folder_source_end_to_end(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
     assert run.data.metrics["data_found"] == 33 and run.data.metrics["data_rejected"] == 3
     assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} == {
-        "data/data_summary.json", "data/rejects.csv"}
+        "data/data_summary.json", "data/rejects.csv", "data/class_counts.csv", "data/samples.png", "data/sizes.png",
+        "data/class_counts.png", "data/rejected.png"}
 
     # new images: prepare reruns, and no existing image changes split
     manifest = (root / "data/prepared/manifest.csv").read_text().splitlines()
