@@ -63,7 +63,8 @@ def evaluate_stage(params: Params) -> None:
         links = [(FIGURE_TITLES[p.name], f"evaluation/{p.name}") for p in figures]
         links += [(title, f"data/{name}") for name, title in DATA_FIGURES.items()]
         tracking.note(run_note(
-            m, json.loads(DATA_SUMMARY.read_text()), run_id, tracking.run_tag(run_id, "kennel.selected_epoch"),
+            m, json.loads(DATA_SUMMARY.read_text()), tracking.experiment_id(params.mlflow.experiment, root), run_id,
+            tracking.run_tag(run_id, "kennel.selected_epoch"),
             params.train.epochs, params.train.select, links, warning=tracking.run_tag(run_id, "kennel.weights_warning"),
         ))
         mf = params.mlflow

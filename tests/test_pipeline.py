@@ -95,7 +95,7 @@ def test_mlflow_run_holds_everything(project):
     assert {"data/samples.png", "data/sizes.png", "data/class_counts.png", "data/rejected.png"} <= data
     note = tags["mlflow.note.content"]
     assert note.startswith(f"**Test accuracy {metrics['accuracy']:.3f}**") and "of 2 (train.select: best" in note
-    assert f"get-artifact?path=evaluation/top_losses_gradcam.png&run_uuid={run.info.run_id}" in note
+    assert f"runs/{run.info.run_id}/artifacts/evaluation/top_losses_gradcam.png" in note
     assert "test_ece" in run.data.metrics
 
     model = mlflow.pytorch.load_model(tags["kennel.model_uri"])

@@ -8,14 +8,14 @@ DATA = {"found": 70, "kept": 66, "rejected": 4, "rejected_by_reason": {"duplicat
 
 
 def test_the_note_says_how_good_on_what_and_links_the_figures():
-    note = run_note(METRICS, DATA, "abc123", "3", 4, "best", [("top losses", "evaluation/top losses.png")])
+    note = run_note(METRICS, DATA, "7", "abc123", "3", 4, "best", [("top losses", "evaluation/top losses.png")])
     assert note.startswith("**Test accuracy 0.938** on 16 test images (macro F1 0.930, ROC AUC 0.981, ECE 0.041)")
     assert "epoch 3 of 4 (train.select: best" in note
     assert "70 files found, 66 kept, 4 rejected (duplicate: 1, empty file: 3); train/val/test 44/6/16" in note
     assert "classes cat (34), dog (32)" in note
-    assert "[top losses](get-artifact?path=evaluation/top%20losses.png&run_uuid=abc123)" in note
+    assert "[top losses](#/experiments/7/runs/abc123/artifacts/evaluation/top%20losses.png)" in note
 
 
 def test_a_weights_warning_leads_the_note():
-    note = run_note(METRICS, DATA, "r", "", 2, "last", [], warning="ImageNet weights unavailable")
+    note = run_note(METRICS, DATA, "7", "r", "", 2, "last", [], warning="ImageNet weights unavailable")
     assert note.startswith("Warning: ImageNet weights unavailable\n") and "epoch ? of 2" in note

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,7 +109,7 @@ def image_grid(
                 ax.imshow(heat[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(-0.5, img.shape[1] - 0.5,
                                                                                 img.shape[0] - 0.5, -0.5))
         ax.set_title(captions[i], fontsize=7.5, loc="left", color=colors[i] if colors is not None else "black")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, int(12 * 2.3 * cols)), fontsize=10)  # ~12 characters per inch at 10 pt
     return _save(fig, path)
 
 

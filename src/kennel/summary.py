@@ -9,7 +9,7 @@ SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
 
 
 def run_note(
-    metrics: Mapping, data: Mapping, run_id: str, selected_epoch: str, epochs: int, select: str,
+    metrics: Mapping, data: Mapping, experiment_id: str, run_id: str, selected_epoch: str, epochs: int, select: str,
     figures: Sequence[tuple[str, str]], warning: str = "",
 ) -> str:
     """``metrics`` as in metrics.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
@@ -22,22 +22,20 @@ def run_note(
     splits = "/".join(str(sum(c[s] for c in per_class.values())) for s in ("train", "val", "test"))
     reasons = ", ".join(f"{k}: {v}" for k, v in data.get("rejected_by_reason", {}).items())
     lines = [
-        f"**Test accuracy {metrics['accuracy']:.3f}** on {n_test} test images ({', '.join(scores)}).",
+        f"**Test accuracy {metrics['accuracy']:.3f}** on {n_test} test images ({', '.join(scores)}); model weights "
+        f"of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, {SELECT.get(select, select)}).",
         "",
-        f"Model weights of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, "
-        f"{SELECT.get(select, select)}).",
+        "Figures: " + " · ".join(f"[{title}]({artifact_link(experiment_id, run_id, path)})" for title, path in figures),
         "",
         f"Data: {data['found']} files found, {data['kept']} kept, {data['rejected']} rejected"
         + (f" ({reasons})" if reasons else "") + f"; train/val/test {splits}; classes "
         + ", ".join(f"{name} ({c['kept']})" for name, c in per_class.items()) + ".",
-        "",
-        "Figures: " + " · ".join(f"[{title}]({artifact_link(run_id, path)})" for title, path in figures),
     ]
     if warning:
         lines = [f"Warning: {warning}", ""] + lines
     return "\n".join(lines) + "\n"
 
 
-def artifact_link(run_id: str, path: str) -> str:
-    """A link, relative to the MLflow UI, that opens one artifact of the run."""
-    return f"get-artifact?path={quote(path)}&run_uuid={run_id}"
+def artifact_link(experiment_id: str, run_id: str, path: str) -> str:
+    """A link, relative to the MLflow UI, that opens one artifact in the run's artifact browser."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{quote(path)}"
