@@ -92,8 +92,9 @@ def image_grid(
     cols = max(1, min(cols, n))
     rows = -(-n // cols)
     lines = max((c.count("\n") + 1 for c in captions), default=1)
+    # constrained layout leaves room for a wrapped suptitle, which tight_layout would overlap with the captions
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.2 * rows + 0.16 * lines * rows + 0.5), dpi=100,
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i >= len(images):
@@ -152,7 +153,8 @@ def class_counts_png(counts: pd.DataFrame, path: Path) -> Path:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
