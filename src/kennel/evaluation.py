@@ -92,7 +92,7 @@ def evaluate_model(
         paths=split_paths(manifest, split, model.classes, labels),
         labels=labels,
         probs=probs,
-        losses=-log_probs[np.arange(len(labels)), labels],
+        losses=np.maximum(-log_probs[np.arange(len(labels)), labels], 0.0),  # no -0.0
         metrics=classification_metrics(labels, probs, model.classes, calibration_bins),
         reliability=calibration(labels, probs, calibration_bins)[1],
         curves=curves(labels, probs, model.classes),

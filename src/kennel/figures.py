@@ -98,6 +98,8 @@ def image_grid(
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i >= len(images):
+            if not images:
+                ax.text(0.5, 0.5, "none", ha="center", va="center", color="0.4", transform=ax.transAxes)
             continue
         img = images[i]
         if img is None:
