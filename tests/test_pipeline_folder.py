@@ -82,4 +82,5 @@ def test_prepare_keeps_its_reports_when_a_class_is_too_small(tmp_path, monkeypat
     assert main([]) == 2
     assert "data/raw/blue/1.jpg,blue,empty file" in (tmp_path / "reports/rejects.csv").read_text()
     assert json.loads((tmp_path / "reports/data_summary.json").read_text())["per_class"]["blue"]["kept"] == 1
+    assert "blue,2,1,1," in (tmp_path / "reports/data/class_counts.csv").read_text()  # the data look too
     assert not (tmp_path / "data/prepared/manifest.csv").exists()
