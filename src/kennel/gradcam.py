@@ -22,6 +22,7 @@ def target_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Modul
     ``features`` of MobileNet, EfficientNet and ConvNeXt). Where no child qualifies (a wrapper such as kennel's
     Classifier), the search goes on inside the child that ran last. Children are compared, not all modules, so
     that a 4-D layer after the pooling (ConvNeXt's LayerNorm2d on the 1x1 map) is not taken for the features.
+    Runs ``example`` through the model once, in eval mode (the model is left in eval mode).
     """
     ran: list[tuple[str, nn.Module, int]] = []  # completion order: a child finishes before its parent
     handles = [
