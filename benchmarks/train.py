@@ -1,6 +1,6 @@
 """Training throughput: a torchvision-reference-style baseline vs kennel's engine vs the model alone, in one run.
 
-    python benchmarks/train.py [--device cpu|cuda] [--images 256] [--batch-size 32] [--steps 4]
+    python benchmarks/train.py [--device cpu|cuda] [--images 256] [--batch-size 32] [--steps 4] [--compile both]
 
 On the same generated JPEGs, model (resnet18, 2 classes), batch size and image size:
   (a) baseline  ImageFolder over the JPEGs + RandomResizedCrop/RandomHorizontalFlip/ToTensor/Normalize, DataLoader
@@ -9,7 +9,9 @@ On the same generated JPEGs, model (resnet18, 2 classes), batch size and image s
                 augmentation on the device, amp auto, channels_last
   (c) ceiling   the same model, amp and memory format as (b) on random uint8 tensors already on the device
 and, for fine-tuning the head only, one epoch on cached backbone features vs one full fine-tuning epoch.
-Prints one table. Needs torch, torchvision, numpy, pandas, pillow and tqdm; installs nothing.
+``--compile both`` measures (b) and (c) eager and under torch.compile in the same run, on the same arrays.
+Prints one table (progress and timings of each part go to stderr). Needs torch, torchvision, numpy, pandas,
+pillow and tqdm; installs nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def _make_jpeg(item: tuple[int, str]) -> None:
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=88)
 
 
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,10 +96,10 @@ def baseline(jpegs: Path, args, device: torch.device) -> float:
     return args.steps * args.batch_size / _timed(lambda: steps(args.steps), device)
 
 
-def kennel(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp) -> tuple[float, float]:
+def kennel(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp, compile: bool) -> tuple[float, float]:
     """(b) images/s of kennel's engine, and the seconds of one full epoch over all images."""
     model = build_model("resnet18", ["cat", "dog"])[0].to(device, memory_format=torch.channels_last)
-    if args.compile:
+    if compile:
         model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -109,10 +115,10 @@ def kennel(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp) ->
     return rate, _timed(lambda: epoch(x, y), device)
 
 
-def ceiling(args, device: torch.device, amp) -> float:
+def ceiling(args, device: torch.device, amp, compile: bool) -> float:
     """(c) images/s of the model alone: forward, backward and step on tensors already on the device."""
     model = build_model("resnet18", ["cat", "dog"])[0].to(device, memory_format=torch.channels_last)
-    if args.compile:
+    if compile:
         model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8, device=device)
@@ -168,7 +174,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each measurement")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=resolve_workers("auto"), help="baseline DataLoader workers")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in (b) and (c)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                        help="torch.compile the model in (b) and (c): off, on, or both side by side")
     args = parser.parse_args()
     if args.images < (args.warmup + args.steps) * args.batch_size:
         parser.error("--images must cover (warmup + steps) x batch-size")
@@ -176,11 +183,14 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     amp = resolve_amp("auto", device)
     torch.manual_seed(0)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    b, c, full_epoch = {}, {}, {}
 
     with tempfile.TemporaryDirectory(prefix="kennel-train-bench-") as tmp:
         jpegs = Path(tmp) / "jpegs"
         for label in ("cat", "dog"):
             (jpegs / label).mkdir(parents=True)
+        start = time.perf_counter()
         for _ in pmap(_make_jpeg, [(i, str(jpegs)) for i in range(args.images)], "auto", desc="generate"):
             pass
         paths = sorted(jpegs.glob("*/*.jpg"))
@@ -188,30 +198,55 @@ def main() -> None:
         write_split(Path(tmp), "train", paths, labels, args.size, partial(load_array, mode="center_crop"), "auto")
         images, ys = read_split(Path(tmp), "train")
         x, y = torch.from_numpy(np.array(images)).to(device), torch.from_numpy(ys).to(device)
+        _say(f"{args.images} JPEGs generated and resized in {time.perf_counter() - start:.1f} s")
 
-        a = baseline(jpegs, args, device)
-        b, full_epoch = kennel(x, y, args, device, amp)
-        b32 = kennel(x, y, args, device, None)[0] if amp is not None else b  # how much is the data path alone
-        c = ceiling(args, device, amp)
-        cache_s, head_s = head_epoch(x, y, args, device, amp)
+        a = _part("(a) baseline", baseline, jpegs, args, device)
+        b32 = None
+        for m in modes:  # eager first: if compiling runs out of time, the eager numbers are already on stderr
+            name = "compiled" if m else "eager"
+            b[m], full_epoch[m] = _part(f"(b) {name}", kennel, x, y, args, device, amp, m)
+            c[m] = _part(f"(c) {name}", ceiling, args, device, amp, m)
+            if not m:
+                b32 = b[m] if amp is None else _part("(b) eager, amp off", kennel, x, y, args, device, None, m)[0]
+                cache_s, head_s = _part("head-only epoch", head_epoch, x, y, args, device, amp)
 
     print(f"machine: {machine(device)}")
     print(f"resnet18, {args.size}x{args.size}, batch {args.batch_size}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up; kennel amp {amp_name(amp)}{', compiled' if args.compile else ''}; "
-          f"baseline fp32 with {args.workers} DataLoader workers\n")
-    print("| measurement | value |")
-    print("|---|---|")
-    print(f"| (a) baseline: ImageFolder JPEGs + DataLoader, fp32 | {a:.1f} img/s |")
-    print(f"| (b) kennel engine: resident uint8 + on-device augmentation | {b:.1f} img/s |")
-    print(f"| (b) with amp off (fp32, like the baseline) | {b32:.1f} img/s |")
-    print(f"| (c) ceiling: model alone on device tensors | {c:.1f} img/s |")
-    print(f"| b/a | {b / a:.2f}x |")
-    print(f"| b/a with amp off on both | {b32 / a:.2f}x |")
-    print(f"| b/c | {b / c:.2f} |")
-    print(f"| full fine-tune epoch ({args.images} images) | {full_epoch:.2f} s |")
-    print(f"| head-only epoch on cached features | {head_s:.4f} s |")
-    print(f"| full epoch / head epoch | {full_epoch / head_s:.0f}x |")
-    print(f"| caching the features (once per run) | {cache_s:.2f} s |")
+          f"{args.warmup} warm-up; kennel amp {amp_name(amp)}; baseline fp32 with {args.workers} DataLoader workers\n")
+    cols = ["compiled" if m else ("eager" if len(modes) > 1 else "value") for m in modes]
+    print("| measurement | " + " | ".join(cols) + " |")
+    print("|---" * (1 + len(cols)) + "|")
+
+    def row(name: str, values) -> None:
+        print(f"| {name} | " + " | ".join(values) + " |")
+
+    row("(a) baseline: ImageFolder JPEGs + DataLoader, fp32", [f"{a:.1f} img/s"] * len(modes))
+    row("(b) kennel engine: resident uint8 + on-device augmentation", [f"{b[m]:.1f} img/s" for m in modes])
+    if b32 is not None:
+        row("(b) with amp off (fp32, like the baseline)", [f"{b32:.1f} img/s" if not m else "-" for m in modes])
+    row("(c) ceiling: model alone on device tensors", [f"{c[m]:.1f} img/s" for m in modes])
+    row("b/a", [f"{b[m] / a:.2f}x" for m in modes])
+    if b32 is not None:
+        row("b/a with amp off on both", [f"{b32 / a:.2f}x" if not m else "-" for m in modes])
+    row("b/c", [f"{b[m] / c[m]:.2f}" for m in modes])
+    row(f"full fine-tune epoch ({args.images} images)", [f"{full_epoch[m]:.2f} s" for m in modes])
+    if b32 is not None:
+        for name, value in [("head-only epoch on cached features", f"{head_s:.4f} s"),
+                            ("full epoch / head epoch", f"{full_epoch[False] / head_s:.0f}x"),
+                            ("caching the features (once per run)", f"{cache_s:.2f} s")]:
+            row(name, [value] + ["-"] * (len(modes) - 1))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        row("peak GPU memory allocated (whole run)", [f"{peak:.1f} GiB"] + ["-"] * (len(modes) - 1))
+
+
+def _part(name: str, fn, *args):
+    """``fn(*args)``, saying on stderr how long it took (compiling, warm-up and all)."""
+    _say(f"{name} ...")
+    start = time.perf_counter()
+    out = fn(*args)
+    _say(f"{name} done in {time.perf_counter() - start:.1f} s: {out}")
+    return out
 
 
 if __name__ == "__main__":

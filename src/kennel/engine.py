@@ -99,6 +99,18 @@ def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if images.ndim == 4 else images
 
 
+def _send(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without stalling the host.
+
+    A copy from pageable memory waits for the GPU to finish all queued work; from pinned memory with
+    ``non_blocking`` it is queued like a kernel. The pinned block is not reused before its copy has run (torch's
+    pinned-memory cache records the copy), so building a fresh one per call is safe.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 # ---------------------------------------------------------------------------------------------------- batches
 
 
@@ -111,11 +123,18 @@ def batch_order(
     the order is cut to a multiple of ``world`` so that all ranks run the same number of steps. A lone last
     sample is dropped when shuffling (BatchNorm cannot train on a batch of one).
     """
+    return list(epoch_order(n, batch_size, shuffle, generator, rank, world).split(batch_size))
+
+
+def epoch_order(
+    n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """``batch_order`` before it is cut into batches: this rank's indices for one epoch, in order."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order[: n - n % world][rank::world]
     if shuffle and len(order) > 1 and len(order) % batch_size == 1:
         order = order[:-1]
-    return list(order.split(batch_size))
+    return order
 
 
 class BatchSampler:
@@ -149,8 +168,9 @@ class Batches:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in batch_order(*self.sampler.args):
-            idx = idx.to(self.images.device)
+        # The epoch's whole order crosses to the device in one copy, not one blocking copy per batch.
+        order = _send(epoch_order(*self.sampler.args), self.images.device)
+        for idx in order.split(self.sampler.args[1]):
             yield self.images[idx], self.labels[idx]
 
 
@@ -161,8 +181,9 @@ class Batches:
 class Augment:
     """Per-sample random resized crop + horizontal flip for a whole batch with one ``grid_sample``.
 
-    Parameters are drawn on the CPU from ``generator`` (so a run is repeatable and resumable on any device);
-    the sampling runs wherever the images are.
+    Parameters are drawn on the CPU from ``generator`` (so a run is repeatable and resumable on any device, and
+    draws the same crops on each); they reach the device without a blocking copy, and the sampling runs wherever
+    the images are.
     """
 
     flip: float = 0.5
@@ -180,13 +201,17 @@ class Augment:
         sign = 1 - 2 * (torch.rand(b, generator=generator) < self.flip).float()
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
-        theta = theta.to(images.device)
+        theta = _send(theta, images.device)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         return out.contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------------- loops
+
+
+# Steps between refreshes of the progress bar's running loss and accuracy.
+PROGRESS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -210,14 +235,22 @@ def train_one_epoch(
     step: Step = Step(),
     desc: str = "train",
 ) -> tuple[float, float, int]:
-    """One pass: zero_grad -> forward -> loss -> backward -> step. Returns (mean loss, accuracy, images)."""
+    """One pass: zero_grad -> forward -> loss -> backward -> step. Returns (mean loss, accuracy, images).
+
+    Nothing in the loop waits for the device: the totals stay there and are read once, at the end, so the host
+    queues the next step while the GPU runs this one (fp16's GradScaler still checks for overflow every step).
+    """
     model.train()
     amp_dtype, scaler, grad_clip = step.amp_dtype, step.scaler, step.grad_clip
     criterion = step.criterion or nn.CrossEntropyLoss()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
+    total = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    loss_sum = torch.zeros((), dtype=total, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0  # batch sizes are known on the host
     start = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
-    for images, labels in bar:
+    progress = _Progress(bar, device)
+    for i, (images, labels) in enumerate(bar, 1):
         images, labels = _to_device(images, device), labels.to(device, non_blocking=True)
         if step.augment is not None:
             images = step.augment(images, step.generator)
@@ -240,13 +273,51 @@ def train_one_epoch(
         if step.scheduler is not None:
             step.scheduler.step()
         n = labels.numel()
-        sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
-        bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}",
-                        img_s=f"{sums[2] / (time.perf_counter() - start):.0f}")
+        loss_sum += loss.detach().to(total) * n
+        correct += (logits.argmax(1) == labels).sum()
+        seen += n
+        if i % PROGRESS_EVERY == 0:
+            progress.update(loss_sum, correct, seen, time.perf_counter() - start)
+    totals = torch.stack((loss_sum, correct.to(total), loss_sum.new_full((), seen)))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)  # every rank reports the whole epoch, not its shard
-    loss_sum, correct, seen = sums.tolist()
+        dist.all_reduce(totals)  # every rank reports the whole epoch, not its shard
+    loss_sum, correct, seen = totals.tolist()  # the epoch's one wait for the device
     return loss_sum / max(seen, 1), correct / max(seen, 1), int(seen)
+
+
+class _Progress:
+    """Running loss / accuracy / img/s on the bar, read from a non-blocking copy of the device totals.
+
+    On CUDA the copy goes into pinned memory behind the queued steps and is shown at a later refresh, once its
+    event has passed, so the bar never makes the host wait; elsewhere it is read at once.
+    """
+
+    def __init__(self, bar: tqdm, device: torch.device):
+        self.bar, self.device = bar, device
+        self.pending: tuple[torch.Tensor, torch.cuda.Event, int, float] | None = None
+
+    def update(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, seconds: float) -> None:
+        if self.bar.disable:
+            return
+        totals = torch.stack((loss_sum, correct.to(loss_sum.dtype)))
+        if self.device.type != "cuda":
+            self._show(totals.tolist(), seen, seconds)
+            return
+        if self.pending is not None and self.pending[1].query():
+            host, _, n, secs = self.pending
+            self._show(host.tolist(), n, secs)
+            self.pending = None
+        if self.pending is None:
+            host = torch.empty(totals.shape, dtype=totals.dtype, pin_memory=True)
+            host.copy_(totals, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event, seen, seconds)
+
+    def _show(self, totals: list[float], seen: int, seconds: float) -> None:
+        loss_sum, correct = totals
+        self.bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
+                             img_s=f"{seen / max(seconds, 1e-9):.0f}", refresh=False)
 
 
 @torch.inference_mode()
@@ -259,11 +330,11 @@ def predict(
     for images, labels in batches:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(_to_device(images, device))
-        outputs.append(out.float().cpu())
-        all_labels.append(torch.as_tensor(labels).cpu())
+        outputs.append(out.float())  # gathered where computed: one copy to the CPU at the end, not one per batch
+        all_labels.append(torch.as_tensor(labels))
     if not outputs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(outputs), torch.cat(all_labels)
+    return torch.cat(outputs).cpu(), torch.cat(all_labels).cpu()
 
 
 def evaluate(
