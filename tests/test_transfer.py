@@ -266,3 +266,43 @@ def test_flip_tta_on_a_mirror_symmetric_image_equals_no_tta(tmp_path):
     assert loaded.tta == "flip" and torch.equal(loaded(other), model(other))
     model.train()
     torch.testing.assert_close(model(other[:2]), model.backbone((other[:2].float() - model.mean) / model.std))
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+@pytest.mark.slow
+def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_only_one(tmp_path, imagenet_like):
+    import numpy as np
+
+    from kennel.predict import load_model_file, predict_arrays, resolve_model
+    from tests.conftest import dvc, make_project, project_runs, write_params
+
+    body = {k: v for k, v in imagenet_like.items() if not k.startswith("classifier.3.")}
+    bad = _save(tmp_path / "bad.pth", _missing(body))
+    body = {f"encoder.{k}": v for k, v in body.items()}  # as self-supervised code writes them
+    params = small_params(**{"model.arch": SMALL, "model.weights": bad, "model.finetune": "staged",
+                             "train.epochs": 2, "train.head_epochs": 1, "evaluate.tta": "flip"})
+    root = make_project(tmp_path / "project", params)
+    dvc(["repro", "resize"], root)
+    out = dvc(["repro"], root, check=False)
+    assert out.returncode != 0
+    assert f"kennel train: error: {bad}: not a {SMALL} state dict: missing keys ['features.2.block.0.0.weight']" \
+        in out.stderr
+    assert not (root / "models").exists()  # nothing written
+    assert not (root / "mlflow.db").exists() or not project_runs(root)[1]  # no MLflow run
+
+    params["model"]["weights"] = _save(tmp_path / "body.pth", body)
+    write_params(root / "params.yaml", params)
+    dvc(["repro"], root)
+    client, runs = project_runs(root)
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["kennel.weights_at_init"] == "classifier.3.weight,classifier.3.bias"
+    assert tags["kennel.weights_loaded"] == str(len(body)) and tags["kennel.tta"] == "flip"
+    # the model file and the logged (exported) model both predict with the flip, identically
+    from_file = load_model_file(root / "models/model.pt")
+    from_run = resolve_model(runs[0].info.run_id, root)
+    assert from_file.module.tta == "flip"
+    images = np.load(root / "data/resized/test_x.npy")[:4]
+    np.testing.assert_allclose(predict_arrays(images, from_run), predict_arrays(images, from_file), atol=1e-5)
