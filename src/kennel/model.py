@@ -101,9 +101,8 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
         if self.tta == "flip" and not self.training:
-            # one pass over both views; eval-mode BatchNorm treats every sample alone, so this is exact
-            both = self.backbone(torch.cat([x, x.flip(-1)]))
-            return (both[: len(x)] + both[len(x):]) / 2
+            # two passes rather than one over a doubled batch: torch.export keeps the batch size dynamic
+            return (self.backbone(x) + self.backbone(x.flip(-1))) / 2
         return self.backbone(x)
 
     def train(self, mode: bool = True) -> Classifier:
