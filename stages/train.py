@@ -1,4 +1,4 @@
-"""train: fine-tune resnet18 on the resized arrays; log params, curves and the model to an MLflow run.
+"""train: fine-tune a torchvision classifier on the resized arrays; log params, curves and the model to an MLflow run.
 
 Resumes from ``models/checkpoint.pt`` when an unfinished run left it with the same params, data and code
 (continuing the same MLflow run), and launches itself under torchrun when ``train.nproc`` > 1.
@@ -18,9 +18,9 @@ import pandas as pd
 from kennel import distributed, tracking
 from kennel.checkpoint import mark_complete
 from kennel.config import Params
-from kennel.data.tensors import read_split
+from kennel.data.tensors import read_meta, read_split
 from kennel.engine import amp_name, resolve_device
-from kennel.model import save_model
+from kennel.model import read_weights, save_model
 from kennel.paths import CHECKPOINT, DATA_REPORT, DATA_SUMMARY, HISTORY, MANIFEST, MODEL, REJECTS, RESIZED, RUN_FILE
 from kennel.serving import log_serving_model
 from kennel.stage import run_stage
@@ -32,6 +32,9 @@ log = logging.getLogger("kennel.train")
 def train_stage(params: Params, argv: list[str]) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 talks to MLflow: fail before any training if it cannot
         tracking.check_reachable(tracking.tracking_uri(tracking.project_root()))
+    if params.model.weights not in ("auto", "none"):
+        # a weights file that does not fit stops here: nothing trained, nothing written, no MLflow run
+        read_weights(params.model.arch, params.model.weights, len(read_meta(RESIZED)["classes"]))
     if params.train.nproc > 1 and not distributed.launched():
         code = distributed.relaunch(params.train.nproc, __file__, argv)
         if code:
@@ -68,7 +71,7 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
         def on_start(result: TrainResult) -> None:
             tracking.set_tags({
                 "kennel.device": result.device, "kennel.amp": amp_name(result.amp_dtype),
-                "kennel.weights": result.weights.source, "kennel.classes": ",".join(result.model.classes),
+                **result.weights.tags(), "kennel.classes": ",".join(result.model.classes),
                 "kennel.data_placement": result.data_placement, "kennel.processes": ctx.world,
             })
             if result.resumed_from:
@@ -80,7 +83,8 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
         result = train(params, RESIZED, on_epoch=lambda r: tracking.log_epoch(r.epoch, r.metrics()),
                        on_start=on_start, checkpoint=CHECKPOINT, resume=resume,
                        checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
-        tracking.set_tags({"kennel.selected_epoch": result.selected_epoch})
+        tracking.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.tta": params.evaluate.tta})
+        result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
         save_model(result.model, MODEL, params.resize.size, params.model.arch, params.resize.mode)
         HISTORY.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)

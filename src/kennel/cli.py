@@ -1,4 +1,4 @@
-"""``python -m kennel ui | predict | reproduce``: the commands around the pipeline."""
+"""``python -m kennel ui | predict | reproduce | lr-find``: the commands around the pipeline."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 
 from kennel.tracking import project_root, tracking_uri
 
-USAGE = """usage: python -m kennel {ui,predict,reproduce} ...
+USAGE = """usage: python -m kennel {ui,predict,reproduce,lr-find} ...
 
   ui          the MLflow UI on this project's runs, bound to 127.0.0.1
   predict     classify image files or folders with a trained model
   reproduce   rerun a past run, commit or DVC experiment and compare its metrics
+  lr-find     learning-rate range test on the train split: plot, suggested train.lr, an MLflow run
 
 Run `python -m kennel COMMAND --help` for a command's options."""
 
@@ -53,5 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kennel.reproduce import reproduce_cli
 
         return reproduce_cli(rest)
+    if command == "lr-find":
+        from kennel.lr_find import lr_find_cli
+
+        return lr_find_cli(rest)
     print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
     return 0 if command in ("-h", "--help") else 2

@@ -60,18 +60,22 @@ class ResizeConfig:
     workers: Workers
 
     def check(self) -> None:
-        # resnet18 downsamples 32x; below that the feature map is empty.
+        # every supported arch downsamples 32x; below that the feature map is empty.
         _at_least("resize.size", self.size, 32)
         _workers("resize.workers", self.workers)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18"]
+    arch: str  # a torchvision classification model in a family whose head kennel knows
     weights: str  # auto | imagenet | none | path to a state dict
-    finetune: Literal["full", "head"]
+    finetune: Literal["full", "head", "staged"]
 
     def check(self) -> None:
+        from kennel.model import supported_archs  # torchvision is slow to import; only checks need it
+
+        if self.arch not in supported_archs():
+            raise ConfigError(f"model.arch = {self.arch!r}: allowed: {', '.join(supported_archs())}")
         if not self.weights:
             raise ConfigError("model.weights = '': allowed: auto, imagenet, none or the path of a state dict file")
 
@@ -118,6 +122,8 @@ class TrainConfig:
     schedule: Literal["none", "cosine", "onecycle"]
     warmup_epochs: float
     grad_clip: float  # max global gradient norm; 0 = off
+    head_epochs: int  # finetune staged: epochs with the backbone frozen, before all layers train
+    backbone_lr_mult: float  # finetune staged, second phase: the backbone's lr is train.lr times this
     augment: AugmentConfig
     device: Literal["auto", "cpu", "cuda", "mps"]
     amp: Literal["auto", "bf16", "fp16", "off"]
@@ -145,6 +151,9 @@ class TrainConfig:
             raise ConfigError(
                 f"train.warmup_epochs = {self.warmup_epochs!r}: allowed: fewer than train.epochs ({self.epochs})"
             )
+        _at_least("train.head_epochs", self.head_epochs, 0)
+        if not self.backbone_lr_mult > 0 or not math.isfinite(self.backbone_lr_mult):
+            raise ConfigError(f"train.backbone_lr_mult = {self.backbone_lr_mult!r}: allowed: a finite number > 0")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError("train.nesterov = true: allowed only with train.optimizer sgd and train.momentum > 0")
         if self.batch_size % self.nproc:
@@ -157,6 +166,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    tta: Literal["none", "flip"]  # flip: mean of the logits of each image and its mirror; travels with the model
     top_losses: int  # test images in the top-losses grids, highest loss first
     calibration_bins: int  # equal-width confidence bins of the reliability diagram and the ECE
 
@@ -190,6 +200,18 @@ class Params:
         _at_least("seed", self.seed, 0)
         for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.mlflow):
             section.check()
+        if self.model.finetune == "staged":
+            t = self.train
+            if not 1 <= t.head_epochs < t.epochs:
+                raise ConfigError(
+                    f"train.head_epochs = {t.head_epochs}: allowed with model.finetune staged: "
+                    f"1 to train.epochs - 1 ({t.epochs - 1}), so that both phases train"
+                )
+            if t.schedule == "cosine" and t.warmup_epochs >= t.epochs - t.head_epochs:
+                raise ConfigError(
+                    f"train.warmup_epochs = {t.warmup_epochs!r}: allowed with model.finetune staged: fewer than "
+                    f"the second phase's train.epochs - train.head_epochs ({t.epochs - t.head_epochs})"
+                )
 
     def flat(self) -> dict[str, Any]:
         """Params as ``{"train.lr": 0.001, ...}``, the names MLflow and ``dvc exp show`` use."""

@@ -395,10 +395,15 @@ def fit(
 
 
 def build_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-    nesterov: bool = False,
+    name: str, params: Iterable[nn.Parameter] | Iterable[dict], lr: float, momentum: float = 0.9,
+    weight_decay: float = 0.0, nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """Parameters, or param groups (dicts with their own ``lr``); frozen parameters are left out."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adam":

@@ -120,6 +120,7 @@ def log_serving_model(model_file: Path, name: str = "classifier", registered_mod
         code_paths=[str(Path(kennel.__file__).parent)],
         pip_requirements=requirements(),
         registered_model_name=registered_model_name,
-        metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode},
+        metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode,
+                  "kennel.tta": loaded.module.tta},
     )
     return info.model_uri

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
 # Params that change how fast, not what, a run trains (or only where it is recorded): a checkpoint stays valid.
-NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "data.workers", "resize.workers"}
+NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "data.workers", "resize.workers", "evaluate.tta"}
 
 
 @dataclass
@@ -131,12 +131,45 @@ def _batches(data_dir: Path, split: str, resident: bool, batch_size: int, device
 
 def extract_features(model: Classifier, batches: Iterable, device: torch.device,
                      amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (the fc layer's input) for every image, computed once."""
-    fc, model.backbone.fc = model.backbone.fc, nn.Identity()
-    try:
+    """Backbone features (the head's input) for every image, computed once."""
+    with model.without_head():
         return predict(model, batches, device, amp_dtype)
-    finally:
-        model.backbone.fc = fc
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs ``first..last`` trained with one optimizer and one schedule; frozen = head only, on cached features."""
+
+    index: int
+    first: int
+    last: int
+    frozen: bool
+
+
+def phases(params: Params) -> list[Phase]:
+    """``head``: one frozen phase; ``full``: one phase of all layers; ``staged`` (fastai's fine_tune):
+    ``train.head_epochs`` frozen, then all layers with the schedule restarting."""
+    t, finetune = params.train, params.model.finetune
+    if finetune == "staged":
+        return [Phase(1, 1, t.head_epochs, True), Phase(2, t.head_epochs + 1, t.epochs, False)]
+    return [Phase(1, 1, t.epochs, finetune == "head")]
+
+
+def param_groups(model: Classifier, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """Discriminative learning rates: the head at ``lr`` (first group, the one logged), the backbone slower."""
+    head = model.head_parameter_names()
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if n in head], "lr": lr},
+            {"params": [p for n, p in named if n not in head], "lr": lr * backbone_lr_mult}]
+
+
+def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A best state kept in a frozen phase (the head's keys only) as the whole model's: the backbone did not move."""
+    if state is None or any(k.startswith("backbone.") for k in state):
+        return state
+    prefix = f"backbone.{model.head_name}."
+    return {**{k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            **{prefix + k: v for k, v in state.items()}}
 
 
 def train(
@@ -152,8 +185,8 @@ def train(
     """Fine-tune per ``params`` on ``data_dir``'s train split, validating on val after every epoch.
 
     With ``checkpoint``, the state after every epoch is saved there (by rank 0); ``resume`` (a payload from
-    ``find_resumable``) continues such a run so that it ends exactly where an uninterrupted one would.
-    ``on_start`` sees the built model, device and placement before the first epoch.
+    ``find_resumable``) continues such a run, in either phase of ``staged``, so that it ends exactly where an
+    uninterrupted one would. ``on_start`` sees the built model, device and placement before the first epoch.
     """
     t, ctx = params.train, ctx or Dist()
     device = resolve_device(t.device)
@@ -172,41 +205,10 @@ def train(
         raise ValueError(f"{data_dir}: the train split is empty")
     resident = fits_resident(train_images.nbytes + val_images.nbytes, device, t.data_on_device)
     batch_size = t.batch_size // ctx.world
-    val_batches = _batches(data_dir, "val", resident, batch_size, device, t, ctx, False, None)
-
-    augment = None
-    if params.model.finetune == "head":
-        # The backbone is frozen, so its features never change: compute them once and train the head on them.
-        log.info("head fine-tuning: computing backbone features once (no augmentation on cached features)")
-        train_unshuffled = _batches(data_dir, "train", resident, batch_size, device, t, Dist(), False, None)
-        features = [extract_features(model, b, device, amp_dtype) for b in (train_unshuffled, val_batches)]
-        (ftrain, ytrain), (fval, yval) = [(f.to(device), y) for f, y in features]
-        train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
-        val_batches = Batches(fval, yval, batch_size)
-        module: nn.Module = model.backbone.fc
-    else:
-        train_batches = _batches(data_dir, "train", resident, batch_size, device, t, ctx, True, generator)
-        module = model
-        if t.augment.enabled:
-            a = t.augment
-            augment = Augment(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max))
-
-    trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.world > 1 else module
-    if t.compile:
-        trained = torch.compile(trained)
-    optimizer = build_optimizer(t.optimizer, module.parameters(), t.lr, t.momentum, t.weight_decay, t.nesterov)
-    scheduler = build_scheduler(t.schedule, optimizer, t.epochs, len(train_batches), t.warmup_epochs)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     state, start = FitState(), 1
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"], generator)
         state = FitState([EpochResult(**r) for r in resume["history"]], resume["best_epoch"],
                          tuple(resume["best_score"]), resume["best_state"])
@@ -219,27 +221,73 @@ def train(
         ctx.world, weights.source, f", resuming after epoch {start - 1}" if start > 1 else "",
     )
     on_start(result)
-
     fp = fingerprint(params, data_dir) if checkpoint is not None else ""
-
-    def after_epoch(epoch_result: EpochResult, fit_state: FitState) -> None:
-        # Report first, then checkpoint: a kill in between repeats this epoch on resume (same numbers, logged
-        # twice) rather than skipping its report.
-        on_epoch(epoch_result)
-        if checkpoint is not None and ctx.is_main:
-            save_checkpoint(checkpoint, {
-                "fingerprint": fp, "epoch": epoch_result.epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
-                "history": [asdict(r) for r in fit_state.history], "best_epoch": fit_state.best_epoch,
-                "best_score": list(fit_state.best_score), "best_state": fit_state.best_state,
-                **(checkpoint_extra or {}),
-            })
-
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    step = Step(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
-    state = fit(trained, train_batches, val_batches, optimizer, t.epochs, device, step, eval_model=module,
-                state=state, start_epoch=start, on_epoch=after_epoch)
+
+    module: nn.Module = model
+    for phase in phases(params):
+        if phase.last < start:
+            continue  # finished before the checkpoint we resume from
+        model.set_frozen(phase.frozen)
+        if phase.frozen:
+            # The backbone is frozen, so its features never change: compute them once and train the head on them.
+            log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
+                     phase.first, phase.last)
+            unshuffled = [_batches(data_dir, split, resident, batch_size, device, t, Dist(), False, None)
+                          for split in ("train", "val")]
+            (ftrain, ytrain), (fval, yval) = [
+                (f.to(device), y) for f, y in (extract_features(model, b, device, amp_dtype) for b in unshuffled)]
+            train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
+            val_batches: Iterable = Batches(fval, yval, batch_size)
+            module, groups, augment = model.head, list(model.head.parameters()), None
+        else:
+            if phase.index > 1:
+                state.best_state = _model_state(model, state.best_state)
+                log.info("epochs %d-%d: all layers, backbone lr x %g", phase.first, phase.last, t.backbone_lr_mult)
+            train_batches = _batches(data_dir, "train", resident, batch_size, device, t, ctx, True, generator)
+            val_batches = _batches(data_dir, "val", resident, batch_size, device, t, ctx, False, None)
+            module = model
+            groups = param_groups(model, t.lr, t.backbone_lr_mult) if phase.index > 1 else list(model.parameters())
+            a = t.augment
+            augment = Augment(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max)) \
+                if a.enabled else None
+
+        trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
+            if ctx.world > 1 else module
+        if t.compile:
+            trained = torch.compile(trained)
+        optimizer = build_optimizer(t.optimizer, groups, t.lr, t.momentum, t.weight_decay, t.nesterov)
+        scheduler = build_scheduler(t.schedule, optimizer, phase.last - phase.first + 1, len(train_batches),
+                                    t.warmup_epochs)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        if resume is not None and phase.first <= resume["epoch"] < phase.last:
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+
+        def after_epoch(epoch_result: EpochResult, fit_state: FitState, phase=phase, optimizer=optimizer,
+                        scheduler=scheduler, scaler=scaler) -> None:
+            # Report first, then checkpoint: a kill in between repeats this epoch on resume (same numbers, logged
+            # twice) rather than skipping its report.
+            on_epoch(epoch_result)
+            if checkpoint is not None and ctx.is_main:
+                save_checkpoint(checkpoint, {
+                    "fingerprint": fp, "epoch": epoch_result.epoch, "phase": phase.index,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                    "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
+                    "history": [asdict(r) for r in fit_state.history], "best_epoch": fit_state.best_epoch,
+                    "best_score": list(fit_state.best_score), "best_state": fit_state.best_state,
+                    **(checkpoint_extra or {}),
+                })
+
+        step = Step(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
+        state = fit(trained, train_batches, val_batches, optimizer, phase.last, device, step, eval_model=module,
+                    state=state, start_epoch=max(start, phase.first), on_epoch=after_epoch)
+
+    model.set_frozen(False)
     result.history = state.history
     result.selected_epoch = state.history[-1].epoch
     if t.select == "best" and state.best_state is not None:

@@ -1,0 +1,161 @@
+"""The learning-rate range test (Smith 2015, fastai's lr_find): the lr rises exponentially, one batch per step,
+until the smoothed loss diverges; the suggestion is the lr where that loss falls fastest.
+
+It trains a throwaway copy of the model the params describe and writes nothing of the pipeline's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kennel.config import Params
+from kennel.data.tensors import read_meta, read_split
+from kennel.distributed import Dist
+from kennel.engine import Augment, Batches, Step, build_optimizer, resolve_amp, resolve_device, train_one_epoch
+from kennel.model import build_model
+from kennel.training import _batches, extract_features, fits_resident, seed_everything
+
+log = logging.getLogger(__name__)
+
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (fastai's)
+DIVERGED = 4.0  # stop once the smoothed loss is this many times its lowest value
+
+
+@dataclass
+class LRFind:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    suggestion: float
+
+
+def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0
+            ) -> LRFind:
+    """Run the range test for ``params``' model and fine-tuning mode on ``data_dir``'s train split.
+
+    ``head`` and ``staged`` test the head on cached features (what their first epochs train), ``full`` all layers.
+    """
+    t = params.train
+    device = resolve_device(t.device)
+    amp_dtype = resolve_amp(t.amp, device)
+    generator = seed_everything(params.seed)
+    model, _ = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
+                           params.model.finetune)
+    model = model.to(device, memory_format=torch.channels_last)
+    images, _ = read_split(data_dir, "train")
+    resident = fits_resident(images.nbytes, device, t.data_on_device)
+    batches = _batches(data_dir, "train", resident, t.batch_size, device, t, Dist(), True, generator)
+    module: nn.Module = model
+    augment = None
+    if model.frozen:
+        plain = _batches(data_dir, "train", resident, t.batch_size, device, t, Dist(), False, None)
+        features, labels = extract_features(model, plain, device, amp_dtype)
+        batches, module = Batches(features.to(device), labels, t.batch_size, True, generator), model.head
+    elif t.augment.enabled:
+        a = t.augment
+        augment = Augment(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max))
+    optimizer = build_optimizer(t.optimizer, module.parameters(), start_lr, t.momentum, t.weight_decay, t.nesterov)
+    step = Step(amp_dtype, criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), grad_clip=t.grad_clip,
+                augment=augment, generator=generator)
+
+    lrs, smoothed, average, best = [], [], 0.0, math.inf
+    stream = itertools.chain.from_iterable(itertools.repeat(batches))  # as many epochs as the steps need
+    for i, batch in zip(range(steps), stream, strict=False):
+        lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, _, _ = train_one_epoch(module, [batch], optimizer, device, step, desc="lr-find")
+        if not math.isfinite(loss):
+            break
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        value = average / (1 - SMOOTHING ** (i + 1))
+        lrs.append(lr)
+        smoothed.append(value)
+        best = min(best, value)
+        if value > DIVERGED * best:
+            break
+    return LRFind(lrs, smoothed, suggest(lrs, smoothed))
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float:
+    """The lr of the steepest descent of the loss against log(lr), before its minimum; the first lr with
+    fewer than 3 points."""
+    if len(lrs) < 3:
+        return lrs[0] if lrs else math.nan
+    stop = int(np.argmin(losses)) + 1
+    if stop < 3:
+        return lrs[0]
+    slopes = np.gradient(np.asarray(losses[:stop]), np.log(lrs[:stop]))
+    return float(lrs[int(np.argmin(slopes))])
+
+
+def plot(result: LRFind, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    ax.plot(result.lrs, result.losses)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    if math.isfinite(result.suggestion):
+        y = result.losses[result.lrs.index(result.suggestion)]
+        ax.plot([result.suggestion], [y], "o", color="red", label=f"suggested lr {result.suggestion:.2e}")
+        ax.legend()
+    ax.set_title("learning-rate range test")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def lr_find_cli(argv=None) -> int:
+    """``python -m kennel lr-find [--params FILE] [--steps N] [--output PNG]``: run, plot, print, record."""
+    import argparse
+    import sys
+
+    from kennel import tracking
+    from kennel.config import ConfigError, load_params
+    from kennel.model import WeightsError
+    from kennel.paths import RESIZED
+
+    parser = argparse.ArgumentParser(prog="python -m kennel lr-find", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--steps", type=int, default=100, help="batches, one lr each (default 100)")
+    parser.add_argument("--start-lr", type=float, default=1e-7)
+    parser.add_argument("--end-lr", type=float, default=10.0)
+    parser.add_argument("--output", type=Path, default=Path("reports/lr_find.png"), help="the plot (PNG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s lr-find %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    root = tracking.project_root()
+    try:
+        params = load_params(root / args.params)
+        if not (root / RESIZED / "classes.json").exists():
+            raise FileNotFoundError(f"{root / RESIZED}: no resized data; run `dvc repro resize` first")
+        result = lr_find(params, root / RESIZED, args.steps, args.start_lr, args.end_lr)
+        png = plot(result, root / args.output)
+        name = f"lr-find-{params.model.arch}-{params.model.finetune}"
+        with tracking.open_run(root, params.mlflow.experiment, run_name=name,
+                               tags={**tracking.provenance_tags(root), "kennel.kind": "lr-find"}):
+            tracking.log_params(params.flat())
+            for i, (lr, loss) in enumerate(zip(result.lrs, result.losses, strict=True)):
+                tracking.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, step=i)
+            tracking.log_metrics({"lr_suggestion": result.suggestion})
+            tracking.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}"})
+            tracking.log_artifacts([png], "lr_find")
+    except (ConfigError, WeightsError, FileNotFoundError, tracking.TrackingUnavailable) as err:
+        print(f"kennel lr-find: error: {err}", file=sys.stderr)
+        return 2
+    print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}")
+    return 0

@@ -1,0 +1,47 @@
+"""The learning-rate range test: a finite suggestion, its plot, and an MLflow run of its own."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+from kennel.config import params_from_dict
+from kennel.lr_find import lr_find, plot, suggest
+from tests.conftest import REPO, build_dataset, project_runs, small_params, write_params
+
+
+def test_suggestion_is_the_steepest_descent_before_the_minimum():
+    lrs = [10 ** (e / 4) for e in range(-28, 4)]
+    losses = [1 / (1 + math.exp(4 * (math.log10(lr) + 3))) + (lr / 0.1) ** 2 for lr in lrs]  # falls fastest at 1e-3
+    assert 10 ** -3.5 <= suggest(lrs, losses) <= 10 ** -2.5
+    assert suggest([1e-3], [1.0]) == 1e-3 and math.isnan(suggest([], []))
+
+
+def test_range_test_on_tiny_data_gives_a_finite_lr_and_a_plot(tmp_path):
+    data = build_dataset(tmp_path / "data", per_class=8)
+    for finetune in ("head", "full"):
+        result = lr_find(params_from_dict(small_params(**{"model.finetune": finetune})), data, steps=30,
+                         end_lr=100.0)
+        assert 3 <= len(result.lrs) <= 30 and result.lrs == sorted(result.lrs)
+        assert math.isfinite(result.suggestion) and result.suggestion in result.lrs
+    png = plot(result, tmp_path / "lr.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_prints_the_suggestion_and_records_a_run_without_touching_pipeline_outputs(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from kennel.cli import main
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_params(tmp_path / "params.yaml", small_params(**{"model.finetune": "head"}))
+    build_dataset(tmp_path / "data", per_class=8)
+    monkeypatch.chdir(tmp_path)
+    assert main(["lr-find", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested learning rate: " in out
+    assert (tmp_path / "reports/lr_find.png").is_file() and not (tmp_path / "models").exists()
+    client, runs = project_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].data.tags["kennel.kind"] == "lr-find"
+    suggestion = runs[0].data.metrics["lr_suggestion"]
+    assert math.isfinite(suggestion) and f"{runs[0].data.tags['kennel.lr_suggestion']}" in out
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "lr_find")] == ["lr_find/lr_find.png"]

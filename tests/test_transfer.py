@@ -1,0 +1,308 @@
+"""Transfer learning: every supported family, weights files good and bad, staged fine-tuning, test-time flips."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import get_model
+
+from kennel.config import ConfigError, params_from_dict
+from kennel.model import WeightsError, build_model, head_path, load_model, read_weights, save_model, supported_archs
+from kennel.training import find_resumable, phases, seed_everything, train
+from tests.conftest import build_dataset, small_params
+
+# one of each family; the smallest where a family has several sizes
+FAMILIES = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
+            "convnext_tiny", "regnet_x_400mf"]
+SMALL = "mobilenet_v3_small"  # for the weights files: a few MB
+
+
+def _x(n=2, size=32, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("data"), per_class=12)
+
+
+def test_supported_archs_cover_every_family_and_others_are_refused():
+    archs = supported_archs()
+    for family in ("resnet50", "wide_resnet50_2", "resnext50_32x4d", "mobilenet_v3_large", "efficientnet_b7",
+                   "efficientnet_v2_l", "convnext_large", "regnet_y_16gf", *FAMILIES):
+        assert family in archs
+    assert "vit_b_16" not in archs and "alexnet" not in archs
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(small_params(**{"model.arch": "vgg11"}))
+    assert "model.arch = 'vgg11'" in str(err.value) and "mobilenet_v2" in str(err.value)
+    with pytest.raises(ValueError, match="model.arch = 'vgg11': allowed: .*convnext_tiny"):
+        build_model("vgg11", ["a", "b"])
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_family_builds_trains_and_caches_features(arch):
+    torch.manual_seed(0)
+    reference = get_model(arch)
+    model, _ = build_model(arch, ["a", "b", "c"], weights="none", finetune="head")
+    # the head is the model's last Linear, replaced with one for 3 classes
+    linears = [m for m in model.backbone.modules() if isinstance(m, nn.Linear)]
+    assert model.head is linears[-1]
+    assert model.head.in_features == reference.get_submodule(head_path(arch)).in_features
+    assert model.head.out_features == 3
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == model.head_parameter_names()
+
+    # head training: the frozen model's output is the head applied to the cached features
+    x = _x()
+    model.train()
+    with torch.no_grad():
+        out = model(x)
+        with model.without_head():
+            features = model.eval()(x)
+        model.train()
+        torch.testing.assert_close(model.head(features), out)
+
+    # all layers train one step
+    model.set_frozen(False)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 2])).backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert f"backbone.{head_path(arch)}.weight" in changed and len(changed) > 2
+
+
+# ------------------------------------------------------------------------------------------------ weights files
+
+
+@pytest.fixture(scope="module")
+def imagenet_like():
+    torch.manual_seed(1)
+    return get_model(SMALL).state_dict()  # 1000-class head, as ImageNet checkpoints have
+
+
+def _save(path, state):
+    torch.save(state, path)
+    return str(path)
+
+
+def _body(model):
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(f"backbone.{head_path(SMALL)}.")}
+
+
+def test_full_state_dict_with_another_head_loads_the_body(tmp_path, imagenet_like):
+    model, info = build_model(SMALL, ["a", "b"], weights=_save(tmp_path / "full.pth", imagenet_like))
+    for key, value in _body(model).items():
+        assert torch.equal(value, imagenet_like[key.removeprefix("backbone.")]), key
+    assert info.at_init == ["classifier.3.weight", "classifier.3.bias"]
+    assert info.loaded == len(imagenet_like) - 2
+    assert info.tags()["kennel.weights_at_init"] == "classifier.3.weight,classifier.3.bias"
+
+
+def test_state_dict_with_the_same_head_loads_everything(tmp_path):
+    source, _ = build_model(SMALL, ["a", "b"])
+    model, info = build_model(SMALL, ["a", "b"], weights=_save(tmp_path / "same.pth", source.backbone.state_dict()))
+    assert info.at_init == [] and torch.equal(model.head.weight, source.head.weight)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "backbone.", "model.", "encoder.", "module.backbone."])
+def test_backbone_only_and_wrapped_state_dicts_load(tmp_path, imagenet_like, prefix):
+    body = {prefix + k: v for k, v in imagenet_like.items() if not k.startswith("classifier.3.")}
+    model, info = build_model(SMALL, ["a", "b"], weights=_save(tmp_path / "body.pth", body))
+    assert info.source.startswith("file:") and info.at_init == ["classifier.3.weight", "classifier.3.bias"]
+    for key, value in _body(model).items():
+        assert torch.equal(value, imagenet_like[key.removeprefix("backbone.")]), key
+
+
+def _missing(sd):
+    return {k: v for k, v in sd.items() if k != "features.2.block.0.0.weight"}
+
+
+def _unexpected(sd):
+    return {**sd, "features.99.weight": torch.zeros(1)}
+
+
+def _reshaped(sd):
+    return {**sd, "features.0.0.weight": torch.zeros(1, 2, 3, 3)}
+
+
+@pytest.mark.parametrize("spoil,words", [
+    (_missing, "missing keys ['features.2.block.0.0.weight']"),
+    (_unexpected, "unexpected keys ['features.99.weight']"),
+    (_reshaped, "shape mismatch ['features.0.0.weight (1, 2, 3, 3) != (16, 3, 3, 3)']"),
+    (lambda sd: {"fc.weight": torch.zeros(2, 512)}, "missing keys ['features.0.0.weight', "),
+])
+def test_state_dicts_that_do_not_fit_name_the_file_and_keys(tmp_path, imagenet_like, spoil, words):
+    path = _save(tmp_path / "bad.pth", spoil(imagenet_like))
+    with pytest.raises(WeightsError) as err:
+        build_model(SMALL, ["a", "b"], weights=path)
+    assert str(err.value).startswith(f"{path}: not a {SMALL} state dict") and words in str(err.value)
+
+
+def test_truncated_corrupt_and_pickled_files_are_refused(tmp_path, imagenet_like):
+    good = tmp_path / "good.pth"
+    torch.save(imagenet_like, good)
+    (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage" * 100)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    (tmp_path / "pickled.pth").write_bytes(pickle.dumps({"features.0.0.weight": Payload()}))
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "list.pth")
+    for name in ("truncated", "corrupt", "pickled"):
+        with pytest.raises(WeightsError, match=f"{name}.pth: not a loadable state dict"):
+            read_weights(SMALL, str(tmp_path / f"{name}.pth"), 2)
+    with pytest.raises(WeightsError, match="list.pth: holds a dict that is not a state dict of tensors"):
+        read_weights(SMALL, str(tmp_path / "list.pth"), 2)
+
+
+def test_imagenet_weights_of_any_arch_come_from_the_torch_cache(tmp_path, monkeypatch, imagenet_like):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        build_model(SMALL, ["a", "b"], weights="imagenet")
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    assert str(cached) in str(err.value)
+    cached.parent.mkdir(parents=True)
+    torch.save(imagenet_like, cached)
+    model, info = build_model(SMALL, ["a", "b"], weights="imagenet")
+    assert info.source == "imagenet" and torch.equal(model.backbone.features[0][0].weight,
+                                                     imagenet_like["features.0.0.weight"])
+
+
+# ------------------------------------------------------------------------------------------------ staged
+
+
+def _staged(**overrides):
+    return params_from_dict(small_params(**{"model.finetune": "staged", "train.epochs": 3, "train.head_epochs": 1,
+                                            "train.backbone_lr_mult": 0.1, "train.select": "last",
+                                            "train.amp": "off", **overrides}))
+
+
+class Kill(Exception):
+    pass
+
+
+def _die_after(epoch):
+    def on_epoch(result):
+        if result.epoch == epoch + 1:
+            raise Kill
+    return on_epoch
+
+
+def test_staged_phase_one_freezes_the_backbone_and_phase_two_uses_two_rates(resized, tmp_path):
+    params = _staged()
+    assert [(p.first, p.last, p.frozen) for p in phases(params)] == [(1, 1, True), (2, 3, False)]
+    seed_everything(params.seed)
+    initial, _ = build_model("resnet18", ["cat", "dog"])  # the same init train() draws
+    with pytest.raises(Kill):
+        train(params, resized, on_epoch=_die_after(1), checkpoint=tmp_path / "ckpt.pt")
+    after_phase_one = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert after_phase_one["phase"] == 1
+    head = initial.head_parameter_names()
+    for key, value in initial.state_dict().items():  # weights and BatchNorm statistics alike
+        assert torch.equal(after_phase_one["model"][key], value) != (key in head), key
+
+    with pytest.raises(Kill):
+        train(params, resized, on_epoch=_die_after(2), checkpoint=tmp_path / "ckpt2.pt")
+    in_phase_two = torch.load(tmp_path / "ckpt2.pt", weights_only=True)
+    assert in_phase_two["phase"] == 2
+    groups = in_phase_two["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([params.train.lr, params.train.lr * 0.1])
+    assert len(groups[0]["params"]) == 2  # the head's weight and bias at the full rate
+    moved = [k for k in initial.state_dict() if not torch.equal(in_phase_two["model"][k], initial.state_dict()[k])]
+    assert "backbone.conv1.weight" in moved and "backbone.bn1.running_mean" in moved
+
+
+@pytest.mark.parametrize("killed_after", [1, 2, 3], ids=["in-phase-1", "between-phases", "in-phase-2"])
+def test_staged_run_resumes_exactly_in_either_phase(resized, tmp_path, killed_after):
+    params = _staged(**{"train.epochs": 4, "train.head_epochs": 2, "train.select": "best", "train.amp": "auto"})
+    straight = train(params, resized)
+    with pytest.raises(Kill):
+        train(params, resized, on_epoch=_die_after(killed_after), checkpoint=tmp_path / "ckpt.pt")
+    resume = find_resumable(tmp_path / "ckpt.pt", params, resized)
+    assert resume["epoch"] == killed_after
+    resumed = train(params, resized, checkpoint=tmp_path / "ckpt.pt", resume=resume)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.val_loss for r in straight.history] == [r.val_loss for r in resumed.history]
+    assert straight.selected_epoch == resumed.selected_epoch
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"train.head_epochs": 0}, "train.head_epochs = 0: allowed with model.finetune staged: 1 to"),
+    ({"train.head_epochs": 3}, "train.head_epochs = 3"),
+    ({"train.warmup_epochs": 2.0}, "fewer than the second phase's"),
+    ({"train.backbone_lr_mult": 0.0}, "train.backbone_lr_mult = 0.0: allowed: a finite number > 0"),
+    ({"evaluate.tta": "five-crop"}, "evaluate.tta = 'five-crop': allowed: none | flip"),
+])
+def test_bad_staged_and_tta_params_are_rejected(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        _staged(**overrides)
+    assert words in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ TTA
+
+
+def test_flip_tta_on_a_mirror_symmetric_image_equals_no_tta(tmp_path):
+    model, _ = build_model("resnet18", ["a", "b"])
+    model.eval()
+    half = _x(3, 32)[..., :16]
+    symmetric = torch.cat([half, half.flip(-1)], dim=-1)
+    other = _x(3, 32, seed=1)
+    plain, plain_other, plain_mirror = model(symmetric), model(other), model(other.flip(-1))
+    model.tta = "flip"
+    torch.testing.assert_close(model(symmetric), plain)
+    torch.testing.assert_close(model(other), (plain_other + plain_mirror) / 2)
+    assert not torch.allclose(model(other), plain_other)
+    # the choice travels with the model file
+    save_model(model, tmp_path / "m.pt", size=32)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.tta == "flip" and torch.equal(loaded(other), model(other))
+    model.train()
+    torch.testing.assert_close(model(other[:2]), model.backbone((other[:2].float() - model.mean) / model.std))
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+@pytest.mark.slow
+def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_only_one(tmp_path, imagenet_like):
+    import numpy as np
+
+    from kennel.predict import load_model_file, predict_arrays, resolve_model
+    from tests.conftest import dvc, make_project, project_runs, write_params
+
+    body = {k: v for k, v in imagenet_like.items() if not k.startswith("classifier.3.")}
+    bad = _save(tmp_path / "bad.pth", _missing(body))
+    body = {f"encoder.{k}": v for k, v in body.items()}  # as self-supervised code writes them
+    params = small_params(**{"model.arch": SMALL, "model.weights": bad, "model.finetune": "staged",
+                             "train.epochs": 2, "train.head_epochs": 1, "evaluate.tta": "flip"})
+    root = make_project(tmp_path / "project", params)
+    dvc(["repro", "resize"], root)
+    out = dvc(["repro"], root, check=False)
+    assert out.returncode != 0
+    assert f"kennel train: error: {bad}: not a {SMALL} state dict: missing keys ['features.2.block.0.0.weight']" \
+        in out.stderr
+    assert not (root / "models").exists()  # nothing written
+    assert not (root / "mlflow.db").exists() or not project_runs(root)[1]  # no MLflow run
+
+    params["model"]["weights"] = _save(tmp_path / "body.pth", body)
+    write_params(root / "params.yaml", params)
+    dvc(["repro"], root)
+    client, runs = project_runs(root)
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["kennel.weights_at_init"] == "classifier.3.weight,classifier.3.bias"
+    assert tags["kennel.weights_loaded"] == str(len(body)) and tags["kennel.tta"] == "flip"
+    # the model file and the logged (exported) model both predict with the flip, identically
+    from_file = load_model_file(root / "models/model.pt")
+    from_run = resolve_model(runs[0].info.run_id, root)
+    assert from_file.module.tta == "flip"
+    images = np.load(root / "data/resized/test_x.npy")[:4]
+    np.testing.assert_allclose(predict_arrays(images, from_run), predict_arrays(images, from_file), atol=1e-5)
