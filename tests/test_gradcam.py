@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.models as tvm
 from torch import nn
 
 from kennel.gradcam import grad_cam, target_layer
@@ -37,7 +36,7 @@ def test_grad_cam_looks_where_the_class_is_drawn():
     torch.manual_seed(0)
     train_x, train_y = left_half_images(256, seed=0)
     test_x, test_y = left_half_images(32, seed=1)
-    model = Classifier(small_cnn(), ["vertical", "horizontal"])
+    model = Classifier(small_cnn(), ["vertical", "horizontal"], head="13")
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(4):
         model.train()
@@ -54,6 +53,9 @@ def test_grad_cam_looks_where_the_class_is_drawn():
     assert cam.shape == (32, S, S) and cam.min() >= 0 and cam.max() == pytest.approx(1)
     left = cam[:, :, :S // 2].sum(axis=(1, 2)) / cam.sum(axis=(1, 2))
     assert left.mean() > 0.75 and left.min() > 0.6
+    # With flip TTA the map still explains the image as it is, not its mirror.
+    model.tta = "flip"
+    assert np.allclose(grad_cam(model, test_x, predicted), cam, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch, layer", [
@@ -63,7 +65,7 @@ def test_grad_cam_looks_where_the_class_is_drawn():
 ])
 def test_grad_cam_finds_the_last_feature_map_of_every_family(arch, layer):
     torch.manual_seed(0)
-    model = Classifier(getattr(tvm, arch)(num_classes=3), ["a", "b", "c"])
+    model, _ = build_model(arch, ["a", "b", "c"], weights="none")
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     name, module = target_layer(model, x[:1])
     assert name == layer
@@ -73,6 +75,7 @@ def test_grad_cam_finds_the_last_feature_map_of_every_family(arch, layer):
 
 
 def test_grad_cam_works_on_a_frozen_backbone():
+    torch.manual_seed(0)
     model, _ = build_model("resnet18", ["a", "b"], finetune="head")
     cam = grad_cam(model, torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8), torch.tensor([1]))
     assert cam.shape == (1, 64, 64) and cam.max() == pytest.approx(1)

@@ -74,10 +74,11 @@ def _cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, idx: torch.Tensor)
         with torch.enable_grad():
             logits = model(x.requires_grad_(True))
             score = logits.float().gather(1, idx[:, None]).sum()
-            (grad,) = torch.autograd.grad(score, captured[-1])
+            # The first pass sees the image as it is; with flip TTA a second one sees its mirror.
+            (grad,) = torch.autograd.grad(score, captured[0])
     finally:
         handle.remove()
-    act = captured[-1].detach().float()
+    act = captured[0].detach().float()
     cam = F.relu((grad.float().mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     top = cam.amax(dim=(1, 2), keepdim=True)
