@@ -18,7 +18,7 @@ from kennel.data.manifest import SPLITS, account
 from kennel.data.sources import find_images
 from kennel.data.tensors import read_index, read_split, write_splits
 from kennel.data.validate import inspect_all, read_scan, scan_table
-from tests.conftest import small_params, write_params
+from tests.conftest import dvc, make_project, small_params, write_params
 
 SIZE = 32
 
@@ -206,3 +206,31 @@ def test_unusable_previous_state_is_redone_not_trusted(tmp_path):
     rows = read_index(tmp_path / "resized").query("split == 'train'")["sha1"]
     paths = manifest.set_index("sha1").loc[rows, "path"]
     assert all(np.array_equal(r, expected(tmp_path / p)) for r, p in zip(np.array(x), paths, strict=True))
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_dvc_cache_grows_by_the_new_images_only(tmp_path):
+    size = 96
+    params = small_params(**{"data.source": "folder", "data.min_per_class": 2, "data.min_size": 24,
+                             "resize.size": size})
+    root = make_project(tmp_path / "project", params)
+    raw = _raw(root / "data" / "raw", 120)
+    dvc(["repro", "resize"], root)
+    cache, shards = root / ".dvc" / "cache", root / "data" / "resized" / "shards"
+    before, files = _bytes(cache), {p.name: p.stat() for p in shards.iterdir()}
+    _raw(raw, 6, start=120)
+    out = dvc(["repro", "resize"], root).stdout
+    assert "Running stage 'prepare'" in out and "Running stage 'resize'" in out
+    new_images = 6 * 3 * size * size
+    growth = _bytes(cache) - before
+    assert new_images <= growth <= 2 * new_images, (growth, new_images)
+    for name, stat in files.items():  # neither the stage nor DVC rewrote an old shard
+        now = (shards / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert "Running stage" not in dvc(["repro", "resize"], root).stdout
+    per_class = json.loads((root / "reports" / "data_summary.json").read_text())["per_class"]
+    assert len(read_split(root / "data" / "resized", "train")[0]) == sum(c["train"] for c in per_class.values())
