@@ -48,9 +48,8 @@ def account(
             kept.append((path, cand.label, "", insp.sha1, insp.width, insp.height, insp.format))
     df = pd.DataFrame(kept, columns=COLUMNS).sort_values("path", kind="stable")
     keep = pd.Series(True, index=df.index)
-    for _, group in df.groupby("sha1", sort=False):
-        if len(group) == 1:
-            continue
+    repeated = df[df["sha1"].duplicated(keep=False)]  # grouping only these: a Python step per group is slow
+    for _, group in repeated.groupby("sha1", sort=False):
         labels = sorted(group["label"].unique())
         if len(labels) > 1:
             keep[group.index] = False
