@@ -1,4 +1,7 @@
-"""prepare: find every file of ``data.source``, decode each, and write the manifest, the rejects and a summary."""
+"""prepare: find every file of ``data.source``, decode each, and write the manifest, the rejects and a summary.
+
+Files whose bytes ``data/scan.csv`` already describes (a persisted output) are hashed, not decoded again.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from kennel.config import Params
 from kennel.data.manifest import account, check_class_sizes, write_csv
 from kennel.data.report import write_data_report
 from kennel.data.sources import find_images
-from kennel.data.validate import inspect_all
-from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS
+from kennel.data.validate import inspect_all, read_scan, scan_table
+from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN
 from kennel.stage import run_stage
 
 log = logging.getLogger("kennel.prepare")
@@ -28,7 +31,8 @@ def prepare(params: Params) -> None:
         d.source, Path(d.raw_dir), out_dir=PREPARED, seed=params.seed, per_class=d.synthetic_per_class,
         oxford_target=d.oxford_target,
     )
-    inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers)
+    inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers, seen=read_scan(SCAN))
+    write_csv(scan_table(candidates, inspections, Path.cwd()), SCAN)
     acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
     # The reports are written before the class-size check so that a failing run still says what was rejected.
     write_csv(acc.rejects, REJECTS)

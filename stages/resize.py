@@ -1,4 +1,4 @@
-"""resize: every manifest image -> one uint8 N x 3 x S x S .npy per split, decoded in parallel."""
+"""resize: manifest images -> uint8 rows in content-addressed shards; only images not stored yet are decoded."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ def resize(params: Params) -> None:
     manifest = read_manifest(MANIFEST)
     start = time.perf_counter()
     load = partial(load_array, mode=r.mode, max_pixels=params.data.max_pixels)
-    counts = write_splits(manifest, Path.cwd(), r.size, RESIZED, load, r.workers, recipe=r.mode)
+    done = write_splits(manifest, Path.cwd(), r.size, RESIZED, load, r.workers, recipe=r.mode)
     seconds = time.perf_counter() - start
-    total = sum(counts.values())
-    log.info("resized %d images (%s) to %dpx %s with %d workers in %.1fs: %.0f img/s",
-             total, counts, r.size, r.mode, resolve_workers(r.workers), seconds, total / max(seconds, 1e-9))
+    log.info("%d images (%s) at %dpx %s: decoded %d with %d workers, kept %d in place, copied %d from changed "
+             "shards; %d shard(s) written in %.1fs: %.0f decoded img/s",
+             sum(done.counts.values()), done.counts, r.size, r.mode, done.decoded, resolve_workers(r.workers),
+             done.kept, done.copied, len(done.shards_written), seconds, done.decoded / max(seconds, 1e-9))
 
 
 def main(argv=None) -> int:

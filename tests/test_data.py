@@ -100,11 +100,12 @@ def test_manifest_roundtrip_and_validation(tmp_path):
 
 def test_tensors_roundtrip_and_dataset(tmp_path):
     df = _accounting(tmp_path).manifest
-    counts = write_splits(df, tmp_path, 24, tmp_path / "out", load_array, workers=2)
+    counts = write_splits(df, tmp_path, 24, tmp_path / "out", load_array, workers=2).counts
     assert counts == df["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict()
     assert read_classes(tmp_path / "out") == ["a", "b"]
     x, y = read_split(tmp_path / "out", "train")
-    assert x.shape == (counts["train"], 3, 24, 24) and x.dtype == np.uint8 and isinstance(x, np.memmap)
+    assert x.shape == (counts["train"], 3, 24, 24) and x.dtype == np.uint8 and x.nbytes == counts["train"] * 3 * 24 * 24
+    assert np.array_equal(np.array(x)[-1], x[-1]) and np.array_equal(x[2:5], np.array(x)[2:5])
     train_rows = df[df["split"] == "train"]
     for i in (0, len(train_rows) - 1):
         assert np.array_equal(x[i], load_array(tmp_path / train_rows.iloc[i]["path"], 24))
@@ -123,10 +124,10 @@ def test_parallel_and_serial_resize_write_identical_files(tmp_path):
     df = _accounting(tmp_path, {"a": 40, "b": 40}).manifest
     write_splits(df, tmp_path, 32, tmp_path / "one", load_array, workers=1)
     write_splits(df, tmp_path, 32, tmp_path / "two", load_array, workers=2)
-    for split in ("train", "val", "test"):
-        for suffix in ("x", "y"):
-            name = f"{split}_{suffix}.npy"
-            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
+    assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*"))
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_write_split_leaves_nothing_half_written(tmp_path):
@@ -136,6 +137,15 @@ def test_write_split_leaves_nothing_half_written(tmp_path):
     with pytest.raises(RuntimeError, match="a.jpg: OSError: truncated"):
         write_split(tmp_path, "train", ["a.jpg"], [0], 8, broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_split_arrays_read_the_same(tmp_path):
+    df = _accounting(tmp_path).manifest
+    write_splits(df, tmp_path, 24, tmp_path / "shards", load_array)
+    train = df[df["split"] == "train"]
+    write_split(tmp_path / "plain", "train", [tmp_path / p for p in train["path"]], [0] * len(train), 24, load_array)
+    assert np.array_equal(np.array(read_split(tmp_path / "shards", "train")[0]),
+                          np.array(read_split(tmp_path / "plain", "train")[0]))
 
 
 def test_read_split_names_missing_file(tmp_path):

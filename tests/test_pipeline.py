@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from kennel.data.tensors import read_split
 from tests.conftest import dvc, isolate, make_project, project_runs, run, small_params, write_params
 
 pytestmark = pytest.mark.slow
@@ -99,10 +100,10 @@ def test_mlflow_run_holds_everything(project):
     assert "test_ece" in run.data.metrics
 
     model = mlflow.pytorch.load_model(tags["kennel.model_uri"])
-    x = np.load(root / "data/resized/test_x.npy")
-    logits = model(torch.from_numpy(x))
+    x, y = read_split(root / "data/resized", "test")
+    logits = model(torch.from_numpy(np.array(x)))
     assert logits.shape == (len(x), 2)
-    accuracy = (logits.argmax(1).numpy() == np.load(root / "data/resized/test_y.npy")).mean()
+    accuracy = (logits.argmax(1).numpy() == y).mean()
     assert accuracy == pytest.approx(metrics["accuracy"])  # the logged model is the evaluated model
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from kennel.data.tensors import read_split
 from tests.conftest import BIN, dvc, free_port, make_project, small_params
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def test_pipeline_against_a_tracking_server(tmp_path, mlflow_server, monkeypatch
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/roc.png"}
     assert list((store / "artifacts").rglob("confusion_matrix.png"))  # uploaded through the server
     model = mlflow.pytorch.load_model(run.data.tags["kennel.model_uri"])
-    x = torch.from_numpy(np.load(root / "data/resized/test_x.npy"))
+    x = torch.from_numpy(np.array(read_split(root / "data/resized", "test")[0]))
     assert model(x).shape == (len(x), 2)
     version = client.get_model_version_by_alias("kennel", "champion")
     assert version.run_id == run.info.run_id and version.tags["git.commit"] == run.data.tags["git.commit"]

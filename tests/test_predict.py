@@ -20,6 +20,7 @@ from kennel.config import params_from_dict
 from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
 from kennel.data.sources import find_images
+from kennel.data.tensors import read_split
 from kennel.data.validate import inspect_all
 from kennel.metrics import softmax
 from kennel.model import Classifier, save_model
@@ -111,7 +112,7 @@ def test_predict_feeds_the_model_the_training_tensors(trained):
     assert trained.loaded.mode == MODE and trained.loaded.size == SIZE
     for split in SPLITS:
         paths = [trained.root / p for p in manifest.loc[manifest["split"] == split, "path"]]
-        resized = np.load(trained.resized / f"{split}_x.npy")
+        resized = np.array(read_split(trained.resized, split)[0])
         assert len(paths) == len(resized) > 0
         for path, row in zip(paths, resized, strict=True):
             np.testing.assert_array_equal(preprocess(path, trained.loaded), row)
@@ -192,7 +193,7 @@ def registered(trained) -> tuple[str, str]:
     root = trained.root
     with tracking.open_run(root, "predict-test") as run_id:
         tracking.log_params({"resize.size": SIZE, "resize.mode": MODE})
-        x = np.load(trained.resized / "train_x.npy")[:2]
+        x = np.array(read_split(trained.resized, "train")[0][:2])
         uri = tracking.log_model(trained.model, example=x)
         tracking.set_tags({"kennel.model_uri": uri, "kennel.classes": ",".join(trained.model.classes)})
     version = mlflow.register_model(uri, "kennel-predict-test").version

@@ -4,7 +4,8 @@ from pathlib import Path
 
 PREPARED = Path("data/prepared")
 MANIFEST = PREPARED / "manifest.csv"
-RESIZED = Path("data/resized")
+SCAN = Path("data/scan.csv")  # persisted: what each file's bytes showed, so unchanged files are not decoded again
+RESIZED = Path("data/resized")  # persisted: shards of unchanged images stay as they are
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
 CHECKPOINT = Path("models/checkpoint.pt")  # persisted across runs: a killed train stage resumes from it

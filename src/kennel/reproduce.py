@@ -132,7 +132,10 @@ def reproduce(target: Target, root: Path) -> dict[str, float]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "KENNEL_REPRODUCES": target.ref}
         env.pop("DVC_ROOT", None)
         _dvc(["cache", "dir", "--local", str(root / ".dvc" / "cache")], tree, env)
-        _dvc(["repro", "resize"], tree, env)  # data: restored from the cache when it has it, else recomputed
+        # Data: restored from the cache when it has it, else recomputed. Checked out, not left to the run cache:
+        # prepare and resize keep persistent outputs (to redo only what changed), which DVC's run cache skips.
+        _dvc(["checkout", "--allow-missing", "prepare", "resize"], tree, env)
+        _dvc(["repro", "resize"], tree, env)
         for stage in ("train", "evaluate"):  # the result itself is always recomputed
             _dvc(["repro", "--force", "--single-item", "--no-run-cache", stage], tree, env)
         test = json.loads((tree / "reports" / "metrics.json").read_text())["test"]

@@ -9,10 +9,18 @@ from collections.abc import Callable, Sequence
 
 from kennel.config import ConfigError, Params, load_params
 from kennel.data.sources import DataError
-from kennel.model import WeightsError
 
 # Errors about the user's input: print the message (which names the file or key) and exit 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """``USER_ERRORS`` and the model's weights errors where the stage builds a model.
+
+    Looked up, not imported: kennel.model imports torch, seconds of start-up that prepare and resize never need.
+    """
+    model = sys.modules.get("kennel.model")
+    return (*USER_ERRORS, model.WeightsError) if model else USER_ERRORS
 
 
 def run_stage(
@@ -26,7 +34,7 @@ def run_stage(
     try:
         params = load_params(args.params)
         body(params)
-    except (*USER_ERRORS, *extra_errors) as err:
+    except (*user_errors(), *extra_errors) as err:
         print(f"kennel {name}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -23,17 +23,27 @@ class DecompressionBomb(ValueError):
     """An image whose pixel count is over the limit; raised from the header, before any decoding."""
 
 
-def open_checked(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Open (header only) and refuse images over ``max_pixels`` (default: PIL's limit) before any decoding."""
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our check below, with our limit and message
+def open_header(path: str | Path) -> Image.Image:
+    """Open an image reading its header only, with no pixel limit: the caller checks the size."""
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our check, with our limit and message
     try:
-        img = Image.open(path)
+        return Image.open(path)
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
-    if limit and img.width * img.height > limit:
+
+
+def bomb_message(width: int, height: int, limit: int | None) -> str:
+    """Why an image is refused as a decompression bomb; "" when it is within ``limit`` (0/None: no limit)."""
+    return f"{width}x{height} = {width * height} pixels > limit {limit}" if limit and width * height > limit else ""
+
+
+def open_checked(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Open (header only) and refuse images over ``max_pixels`` (default: PIL's limit) before any decoding."""
+    img = open_header(path)
+    bomb = bomb_message(img.width, img.height, max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS)
+    if bomb:
         img.close()
-        raise DecompressionBomb(f"{img.width}x{img.height} = {img.width * img.height} pixels > limit {limit}")
+        raise DecompressionBomb(bomb)
     return img
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kennel.data.sources import Candidate, DataError
+from kennel.data.sources import Candidate, DataError, relative
 from kennel.data.validate import DUPLICATE, LABEL_CONFLICT, Inspection
 
 COLUMNS = ["path", "label", "split", "sha1", "width", "height", "format"]
@@ -39,7 +39,7 @@ def account(
     """
     kept, rejects = [], []
     for cand, insp in zip(candidates, inspections, strict=True):
-        path = _relative(cand.path, root)
+        path = relative(cand.path, root)
         if cand.reason or insp is None:
             rejects.append((path, cand.label or "", cand.reason, ""))
         elif insp.reason:
@@ -48,9 +48,8 @@ def account(
             kept.append((path, cand.label, "", insp.sha1, insp.width, insp.height, insp.format))
     df = pd.DataFrame(kept, columns=COLUMNS).sort_values("path", kind="stable")
     keep = pd.Series(True, index=df.index)
-    for _, group in df.groupby("sha1", sort=False):
-        if len(group) == 1:
-            continue
+    repeated = df[df["sha1"].duplicated(keep=False)]  # grouping only these: a Python step per group is slow
+    for _, group in repeated.groupby("sha1", sort=False):
         labels = sorted(group["label"].unique())
         if len(labels) > 1:
             keep[group.index] = False
@@ -135,9 +134,3 @@ def read_manifest(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: unknown split value(s) {bad}; allowed: {', '.join(SPLITS)}")
     return df
 
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())

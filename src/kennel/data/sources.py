@@ -29,6 +29,14 @@ class Candidate:
     reason: str = ""
 
 
+def relative(path: Path, root: Path) -> str:
+    """``path`` as the reports write it: relative to ``root`` when inside it, else absolute."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from kennel.data.images import DecompressionBomb, open_checked, to_rgb
+from kennel.data.images import bomb_message, open_header, to_rgb
 from kennel.data.parallel import pmap
-from kennel.data.sources import Candidate
+from kennel.data.sources import Candidate, relative
 
 # Rejection reasons: the vocabulary of reports/rejects.csv.
 EMPTY = "empty file"
@@ -55,17 +56,16 @@ def inspect_image(path: Path, min_size: int, max_pixels: int) -> Inspection:
     if not head:
         return Inspection(EMPTY)
     try:
-        img = open_checked(path, max_pixels)
-    except DecompressionBomb as err:
-        return Inspection(BOMB, str(err), sha1)
+        img = open_header(path)
     except UnidentifiedImageError:
         return Inspection(NOT_IMAGE, f"starts with {head!r}", sha1)
     except (OSError, SyntaxError, ValueError) as err:
         return Inspection(CORRUPT, f"{type(err).__name__}: {err}", sha1)
     with img:
         w, h, fmt, mode = img.width, img.height, img.format or "", img.mode
-        if min(w, h) < min_size:
-            return Inspection(TOO_SMALL, f"{w}x{h}, shorter side < data.min_size {min_size}", sha1, w, h, fmt, mode)
+        refused = _by_header(Inspection("", "", sha1, w, h, fmt, mode), min_size, max_pixels)
+        if refused:
+            return refused
         try:
             img.seek(0)  # animated images: the first frame is what training sees
             img.load()
@@ -73,6 +73,28 @@ def inspect_image(path: Path, min_size: int, max_pixels: int) -> Inspection:
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
             return Inspection(CORRUPT, f"{type(err).__name__}: {err}", sha1, w, h, fmt, mode)
     return Inspection("", "", sha1, w, h, fmt, mode)
+
+
+def _by_header(seen: Inspection, min_size: int, max_pixels: int) -> Inspection | None:
+    """The verdict the header's size gives under these limits (bomb, too small); None: a decode must tell."""
+    w, h = seen.width, seen.height
+    facts = (seen.sha1, w, h, seen.format, seen.mode)
+    if bomb_message(w, h, max_pixels):
+        return Inspection(BOMB, bomb_message(w, h, max_pixels), *facts)
+    if min(w, h) < min_size:
+        return Inspection(TOO_SMALL, f"{w}x{h}, shorter side < data.min_size {min_size}", *facts)
+    return None
+
+
+def reuse(seen: Inspection, min_size: int, max_pixels: int) -> Inspection | None:
+    """This run's inspection of bytes inspected before (maybe under other limits), or None if they need a decode.
+
+    Gives exactly what ``inspect_image`` would: a header that did not open does not depend on the limits; one
+    that did is judged again by size; a full decode, done before, is only needed where none was done.
+    """
+    if not seen.width:  # not an image, or a header that did not parse
+        return seen
+    return _by_header(seen, min_size, max_pixels) or (seen if seen.reason in ("", CORRUPT) else None)
 
 
 def _sha1_and_head(path: Path) -> tuple[str, bytes]:
@@ -86,11 +108,57 @@ def _sha1_and_head(path: Path) -> tuple[str, bytes]:
     return h.hexdigest(), head
 
 
+def _hash(path: Path) -> str:
+    try:
+        sha1, head = _sha1_and_head(Path(path))
+    except OSError:
+        return ""  # inspected in full, which reports why
+    return sha1 if head else ""
+
+
 def inspect_all(
-    candidates: Sequence[Candidate], min_size: int, max_pixels: int, workers: int | str = 1
+    candidates: Sequence[Candidate], min_size: int, max_pixels: int, workers: int | str = 1,
+    seen: Mapping[str, Inspection] | None = None,
 ) -> list[Inspection | None]:
-    """Inspect every candidate the layout did not already reject (None for those), in ``workers`` processes."""
+    """Inspect every candidate the layout did not already reject (None for those), in ``workers`` processes.
+
+    ``seen`` maps sha1 to an earlier inspection of the same bytes (``read_scan``): those files are only hashed,
+    not decoded again, unless the limits now ask for a decode that was never done.
+    """
     todo = [i for i, c in enumerate(candidates) if not c.reason]
+    results: dict[int, Inspection] = {}
+    if seen:
+        hashes = pmap(_hash, [candidates[i].path for i in todo], workers, desc="hash", unit="file", chunksize=64)
+        for i, sha1 in zip(todo, hashes, strict=True):
+            known = reuse(seen[sha1], min_size, max_pixels) if sha1 in seen else None
+            if known is not None:
+                results[i] = known
+        todo = [i for i in todo if i not in results]
     found = pmap(Inspector(min_size, max_pixels), [candidates[i].path for i in todo], workers, desc="scan", unit="file")
-    results = dict(zip(todo, found, strict=True))
+    results.update(zip(todo, found, strict=True))
     return [results.get(i) for i in range(len(candidates))]
+
+
+SCAN_COLUMNS = ["path", "sha1", "reason", "detail", "width", "height", "format", "mode"]
+
+
+def scan_table(candidates: Sequence[Candidate], inspections: Sequence[Inspection | None], root: Path) -> pd.DataFrame:
+    """One row per inspected file: what a later run needs to skip decoding the same bytes again."""
+    rows = [(relative(c.path, root), i.sha1, i.reason, i.detail, i.width, i.height, i.format, i.mode)
+            for c, i in zip(candidates, inspections, strict=True) if i is not None]
+    return pd.DataFrame(rows, columns=SCAN_COLUMNS)
+
+
+def read_scan(path: Path) -> dict[str, Inspection]:
+    """sha1 -> inspection from an earlier ``scan_table``; missing or unreadable means starting cold."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        rows = df[SCAN_COLUMNS].itertuples(index=False)
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return {}
+    seen = {}
+    for p, sha1, reason, detail, w, h, fmt, mode in rows:
+        # A message that names its own file would read wrong for a copy elsewhere: decode those again.
+        if sha1 and Path(p).name not in detail:
+            seen[sha1] = Inspection(reason, detail, sha1, int(w or 0), int(h or 0), fmt, mode)
+    return seen

@@ -1,0 +1,261 @@
+"""Growth benchmark: what adding 4 % more images costs, with one .npy per split (before) and with shards (now).
+
+    python benchmarks/grow.py [--n 20000] [--grow 0.04] [--size 224] [--baseline-ref 674281f] [--images DIR]
+
+Generates N + 4 % small JPEGs (96-160 px; kept in --images DIR to reuse them), then for each layout builds a real
+git + DVC repo in a temp folder with `data.source: folder`, runs `dvc repro resize` (prepare + resize) on N
+images, adds the 4 %, and runs it again. `baseline` is the pipeline code at --baseline-ref (the last commit that
+wrote one .npy per split), `kennel` is this checkout. Prints, per layout: seconds of each run, bytes rewritten in
+data/resized (files new or changed on disk), DVC cache growth, and the new images' own resized bytes. Then
+training images/s on the grown data from both layouts through the same reader and model steps: resident (the
+split loaded into RAM once) and streaming (a DataLoader reading rows from disk), plus the data path alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+BIN = Path(sys.executable).parent
+PROJECT = ["dvc.yaml", "params.yaml", "stages", "src/kennel"]
+
+
+def _make_jpeg(item: tuple[int, str]) -> None:
+    i, folder = item
+    rng = np.random.default_rng(i)
+    w, h = rng.integers(96, 161, size=2)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(w, h)
+    img = np.stack([x * 200 + 30, y * 180 + 40, (x + y) * 90 + 20], axis=-1) + rng.uniform(-60, 60, 3)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)  # noise: no two images share bytes
+    label = ("cat", "dog")[i % 2]
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(f"{folder}/{label}/{i:06d}.jpg", quality=85)
+
+
+def generate(folder: Path, n: int) -> list[Path]:
+    from kennel.data.parallel import pmap
+
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+    todo = [(i, str(folder)) for i in range(n) if not (folder / ("cat", "dog")[i % 2] / f"{i:06d}.jpg").exists()]
+    for _ in pmap(_make_jpeg, todo, "auto", desc="generate"):
+        pass
+    return [folder / ("cat", "dog")[i % 2] / f"{i:06d}.jpg" for i in range(n)]
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "KENNEL_OFFLINE": "1"}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{out.stdout}\n{out.stderr}")
+    return out.stdout + out.stderr
+
+
+def make_repo(dest: Path, ref: str | None, size: int) -> Path:
+    """A git + DVC repo with the pipeline code of ``ref`` (None: this checkout) reading data/raw as folders."""
+    dest.mkdir(parents=True)
+    if ref is None:
+        for rel in PROJECT:
+            src = REPO / rel
+            if src.is_dir():
+                shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, dest / rel)
+    else:
+        archive = subprocess.run(["git", "archive", ref, *PROJECT], cwd=REPO, capture_output=True, check=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(dest, filter="data")
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["data"].update(source="folder", raw_dir="data/raw", min_size=32)
+    params["resize"]["size"] = size
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "data" / "raw").mkdir(parents=True)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=bench", "-c", "user.email=bench@kennel.invalid", "commit", "-qm", "v1"]):
+        _run(cmd, dest)
+    return dest
+
+
+def link(files: list[Path], raw: Path) -> None:
+    """Hard links: the same bytes in every repo without copying them."""
+    for f in files:
+        target = raw / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, target)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def du(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def repro(root: Path) -> tuple[float, str]:
+    """Seconds of `dvc repro resize`, and the seconds each stage's own summary line reports."""
+    start = time.perf_counter()
+    out = _run([str(BIN / "dvc"), "repro", "resize"], root)
+    seconds = time.perf_counter() - start
+    stages = {m[1]: m[2] for m in re.finditer(r" (prepare|resize) INFO .* in (\d+\.\d)s", out)}
+    return seconds, ", ".join(f"{name} {s}s" for name, s in stages.items())
+
+
+def grow(name: str, root: Path, first: list[Path], added: list[Path], size: int) -> dict:
+    link(first, root / "data" / "raw")
+    t1, inside1 = repro(root)
+    resized, cache = root / "data" / "resized", root / ".dvc" / "cache"
+    before, cache_before = snapshot(resized), du(cache)
+    link(added, root / "data" / "raw")
+    t2, inside2 = repro(root)
+    after = snapshot(resized)
+    rewritten = sum(st[2] for rel, st in after.items() if before.get(rel) != st)
+    row = {"layout": name, "first_s": t1, "second_s": t2, "rewritten": rewritten,
+           "cache_growth": du(cache) - cache_before, "new_bytes": len(added) * 3 * size * size,
+           "resized_bytes": du(resized), "cache_bytes": du(cache)}
+    print(f"  {name}: first run {t1:.1f}s, second run {t2:.1f}s ({t2 / t1:.0%}); "
+          f"rewritten {rewritten / 2**20:.1f} MiB, cache +{row['cache_growth'] / 2**20:.1f} MiB, "
+          f"new images' own bytes {row['new_bytes'] / 2**20:.1f} MiB; inside the stages: {inside1} | {inside2}",
+          flush=True)
+    return row
+
+
+def training_rates(dirs: dict[str, Path], steps: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Images/s of the same training steps on each layout's train split: resident, streaming, data path alone."""
+    import torch
+    from torch import nn
+
+    from kennel.data.dataset import ImageArrayDataset
+    from kennel.data.tensors import read_split
+    from kennel.engine import resolve_amp
+    from kennel.model import build_model
+    from kennel.training import make_loader
+
+    device = torch.device("cpu")
+    amp = resolve_amp("auto", device)
+    a, b = (np.array(read_split(d, "train")[0]) for d in dirs.values())
+    assert np.array_equal(a, b), "the two layouts hold different pixels"
+    del a, b
+
+    def train_steps(batches) -> float:
+        model = build_model("resnet18", ["cat", "dog"])[0].to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model.train()
+        it, start, seen = iter(batches), 0.0, 0
+        for i in range(steps + 1):  # the first step warms up, untimed
+            if i == 1:
+                start = time.perf_counter()
+            x, y = next(it)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = nn.functional.cross_entropy(model(x.to(memory_format=torch.channels_last)).float(), y)
+            loss.backward()
+            opt.step()
+            seen += len(y) if i else 0
+        return seen / (time.perf_counter() - start)
+
+    rates: dict[str, dict[str, float]] = {name: {} for name in dirs}
+    for _ in range(rounds):
+        for name, d in dirs.items():
+            r = rates[name]
+            start = time.perf_counter()
+            images, labels = read_split(d, "train")
+            x = torch.from_numpy(np.array(images))
+            load_s = time.perf_counter() - start
+            r["load_s"] = min(r.get("load_s", 1e9), load_s)
+            r["load_img_s"] = len(x) / r["load_s"]
+            from kennel.engine import Batches
+
+            gen = torch.Generator().manual_seed(0)
+            r["resident"] = max(r.get("resident", 0), train_steps(Batches(x, torch.from_numpy(labels), batch, True,
+                                                                          gen)))
+            del x
+            loader = make_loader(ImageArrayDataset(d, "train"), batch, 0, device, True,
+                                 torch.Generator().manual_seed(0))
+            r["streaming"] = max(r.get("streaming", 0), train_steps(loader))
+            start, n = time.perf_counter(), 0
+            for xb, _ in loader:  # one epoch of the data path alone: read rows, collate, no model
+                n += len(xb)
+            r["stream_data"] = max(r.get("stream_data", 0), n / (time.perf_counter() - start))
+    return rates
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--grow", type=float, default=0.04)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--baseline-ref", default="674281f", help="commit of the one-.npy-per-split pipeline")
+    parser.add_argument("--images", type=Path, help="folder for the generated JPEGs (kept, reused)")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="training measurements per layout (best kept)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(SRC))
+
+    work = Path(tempfile.mkdtemp(prefix="kennel-grow-bench-"))
+    try:
+        images = args.images or work / "jpegs"
+        start = time.perf_counter()
+        files = generate(images, args.n + round(args.n * args.grow))
+        first, added = files[:args.n], files[args.n:]
+        print(f"machine: {machine()}")
+        print(f"{len(first)} + {len(added)} generated JPEGs (96-160 px) in {time.perf_counter() - start:.0f}s; "
+              f"resize {args.size}px center_crop; `dvc repro resize` (prepare + resize) in real DVC repos", flush=True)
+        rows = [grow(name, make_repo(work / name, ref, args.size), first, added, args.size)
+                for name, ref in (("baseline", args.baseline_ref), ("kennel", None))]
+        print("\n| layout | first run (s) | second run (s) | second/first | rewritten (MiB) | cache growth (MiB) "
+              "| new images' bytes (MiB) | data/resized (MiB) | DVC cache (MiB) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['layout']} | {r['first_s']:.1f} | {r['second_s']:.1f} | {r['second_s'] / r['first_s']:.0%} "
+                  f"| {r['rewritten'] / 2**20:.1f} | {r['cache_growth'] / 2**20:.1f} | {r['new_bytes'] / 2**20:.1f} "
+                  f"| {r['resized_bytes'] / 2**20:.0f} | {r['cache_bytes'] / 2**20:.0f} |")
+        base, new = rows
+        own = new["new_bytes"]
+        print(f"\nkennel: second run {new['second_s'] / new['first_s']:.1%} of its first; rewritten "
+              f"{new['rewritten'] / own:.2f}x and cache growth {new['cache_growth'] / own:.2f}x the new images' "
+              f"bytes; from scratch {new['first_s'] / base['first_s']:.2f}x the baseline's time")
+
+        dirs = {"memmap (baseline)": work / "baseline" / "data" / "resized", "shards": work / "kennel" / "data" /
+                "resized"}
+        rates = training_rates(dirs, args.steps, args.batch_size, args.rounds)
+        print(f"\ntraining on the grown train split, resnet18 {args.size}px, batch {args.batch_size}, {args.steps} "
+              f"timed steps, best of {args.rounds}")
+        print("| layout | resident img/s | streaming img/s | load into RAM (s) | streaming data path alone (img/s) |")
+        print("|---|---|---|---|---|")
+        for name, r in rates.items():
+            print(f"| {name} | {r['resident']:.1f} | {r['streaming']:.1f} | {r['load_s']:.2f} "
+                  f"| {r['stream_data']:.0f} |")
+        m, s = rates.values()
+        print(f"\nshards / memmap: resident {s['resident'] / m['resident']:.2f}x, streaming "
+              f"{s['streaming'] / m['streaming']:.2f}x, load {m['load_s'] / s['load_s']:.2f}x, data path alone "
+              f"{s['stream_data'] / m['stream_data']:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
