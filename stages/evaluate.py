@@ -12,6 +12,7 @@ from kennel.config import Params
 from kennel.evaluation import evaluate_model
 from kennel.figures import confusion_png, roc_png
 from kennel.metrics import auc
+from kennel.model import WeightsError
 from kennel.paths import CONFUSION, FIGURES, METRICS, MODEL, RESIZED, ROC, RUN_FILE
 from kennel.stage import run_stage
 
@@ -54,7 +55,7 @@ def evaluate_stage(params: Params) -> None:
 
 
 def main(argv=None) -> int:
-    return run_stage("evaluate", evaluate_stage, argv, extra_errors=(tracking.TrackingUnavailable,))
+    return run_stage("evaluate", evaluate_stage, argv, extra_errors=(tracking.TrackingUnavailable, WeightsError))
 
 
 if __name__ == "__main__":

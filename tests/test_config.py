@@ -50,6 +50,7 @@ BAD = [
     ("train.optimizer", "lion", ["train.optimizer", "'lion'", "sgd | adam | adamw"]),
     ("resize.size", 8, ["resize.size", "8", ">= 32"]),
     ("mlflow.experiment", 3, ["mlflow.experiment", "3", "string"]),
+    ("mlflow.system_metrics", "yes", ["mlflow.system_metrics", "'yes'", "true"]),
     ("train", "fast", ["train", "'fast'", "mapping"]),
 ]
 

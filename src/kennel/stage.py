@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 
 from kennel.config import ConfigError, Params, load_params
 from kennel.data.sources import DataError
-from kennel.model import WeightsError
 
 # Errors about the user's input: print the message (which names the file or key) and exit 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
+# Stages add their own (train: WeightsError); importing kennel.model here would make prepare and resize depend on it.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def run_stage(
