@@ -81,9 +81,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 @contextmanager
 def store_lock(root: Path) -> Iterator[None]:
-    """Serialise first contact with the sqlite store: parallel queued experiments would otherwise race to create
-    its tables and the experiment ("table already exists", "database is locked")."""
-    if not tracking_uri(root).startswith("sqlite:"):
+    """Serialise first contact with a database store (sqlite, PostgreSQL, ...): parallel queued experiments would
+    otherwise race to create its tables and the experiment ("table already exists", "database is locked"). A
+    tracking server does that itself."""
+    if tracking_uri(root).startswith(("http://", "https://", "databricks", "file:")):
         yield
         return
     with open(root / ".mlflow.lock", "a") as handle:
