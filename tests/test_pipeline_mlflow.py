@@ -87,9 +87,12 @@ def postgres():
     server = f"postgresql://mlflow@127.0.0.1:{port}"
 
     def database(name: str) -> str:
-        with psycopg2.connect(f"{server}/postgres") as conn:
-            conn.autocommit = True
+        conn = psycopg2.connect(f"{server}/postgres")
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
             conn.cursor().execute(f"CREATE DATABASE {name}")
+        finally:
+            conn.close()
         return f"{server}/{name}"
 
     try:
