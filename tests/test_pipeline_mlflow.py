@@ -70,7 +70,7 @@ def postgres_bin() -> Path:
 def postgres():
     """A real PostgreSQL server on 127.0.0.1 (the distribution's binaries), in a temp dir; yields a function that
     creates a database and returns its URI. PostgreSQL refuses to run as root: then it runs as `postgres`."""
-    import psycopg2
+    import psycopg
 
     bin_dir, port = postgres_bin(), free_port()
     folder = Path(tempfile.mkdtemp(prefix="kennel-pg-"))  # not under pytest's root-only temp dirs
@@ -87,12 +87,8 @@ def postgres():
     server = f"postgresql://mlflow@127.0.0.1:{port}"
 
     def database(name: str) -> str:
-        conn = psycopg2.connect(f"{server}/postgres")
-        try:
-            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-            conn.cursor().execute(f"CREATE DATABASE {name}")
-        finally:
-            conn.close()
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:  # CREATE DATABASE: no transaction
+            conn.execute(f"CREATE DATABASE {name}")
         return f"{server}/{name}"
 
     try:
