@@ -1,16 +1,23 @@
 # Two commands on a fresh machine: `make repro` (set up .venv, run the pipeline) and `make test`.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter: the first of python3.11, python3.12, python3.13, python3 that is a 3.11-3.13; `make PYTHON=...`
+# picks another.
+SUPPORTED := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c '$(SUPPORTED)' 2>/dev/null && { command -v $$p; break; }; done)
+endif
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.kennel-installed
 # Stage commands call `python` and `dvc`: make them the project's.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test lint ui clean
+.PHONY: setup repro test test-fast postgres lint ui clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
+	@test -n "$(PYTHON)" || { echo "make: no Python 3.11, 3.12 or 3.13 found; install one or pass PYTHON=..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
@@ -18,8 +25,17 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	$(RUN) dvc repro
 
-test: setup
+# The PostgreSQL tests start their own server from the distribution's binaries; install them when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || \
+	{ echo "installing PostgreSQL server binaries for the tests"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends postgresql; }
+
+test: setup postgres
 	$(RUN) python -m pytest
+
+test-fast: setup
+	$(RUN) python -m pytest -m "not slow"
 
 lint: setup
 	$(RUN) ruff check src stages tests benchmarks

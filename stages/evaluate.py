@@ -14,6 +14,7 @@ from kennel.config import Params
 from kennel.data.report import FIGURES as DATA_FIGURES
 from kennel.evaluation import Evaluation, evaluate_model, file_name
 from kennel.figures import confusion_png, image_grid, pr_png, reliability_png, roc_png
+from kennel.model import WeightsError
 from kennel.paths import (
     CALIBRATION,
     CONFUSION,
@@ -116,7 +117,7 @@ def write_figures(result: Evaluation, k: int, bins: int) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    return run_stage("evaluate", evaluate_stage, argv, extra_errors=(tracking.TrackingUnavailable,))
+    return run_stage("evaluate", evaluate_stage, argv, extra_errors=(tracking.TrackingUnavailable, WeightsError))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from kennel.checkpoint import mark_complete
 from kennel.config import Params
 from kennel.data.tensors import read_meta, read_split
 from kennel.engine import amp_name, resolve_device
-from kennel.model import read_weights, save_model
+from kennel.model import WeightsError, read_weights, save_model
 from kennel.paths import CHECKPOINT, DATA_REPORT, DATA_SUMMARY, HISTORY, MANIFEST, MODEL, REJECTS, RESIZED, RUN_FILE
 from kennel.serving import log_serving_model
 from kennel.stage import run_stage
@@ -58,7 +58,7 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
     if run_id and not tracking.run_exists(root, run_id):
         run_id = None
     with tracking.open_run(root, params.mlflow.experiment, run_id=run_id, run_name=tracking.run_name(flat),
-                           tags=tracking.provenance_tags(root)) as run_id:
+                           tags=tracking.provenance_tags(root), system_metrics=params.mlflow.system_metrics) as run_id:
         tracking.write_run_file(RUN_FILE, run_id, root)
         if resume is None:
             tracking.log_params(flat)
@@ -98,7 +98,7 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_stage("train", lambda params: train_stage(params, argv), argv,
-                     extra_errors=(tracking.TrackingUnavailable,))
+                     extra_errors=(tracking.TrackingUnavailable, WeightsError))
 
 
 if __name__ == "__main__":

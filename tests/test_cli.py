@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,14 @@ import urllib.request
 import mlflow
 import pytest
 
+from kennel import tracking
+from kennel.cli import ui_url
 from tests.conftest import REPO, free_port
+
+
+def test_ui_url_is_the_experiments_runs_view():
+    assert ui_url("127.0.0.1", 5000, "3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert ui_url("0.0.0.0", 8080, None) == "http://127.0.0.1:8080"  # where a browser on this machine finds it
 
 
 def test_ui_refuses_without_runs(tmp_path):
@@ -21,29 +29,38 @@ def test_ui_refuses_without_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_ui_serves_the_project_store(tmp_path):
+def test_ui_serves_the_project_store_and_opens_its_runs_view(tmp_path):
     (tmp_path / ".dvc").mkdir()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = mlflow.create_experiment("kennel-ui-test")
+    exp = tracking.experiment_id("kennel", tmp_path)  # the experiment name params.yaml would give
     with mlflow.start_run(experiment_id=exp, run_name="visible-run"):
         mlflow.log_param("train.lr", 0.01)
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"  # webbrowser runs $BROWSER with the URL: record it instead of a browser
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "kennel", "ui", "--port", str(port)], cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "kennel", "ui", "--port", str(port), "--open"], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "src"), "BROWSER": f"{browser} %s"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/#/experiments/{exp}?workflowType=machine_learning"
     try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search"
+        printed = server.stdout.readline() + server.stdout.readline()
+        assert f"runs: {url}" in printed, printed
+        search = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search"
         body = json.dumps({"experiment_ids": [exp]}).encode()
-        deadline, reply = time.time() + 90, None
+        deadline, reply = time.time() + 300, None  # a loaded CI machine takes minutes
         while time.time() < deadline and server.poll() is None:
             try:
-                request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+                request = urllib.request.Request(search, body, {"Content-Type": "application/json"})
                 reply = json.loads(urllib.request.urlopen(request, timeout=5).read())
                 break
             except OSError:
                 time.sleep(1)
         assert reply is not None, server.stdout.read() if server.poll() is not None else "no answer"
         assert [r["info"]["run_name"] for r in reply["runs"]] == ["visible-run"]
+        while time.time() < deadline and not opened.exists():
+            time.sleep(0.5)
+        assert opened.read_text().strip() == url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)  # the UI's server processes too
+        server.wait(timeout=120)

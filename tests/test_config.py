@@ -52,6 +52,7 @@ BAD = [
     ("mlflow.experiment", 3, ["mlflow.experiment", "3", "string"]),
     ("evaluate.top_losses", 0, ["evaluate.top_losses", "0", ">= 1"]),
     ("evaluate.calibration_bins", 1, ["evaluate.calibration_bins", "1", ">= 2"]),
+    ("mlflow.system_metrics", "yes", ["mlflow.system_metrics", "'yes'", "true"]),
     ("train", "fast", ["train", "'fast'", "mapping"]),
 ]
 

@@ -78,3 +78,11 @@ def test_champion_moves_only_to_a_better_version(tmp_path, monkeypatch):
     run_id, uri = _run_with_model(tmp_path, 0.99)
     off = tracking.register_and_promote(tmp_path, run_id, uri, "pets", promote=False)
     assert not off.promoted and str(client.get_model_version_by_alias("pets", "champion").version) == "2"
+
+
+def test_experiments_kennel_creates_open_on_the_runs_view(tmp_path):
+    """MLflow 3's UI shows an experiment of kind custom_model_development on its runs, not a GenAI overview."""
+    (tmp_path / ".dvc").mkdir()
+    exp_id = tracking.experiment_id("pets", tmp_path)
+    assert mlflow.MlflowClient().get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.find_experiment(tmp_path, "pets") == exp_id and tracking.find_experiment(tmp_path, "no") is None

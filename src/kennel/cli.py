@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import urllib.request
+import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from kennel.tracking import project_root, tracking_uri
+import yaml
+
+from kennel.tracking import find_experiment, project_root, tracking_uri
 
 USAGE = """usage: python -m kennel {ui,predict,reproduce,lr-find} ...
 
@@ -25,17 +30,53 @@ def ui_command(root: Path, host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
+def ui_url(host: str, port: int, experiment_id: str | None = None) -> str:
+    """The UI's address; with an experiment, its runs view (without ``workflowType=machine_learning`` MLflow 3
+    opens an experiment on a GenAI overview of traces and token usage)."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{host}:{port}"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else base
+
+
+def experiment_name(root: Path) -> str:
+    try:
+        return str(yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "kennel"
+
+
+def open_when_up(url: str, timeout: float = 120) -> None:
+    """In a child process: wait until the server answers, open ``url`` in the browser, exit."""
+    if os.fork():
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url.split("/#", 1)[0] + "/health", timeout=2).read()
+                webbrowser.open(url)
+                break
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        os._exit(0)
+
+
 def ui(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m kennel ui", description="MLflow UI on this project's runs")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--open", action="store_true", help="open the runs view in the browser once it is up")
     args = parser.parse_args(argv)
     root = project_root()
     uri = tracking_uri(root)
     if uri.startswith("sqlite:") and not (root / "mlflow.db").exists():
         print(f"kennel ui: no runs yet at {root / 'mlflow.db'}; run `dvc repro` first", file=sys.stderr)
         return 2
-    print(f"kennel ui: {uri} at http://{args.host}:{args.port}", flush=True)
+    url = ui_url(args.host, args.port, find_experiment(root, experiment_name(root)))
+    print(f"kennel ui: {uri}\n  runs: {url}", flush=True)
+    if args.open:
+        open_when_up(url)
     cmd = ui_command(root, args.host, args.port)
     os.execv(cmd[0], cmd)  # replace this process so Ctrl-C and signals reach the server directly
     return 0  # not reached

@@ -180,6 +180,7 @@ class MlflowConfig:
     experiment: str
     registered_model: str  # each run registers a version under this name; "" = no registry
     promote_if_better: bool  # move the `champion` alias to a version that beats it on test accuracy
+    system_metrics: bool  # CPU, memory and GPU utilisation on the train run (MLflow's system/* metrics)
 
     def check(self) -> None:
         if not self.experiment.strip():

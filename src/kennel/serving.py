@@ -109,13 +109,14 @@ def requirements() -> list[str]:
 def log_serving_model(model_file: Path, name: str = "classifier", registered_model_name: str | None = None) -> str:
     """Log ``model_file`` as a servable pyfunc model in the active MLflow run; returns its ``models:/`` URI.
 
-    The kennel package travels with the model (``code_paths``), so serving needs no kennel install; classes,
-    input size and resize mode go into the model's metadata for clients that send pixels.
+    The kennel package travels with the model (``code_paths``), so serving needs no kennel install; the model
+    itself is ``serving_model.py``, run on load, so nothing is pickled. Classes, input size and resize mode go
+    into the model's metadata for clients that send pixels.
     """
     loaded = load_model_file(Path(model_file))
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=ImageClassifier(),
+        python_model=str(Path(__file__).with_name("serving_model.py")),
         artifacts={"model": str(model_file)},
         code_paths=[str(Path(kennel.__file__).parent)],
         pip_requirements=requirements(),

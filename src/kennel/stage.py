@@ -11,16 +11,8 @@ from kennel.config import ConfigError, Params, load_params
 from kennel.data.sources import DataError
 
 # Errors about the user's input: print the message (which names the file or key) and exit 2, no traceback.
+# Stages add their own (train: WeightsError); importing kennel.model here would make prepare and resize depend on it.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """``USER_ERRORS`` and the model's weights errors where the stage builds a model.
-
-    Looked up, not imported: kennel.model imports torch, seconds of start-up that prepare and resize never need.
-    """
-    model = sys.modules.get("kennel.model")
-    return (*USER_ERRORS, model.WeightsError) if model else USER_ERRORS
 
 
 def run_stage(
@@ -34,7 +26,7 @@ def run_stage(
     try:
         params = load_params(args.params)
         body(params)
-    except (*user_errors(), *extra_errors) as err:
+    except (*USER_ERRORS, *extra_errors) as err:
         print(f"kennel {name}: error: {err}", file=sys.stderr)
         return 2
     return 0

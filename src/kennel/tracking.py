@@ -22,20 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import mlflow
-import mlflow.data
-import numpy as np
-import pandas as pd
-import torch
-import torchvision
-import yaml
-from mlflow.models import infer_signature
+# Before mlflow is imported: no "Downloading artifacts" bars in stage output (logging a model reads files back).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import kennel
+import mlflow  # noqa: E402
+import mlflow.data  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.data.dataset_source_registry import get_registered_sources  # noqa: E402
+from mlflow.models import infer_signature  # noqa: E402
+
+import kennel  # noqa: E402
 
 log = logging.getLogger(__name__)
+# MLflow's own INFO lines (table creation, system metrics monitor start/stop) would drown kennel's; its warnings stay.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 T = TypeVar("T")
 CHAMPION = "champion"  # the registry alias that marks the best version so far
+# MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview (traces, token usage).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -73,9 +81,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 @contextmanager
 def store_lock(root: Path) -> Iterator[None]:
-    """Serialise first contact with the sqlite store: parallel queued experiments would otherwise race to create
-    its tables and the experiment ("table already exists", "database is locked")."""
-    if not tracking_uri(root).startswith("sqlite:"):
+    """Serialise first contact with a database store (sqlite, PostgreSQL, ...): parallel queued experiments would
+    otherwise race to create its tables and the experiment ("table already exists", "database is locked"). A
+    tracking server does that itself."""
+    if tracking_uri(root).startswith(("http://", "https://", "databricks", "file:")):
         yield
         return
     with open(root / ".mlflow.lock", "a") as handle:
@@ -110,7 +119,7 @@ def experiment_id(name: str, root: Path) -> str:
         local = uri.startswith(("sqlite:", "file:"))
         location = (root / "mlruns").as_uri() if local else None
         try:
-            return retry(mlflow.create_experiment, name, artifact_location=location)
+            return retry(mlflow.create_experiment, name, artifact_location=location, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:
             # Another process (another machine, for a server) created it between the lookup and the create.
             return mlflow.get_experiment_by_name(name).experiment_id
@@ -119,14 +128,25 @@ def experiment_id(name: str, root: Path) -> str:
 @contextmanager
 def open_run(
     root: Path, experiment: str, run_id: str | None = None, run_name: str | None = None,
-    tags: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None, system_metrics: bool = False,
 ) -> Iterator[str]:
-    """Start (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED if the block raises."""
+    """Start (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED if the block raises.
+
+    ``system_metrics`` samples CPU, memory, disk, network and (with nvidia-ml-py on an NVIDIA GPU) GPU use in a
+    background thread while the run is open, logged as ``system/*`` metrics: the UI's "System metrics" tab.
+    """
     exp_id = experiment_id(experiment, root)
     run = retry(mlflow.start_run, run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
-                tags=dict(tags or {}))
+                tags=dict(tags or {}), log_system_metrics=system_metrics)
     with run:
         yield run.info.run_id
+
+
+def find_experiment(root: Path, name: str) -> str | None:
+    """Id of experiment ``name`` in the project's store, or None; creates nothing."""
+    mlflow.set_tracking_uri(tracking_uri(root))
+    found = mlflow.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else None
 
 
 def run_exists(root: Path, run_id: str) -> bool:
@@ -235,7 +255,9 @@ def device_name() -> str:
 def log_manifest(manifest: Path, name: str) -> None:
     """The manifest as the run's dataset input: the UI's Dataset column shows its name and digest."""
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), name=name)
+    # A plain path matches two identical "local" sources in MLflow's registry, which warns; name the source.
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+    dataset = mlflow.data.from_pandas(frame, source=local(str(manifest.resolve())), name=name)
     retry(mlflow.log_input, dataset, context="training")
 
 
