@@ -41,7 +41,12 @@ def imported_later(path: Path) -> set[Path]:
     todo = [path]
     while todo:
         tree = ast.parse(todo.pop().read_text())
+        # Imports under `if TYPE_CHECKING:` never run.
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
         for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
                 if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])

@@ -6,11 +6,13 @@ import pickle
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import get_model
 
+from kennel.archs import head_path, supported_archs
 from kennel.config import ConfigError, params_from_dict
-from kennel.model import WeightsError, build_model, head_path, load_model, read_weights, save_model, supported_archs
+from kennel.model import WeightsError, build_model, load_model, read_weights, save_model
 from kennel.training import find_resumable, phases, seed_everything, train
 from tests.conftest import build_dataset, small_params
 
@@ -27,6 +29,11 @@ def _x(n=2, size=32, seed=0):
 @pytest.fixture(scope="module")
 def resized(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("data"), per_class=12)
+
+
+def test_the_written_out_arch_list_is_torchvisions_registry():
+    registry = sorted(n for n in torchvision.models.list_models(module=torchvision.models) if head_path(n))
+    assert supported_archs() == registry
 
 
 def test_supported_archs_cover_every_family_and_others_are_refused():

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from kennel.archs import supported_archs
+
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file, the key and what is allowed."""
@@ -72,8 +74,6 @@ class ModelConfig:
     finetune: Literal["full", "head", "staged"]
 
     def check(self) -> None:
-        from kennel.model import supported_archs  # torchvision is slow to import; only checks need it
-
         if self.arch not in supported_archs():
             raise ConfigError(f"model.arch = {self.arch!r}: allowed: {', '.join(supported_archs())}")
         if not self.weights:

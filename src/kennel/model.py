@@ -15,6 +15,8 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
+from kennel.archs import head_path, supported_archs
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,34 +24,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 30
 # KENNEL_OFFLINE=1: never try to download weights, use the cache or fail (air-gapped machines, tests).
 
-# Where each supported family keeps its last Linear layer (the head a new class count replaces). Longest
-# prefix first: "mobilenet_v3" before a shorter one it starts with.
-HEADS = {
-    "mobilenet_v2": "classifier.1",
-    "mobilenet_v3": "classifier.3",
-    "efficientnet": "classifier.1",
-    "convnext": "classifier.2",
-    "wide_resnet": "fc",
-    "resnext": "fc",
-    "resnet": "fc",
-    "regnet": "fc",
-}
 # Wrappers other tools put around a state dict's keys: DDP, torch.compile, Lightning / SSL code, kennel itself.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.")
 
 
 class WeightsError(RuntimeError):
     """The requested weights cannot be had or do not fit the arch; the message names the file and keys."""
-
-
-def supported_archs() -> list[str]:
-    """torchvision's classification models in the families kennel knows the head of."""
-    return sorted(n for n in list_models(module=torchvision.models) if head_path(n))
-
-
-def head_path(arch: str) -> str:
-    """The attribute path of ``arch``'s last Linear layer; "" for an arch outside the supported families."""
-    return next((path for family, path in HEADS.items() if arch.startswith(family)), "")
 
 
 class Classifier(nn.Module):
