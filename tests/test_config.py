@@ -1,7 +1,6 @@
 import copy
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -95,14 +94,12 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["prepare", "resize", "train", "evaluate"])
-def test_stage_rejects_bad_params_fast_and_writes_nothing(tmp_path, stage):
+def test_stage_rejects_bad_params_before_any_work(tmp_path, stage):
     write_params(tmp_path / "params.yaml", _with("train.batch_size", 0))
-    start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=tmp_path, capture_output=True, text=True,
         env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}, timeout=120,
     )
     assert out.returncode == 2, out.stderr
     assert "train.batch_size = 0" in out.stderr and "Traceback" not in out.stderr
-    assert time.perf_counter() - start < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
