@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from hostinfo import machine
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,12 +194,6 @@ def training_rates(dirs: dict[str, Path], steps: int, batch: int, rounds: int) -
                 n += len(xb)
             r["stream_data"] = max(r.get("stream_data", 0), n / (time.perf_counter() - start))
     return rates
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from hostinfo import machine
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/raw/.gitkeep", ".gitignore"]
@@ -90,12 +90,6 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict) -> dict:
     kept = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]
     return {"mode": mode, "test_accuracy": test["accuracy"], "val_accuracy": float(kept["val_accuracy"]),
             "epochs": len(history), "seconds": seconds, "recipe": RECIPES[mode]}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,6 @@ at N/2 and N images, and prints images/s, the speed ratio, and the peak RSS of e
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from hostinfo import machine
 from PIL import Image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -85,12 +84,6 @@ def measure(method: str, paths: list[str], size: int, work: Path) -> tuple[float
     if proc.returncode:
         raise SystemExit(f"{method} failed with exit code {proc.returncode}")
     return float(out.strip().splitlines()[-1]), peak / 2**20
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from hostinfo import cpu_name
 from PIL import Image
 from torch import nn
 from torchvision import transforms
@@ -160,9 +160,7 @@ def head_epoch(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {resolve_workers('auto')} cores, torch {torch.__version__}"
+    return f"{cpu_name()}, {resolve_workers('auto')} cores, torch {torch.__version__}"
 
 
 def main() -> None:
