@@ -28,11 +28,14 @@ pytestmark = pytest.mark.slow
 def tracking_server(backend: str, artifacts: Path):
     """A real `mlflow server` on 127.0.0.1 with ``backend``, artifacts proxied into ``artifacts``; yields its URI."""
     port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # The server logs every request: into a file, since an unread pipe fills up and stalls the server.
+    log = artifacts.parent / f"mlflow-server-{port}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
+             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300  # minutes on a loaded machine
     while time.time() < deadline:
@@ -41,7 +44,7 @@ def tracking_server(backend: str, artifacts: Path):
             break
         except OSError:
             if server.poll() is not None:
-                raise AssertionError(server.stdout.read()) from None
+                raise AssertionError(log.read_text()) from None
             time.sleep(0.5)
     try:
         yield uri
