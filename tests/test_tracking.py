@@ -86,3 +86,23 @@ def test_experiments_kennel_creates_open_on_the_runs_view(tmp_path):
     exp_id = tracking.experiment_id("pets", tmp_path)
     assert mlflow.MlflowClient().get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert tracking.find_experiment(tmp_path, "pets") == exp_id and tracking.find_experiment(tmp_path, "no") is None
+
+
+def test_retry_rides_out_transient_store_errors_and_raises_others():
+    calls = []
+
+    def insert_once_raced():
+        calls.append(1)
+        if len(calls) == 1:  # what a tracking server on PostgreSQL answers the loser of a concurrent insert
+            raise RuntimeError('BAD_REQUEST: duplicate key value violates unique constraint "dataset_pk"')
+        return "linked"
+
+    assert tracking.retry(insert_once_raced) == "linked" and len(calls) == 2
+
+    def refused():
+        calls.append(1)
+        raise ValueError("bad value")
+
+    with pytest.raises(ValueError, match="bad value"):
+        tracking.retry(refused)
+    assert len(calls) == 3  # not retried

@@ -95,13 +95,18 @@ def store_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Transient store errors: sqlite's writer lock, and two writers inserting the same row at once (parallel runs logging
+# the same dataset through a tracking server: the loser's retry finds the row and links it).
+TRANSIENT = ("database is locked", "duplicate key value violates unique constraint", "UNIQUE constraint failed")
+
+
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call an MLflow write, retrying with backoff while sqlite reports "database is locked"."""
+    """Call an MLflow write, retrying with backoff on a ``TRANSIENT`` store error."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - sqlalchemy's OperationalError arrives wrapped in several ways
-            if "database is locked" not in str(err) or attempt == attempts - 1:
+            if not any(t in str(err) for t in TRANSIENT) or attempt == attempts - 1:
                 raise
             time.sleep(min(8.0, 0.25 * 2**attempt) * (1 + random.random()))
     raise AssertionError("unreachable")
