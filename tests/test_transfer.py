@@ -12,6 +12,7 @@ from torchvision.models import get_model
 
 from kennel.archs import head_path, supported_archs
 from kennel.config import ConfigError, params_from_dict
+from kennel.data.tensors import read_split
 from kennel.model import WeightsError, build_model, load_model, read_weights, save_model
 from kennel.training import find_resumable, phases, seed_everything, train
 from tests.conftest import build_dataset, small_params
@@ -311,5 +312,5 @@ def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_
     from_file = load_model_file(root / "models/model.pt")
     from_run = resolve_model(runs[0].info.run_id, root)
     assert from_file.module.tta == "flip"
-    images = np.load(root / "data/resized/test_x.npy")[:4]
+    images = np.array(read_split(root / "data/resized", "test")[0][:4])
     np.testing.assert_allclose(predict_arrays(images, from_run), predict_arrays(images, from_file), atol=1e-5)
