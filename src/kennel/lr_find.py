@@ -13,15 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from kennel.config import Params
-from kennel.data.tensors import read_meta, read_split
+from kennel.data.tensors import read_split
 from kennel.distributed import Dist
 from kennel.engine import Augment, Batches, Step, build_optimizer, resolve_amp, resolve_device, train_one_epoch
-from kennel.model import build_model
-from kennel.training import _batches, extract_features, fits_resident, seed_everything
+from kennel.training import _batches, build_for, extract_features, fits_resident, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +44,7 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     device = resolve_device(t.device)
     amp_dtype = resolve_amp(t.amp, device)
     generator = seed_everything(params.seed)
-    model, _ = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
-                           params.model.finetune)
-    model = model.to(device, memory_format=torch.channels_last)
+    model, _ = build_for(params, data_dir, device)
     images, _ = read_split(data_dir, "train")
     resident = fits_resident(images.nbytes, device, t.data_on_device)
     batches = _batches(data_dir, "train", resident, t.batch_size, device, t, Dist(), True, generator)

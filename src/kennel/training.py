@@ -172,6 +172,13 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
             **{prefix + k: v for k, v in state.items()}}
 
 
+def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Classifier, WeightsInfo]:
+    """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last; seed the RNG first."""
+    model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
+                                 params.model.finetune)
+    return model.to(device, memory_format=torch.channels_last), weights
+
+
 def train(
     params: Params,
     data_dir: Path,
@@ -195,9 +202,7 @@ def train(
     set_determinism(t.deterministic)
     amp_dtype = resolve_amp(t.amp, device)
     generator = seed_everything(params.seed)
-    model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
-                                 params.model.finetune)
-    model = model.to(device, memory_format=torch.channels_last)
+    model, weights = build_for(params, data_dir, device)
 
     train_images, _ = read_split(data_dir, "train")
     val_images, _ = read_split(data_dir, "val")
