@@ -1,6 +1,7 @@
 """prepare: find every file of ``data.source``, decode each, and write the manifest, the rejects and a summary.
 
-Files whose bytes ``data/scan.csv`` already describes (a persisted output) are hashed, not decoded again.
+Files whose bytes ``data/scan.csv`` already describes (a persisted output) are not decoded again, and files it
+knows by identity (device, inode, size, mtime) are not even read.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from kennel.config import Params
 from kennel.data.manifest import account, check_class_sizes, write_csv
 from kennel.data.report import write_data_report
 from kennel.data.sources import find_images
-from kennel.data.validate import inspect_all, read_scan, scan_table
-from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN
+from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
+from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
 from kennel.stage import run_stage
 
 log = logging.getLogger("kennel.prepare")
@@ -31,8 +32,11 @@ def prepare(params: Params) -> None:
         d.source, Path(d.raw_dir), out_dir=PREPARED, seed=params.seed, per_class=d.synthetic_per_class,
         oxford_target=d.oxford_target,
     )
-    inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers, seen=read_scan(SCAN))
+    stats = file_stats([c.path for c in candidates])
+    seen = read_scan(SCAN, SCAN_IDENTITIES)
+    inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers, seen=seen, stats=stats)
     write_csv(scan_table(candidates, inspections, Path.cwd()), SCAN)
+    write_csv(identity_table(stats, inspections), SCAN_IDENTITIES)
     acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
     # The reports are written before the class-size check so that a failing run still says what was rejected.
     write_csv(acc.rejects, REJECTS)

@@ -17,7 +17,7 @@ from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
 from kennel.data.sources import find_images
 from kennel.data.tensors import read_index, read_split, write_splits
-from kennel.data.validate import inspect_all, read_scan, scan_table
+from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
 from tests.conftest import dvc, make_project, small_params, write_params
 
 SIZE = 32
@@ -145,6 +145,30 @@ def test_prepare_limits_redo_only_the_images_they_change(tmp_path, monkeypatch):
         assert got.manifest.equals(fresh.manifest) and got.rejects.equals(fresh.rejects)
         assert got.summary == fresh.summary
     assert lower_scan.equals(_manifest(tmp_path, 8)[1])
+
+
+def test_files_known_by_identity_are_not_read_again(tmp_path, monkeypatch):
+    raw = _raw(tmp_path / "raw", 12)
+    candidates = find_images("folder", raw)
+    stats = file_stats([c.path for c in candidates])
+    first = inspect_all(candidates, 8, 10**8, stats=stats)
+    scan_table(candidates, first, tmp_path).to_csv(tmp_path / "scan.csv", index=False)
+    identity_table(stats, first).to_csv(tmp_path / "ids.csv", index=False)
+    _image(raw / "cat" / "0.png", 99, (44, 33))  # new bytes under an old name: its identity changed
+    _raw(raw, 1, start=12)  # a new file
+    read = []
+    real = validate._sha1_and_head
+    monkeypatch.setattr(validate, "_sha1_and_head", lambda path: read.append(Path(path).name) or real(path))
+
+    candidates = find_images("folder", raw)
+    stats = file_stats([c.path for c in candidates])
+    again = inspect_all(candidates, 8, 10**8, seen=read_scan(tmp_path / "scan.csv", tmp_path / "ids.csv"),
+                        stats=stats)
+    assert set(read) == {"0.png", "12.png"}  # hashed, then decoded as new bytes; the other 11 not opened
+    assert again == inspect_all(candidates, 8, 10**8)  # what a cold run finds
+    read.clear()
+    without_ids = inspect_all(candidates, 8, 10**8, seen=read_scan(tmp_path / "scan.csv"), stats=stats)
+    assert without_ids == again and len(read) == 13 + 2  # no identities: every file hashed, the 2 new decoded
 
 
 def _stages(root: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kennel.data.manifest import account, check_class_sizes
-from kennel.data.sources import DataError, extract_zip, find_images
+from kennel.data.sources import DataError, extract_zip, find_images, relatives
 from kennel.data.validate import BOMB, CORRUPT, DUPLICATE, EMPTY, LABEL_CONFLICT, NOT_IMAGE, TOO_SMALL, inspect_all
 
 MAX_PIXELS = 89_478_485
@@ -246,3 +246,23 @@ def test_adding_images_never_moves_existing_ones(tmp_path):
     new = after.manifest.set_index("path")["split"]
     assert len(new) == 200 and (new.loc[old.index] == old).all()
     assert set(new) == {"train", "val", "test"}
+
+
+def test_report_paths_follow_symlinks_like_resolve(tmp_path):
+    root, outside = tmp_path / "project", tmp_path / "outside"
+    (root / "data" / "raw" / "cat").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "b.jpg").write_bytes(b"x")
+    (root / "data" / "raw" / "cat" / "a.jpg").write_bytes(b"x")
+    (root / "data" / "raw" / "dog").symlink_to(outside)  # a class folder kept elsewhere
+    (root / "data" / "raw" / "cat" / "link.jpg").symlink_to(root / "data" / "raw" / "cat" / "a.jpg")
+    paths = [root / "data" / "raw" / "cat" / "a.jpg", root / "data" / "raw" / "dog" / "b.jpg",
+             root / "data" / "raw" / "cat" / "link.jpg", root / "data" / "raw" / "cat" / "gone.jpg"]
+    expected = []
+    for p in paths:
+        try:
+            expected.append(p.resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:
+            expected.append(str(p.resolve()))
+    assert relatives(paths, root) == expected
+    assert expected[1] == str(outside / "b.jpg") and expected[2] == "data/raw/cat/a.jpg"

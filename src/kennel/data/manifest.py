@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kennel.data.sources import Candidate, DataError, relative
+from kennel.data.sources import Candidate, DataError, relatives
 from kennel.data.validate import DUPLICATE, LABEL_CONFLICT, Inspection
 
 COLUMNS = ["path", "label", "split", "sha1", "width", "height", "format"]
@@ -38,8 +38,8 @@ def account(
     ``inspections[i]`` belongs to ``candidates[i]`` (None where the layout already rejected the file).
     """
     kept, rejects = [], []
-    for cand, insp in zip(candidates, inspections, strict=True):
-        path = relative(cand.path, root)
+    paths = relatives([c.path for c in candidates], root)
+    for cand, insp, path in zip(candidates, inspections, paths, strict=True):
         if cand.reason or insp is None:
             rejects.append((path, cand.label or "", cand.reason, ""))
         elif insp.reason:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kennel.data.images import bomb_message, open_header, to_rgb
 from kennel.data.parallel import pmap
-from kennel.data.sources import Candidate, relative
+from kennel.data.sources import Candidate, relatives
 
 # Rejection reasons: the vocabulary of reports/rejects.csv.
 EMPTY = "empty file"
@@ -108,6 +109,23 @@ def _sha1_and_head(path: Path) -> tuple[str, bytes]:
     return h.hexdigest(), head
 
 
+def file_stats(paths: Sequence[Path]) -> list[str]:
+    """Each file's identity on this machine (device, inode, size, mtime), "" for one that cannot be stat'ed.
+
+    Taken before any byte is read: a file that changes afterwards has another identity in the next run and is
+    hashed again. The same identity means the same bytes (what DVC and git also assume), so its sha1 is reused.
+    """
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append("")
+            continue
+        out.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    return out
+
+
 def _hash(path: Path) -> str:
     try:
         sha1, head = _sha1_and_head(Path(path))
@@ -116,21 +134,34 @@ def _hash(path: Path) -> str:
     return sha1 if head else ""
 
 
+@dataclass(frozen=True)
+class Scan:
+    """What earlier runs saw: inspections by content (``data/scan.csv``), content by file identity (local)."""
+
+    by_sha1: Mapping[str, Inspection] = field(default_factory=dict)
+    by_file: Mapping[str, str] = field(default_factory=dict)  # file_stats identity -> sha1
+
+
 def inspect_all(
     candidates: Sequence[Candidate], min_size: int, max_pixels: int, workers: int | str = 1,
-    seen: Mapping[str, Inspection] | None = None,
+    seen: Scan | None = None, stats: Sequence[str] | None = None,
 ) -> list[Inspection | None]:
     """Inspect every candidate the layout did not already reject (None for those), in ``workers`` processes.
 
-    ``seen`` maps sha1 to an earlier inspection of the same bytes (``read_scan``): those files are only hashed,
-    not decoded again, unless the limits now ask for a decode that was never done.
+    ``seen`` (``read_scan``) holds earlier inspections by sha1: those files are not decoded again unless the
+    limits now ask for a decode that was never done. A file whose ``stats`` identity ``seen`` knows is not even
+    read; the others are hashed first.
     """
     todo = [i for i, c in enumerate(candidates) if not c.reason]
     results: dict[int, Inspection] = {}
-    if seen:
-        hashes = pmap(_hash, [candidates[i].path for i in todo], workers, desc="hash", unit="file", chunksize=64)
-        for i, sha1 in zip(todo, hashes, strict=True):
-            known = reuse(seen[sha1], min_size, max_pixels) if sha1 in seen else None
+    if seen is not None and seen.by_sha1:
+        known_file = seen.by_file if stats is not None else {}
+        sha1s = {i: known_file.get(stats[i], "") if stats[i] else "" for i in todo} if known_file else {}
+        unknown = [i for i in todo if not sha1s.get(i)]
+        hashes = pmap(_hash, [candidates[i].path for i in unknown], workers, desc="hash", unit="file", chunksize=64)
+        sha1s.update(zip(unknown, hashes, strict=True))
+        for i in todo:
+            known = reuse(seen.by_sha1[sha1s[i]], min_size, max_pixels) if sha1s[i] in seen.by_sha1 else None
             if known is not None:
                 results[i] = known
         todo = [i for i in todo if i not in results]
@@ -144,21 +175,38 @@ SCAN_COLUMNS = ["path", "sha1", "reason", "detail", "width", "height", "format",
 
 def scan_table(candidates: Sequence[Candidate], inspections: Sequence[Inspection | None], root: Path) -> pd.DataFrame:
     """One row per inspected file: what a later run needs to skip decoding the same bytes again."""
-    rows = [(relative(c.path, root), i.sha1, i.reason, i.detail, i.width, i.height, i.format, i.mode)
-            for c, i in zip(candidates, inspections, strict=True) if i is not None]
+    paths = relatives([c.path for c in candidates], root)
+    rows = [(p, i.sha1, i.reason, i.detail, i.width, i.height, i.format, i.mode)
+            for p, i in zip(paths, inspections, strict=True) if i is not None]
     return pd.DataFrame(rows, columns=SCAN_COLUMNS)
 
 
-def read_scan(path: Path) -> dict[str, Inspection]:
-    """sha1 -> inspection from an earlier ``scan_table``; missing or unreadable means starting cold."""
+def identity_table(stats: Sequence[str], inspections: Sequence[Inspection | None]) -> pd.DataFrame:
+    """file_stats identity -> sha1 of every hashed file: lets a later run on this machine skip reading it.
+
+    Kept apart from ``scan_table``: identities differ per machine and per checkout, the scan does not.
+    """
+    rows = [(st, i.sha1) for st, i in zip(stats, inspections, strict=True) if st and i is not None and i.sha1]
+    return pd.DataFrame(rows, columns=["file", "sha1"])
+
+
+def read_scan(path: Path, identities: Path | None = None) -> Scan:
+    """Earlier ``scan_table`` (and ``identity_table``) output; missing or unreadable means starting cold."""
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
         rows = df[SCAN_COLUMNS].itertuples(index=False)
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
-        return {}
-    seen = {}
+        return Scan()
+    by_sha1 = {}
     for p, sha1, reason, detail, w, h, fmt, mode in rows:
         # A message that names its own file would read wrong for a copy elsewhere: decode those again.
         if sha1 and Path(p).name not in detail:
-            seen[sha1] = Inspection(reason, detail, sha1, int(w or 0), int(h or 0), fmt, mode)
-    return seen
+            by_sha1[sha1] = Inspection(reason, detail, sha1, int(w or 0), int(h or 0), fmt, mode)
+    by_file = {}
+    if identities is not None:
+        try:
+            ids = pd.read_csv(identities, dtype=str, keep_default_na=False)
+            by_file = {f: s for f, s in zip(ids["file"], ids["sha1"], strict=True) if s in by_sha1}
+        except (OSError, ValueError, KeyError, pd.errors.ParserError):
+            pass  # hashing every file again is slower, never wrong
+    return Scan(by_sha1, by_file)
