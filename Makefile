@@ -32,11 +32,16 @@ postgres:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends postgresql; }
 
+# One test process per core (pytest-xdist). Most tests wait on chains of single-threaded subprocesses (dvc, stage
+# scripts importing torch and MLflow), so two run side by side on two cores. --dist loadfile keeps a file's tests,
+# and its module-scoped project and servers, on one worker.
+PYTEST := python -m pytest -n auto --dist loadfile
+
 test: setup postgres
-	$(RUN) python -m pytest
+	$(RUN) $(PYTEST)
 
 test-fast: setup
-	$(RUN) python -m pytest -m "not slow"
+	$(RUN) $(PYTEST) -m "not slow"
 
 lint: setup
 	$(RUN) ruff check src stages tests benchmarks

@@ -12,6 +12,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist, share the cores between the workers: torch's OpenMP threads spin while they wait, and two
+# workers with a thread per core each spent twice the CPU time for the same tests. Set before torch is imported;
+# the subprocesses the tests start (dvc, stages) inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 BIN = Path(sys.executable).parent
 
 # What a project copy needs to run the pipeline.
