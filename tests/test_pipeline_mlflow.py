@@ -216,7 +216,7 @@ def test_default_repro_is_quiet_and_the_run_has_its_dataset_and_system_metrics(t
     # kennel's own lines, and none of the third-party noise: warnings, MLflow's INFO lines, download bars
     assert "train INFO epoch 1/1" in output and "test accuracy" in output and "found 24 files" in output
     for noise in ("Warning:", "WARNING mlflow", "INFO mlflow", "CloudPickle", "interpreted in multiple ways",
-                  "Downloading artifacts", "it/s]"):
+                  "Downloading artifacts", "it/s]", "Successfully registered model", "Created version"):
         assert noise not in output, f"{noise!r} in the output of dvc repro:\n{output}"
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

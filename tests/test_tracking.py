@@ -1,5 +1,6 @@
 """MLflow linking: provenance tags, reachability, registry promotion; on real sqlite stores in temp dirs."""
 
+import sys
 import time
 
 import mlflow
@@ -59,7 +60,7 @@ def _run_with_model(root, accuracy: float | None) -> tuple[str, str]:
     return run_id, uri
 
 
-def test_champion_moves_only_to_a_better_version(tmp_path, monkeypatch):
+def test_champion_moves_only_to_a_better_version(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".dvc").mkdir()
     regs = []
@@ -73,6 +74,9 @@ def test_champion_moves_only_to_a_better_version(tmp_path, monkeypatch):
     assert str(client.get_model_version_by_alias("pets", "champion").version) == "2"
     version = client.get_model_version("pets", "2")
     assert version.tags["run_id"] == version.run_id and version.tags["test_accuracy"] == "0.7"
+
+    captured = capfd.readouterr()
+    assert "Successfully registered" not in captured.err and "Created version" not in captured.err
 
     run_id, uri = _run_with_model(tmp_path, 0.99)
     off = tracking.register_and_promote(tmp_path, run_id, uri, "pets", promote=False)
@@ -105,3 +109,15 @@ def test_retry_rides_out_transient_store_errors_and_raises_others():
     with pytest.raises(ValueError, match="bad value"):
         tracking.retry(refused)
     assert len(calls) == 3  # not retried
+
+
+def test_registry_chatter_is_dropped_and_anything_else_passed_on(capfd):
+    def noisy():
+        print("Successfully registered model 'pets'.", file=sys.stderr)
+        print("Created version '3' of model 'pets'.", file=sys.stderr)
+        print("WARNING something the user should see", file=sys.stderr)
+        return 3
+
+    assert tracking._without_registry_chatter(noisy) == 3
+    err = capfd.readouterr().err
+    assert "something the user should see" in err and "Successfully" not in err and "Created version" not in err

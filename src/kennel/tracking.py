@@ -7,13 +7,16 @@ afterwards, so anything relative to its working directory would be lost. ``MLFLO
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
 import platform
 import random
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -341,8 +344,9 @@ def register_and_promote(
     links = {k: run.data.tags[k] for k in ("git.commit", "dvc.exp_name", "mlflow.runName") if k in run.data.tags}
     value = run.data.metrics.get(metric)
     with store_lock(root):  # compare-and-move must not interleave with another run's
-        version = retry(mlflow.register_model, model_uri, name,
-                        tags={"run_id": run_id, **links, metric: "" if value is None else f"{value:.6g}"}).version
+        version = _without_registry_chatter(
+            retry, mlflow.register_model, model_uri, name,
+            tags={"run_id": run_id, **links, metric: "" if value is None else f"{value:.6g}"}).version
         version = str(version)
         if not promote or value is None:
             return Registration(version, False, "promotion off" if not promote else f"run has no {metric}")
@@ -356,6 +360,22 @@ def register_and_promote(
         retry(client.set_registered_model_alias, name, CHAMPION, version)
     was = f"champion v{champion.version}'s {best:.4g}" if champion is not None and best is not None else "no champion"
     return Registration(version, True, f"{metric} {value:.4g} > {was}")
+
+
+# What mlflow.register_model prints on stderr about each registration; the stage logs its own line instead.
+_REGISTRY_CHATTER = ("Successfully registered model", "Created version", "Registered model")
+
+
+def _without_registry_chatter(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(...)`` with MLflow's registration messages dropped; anything else it wrote to stderr is passed on."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return fn(*args, **kwargs)
+    finally:
+        rest = [line for line in captured.getvalue().splitlines() if line and not line.startswith(_REGISTRY_CHATTER)]
+        if rest:
+            print("\n".join(rest), file=sys.stderr)
 
 
 def write_run_file(path: Path, run_id: str, root: Path) -> None:
