@@ -14,21 +14,19 @@ split loaded into RAM once) and streaming (a DataLoader reading rows from disk),
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from hostinfo import machine
 from PIL import Image
+from project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -70,25 +68,14 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def make_repo(dest: Path, ref: str | None, size: int) -> Path:
     """A git + DVC repo with the pipeline code of ``ref`` (None: this checkout) reading data/raw as folders."""
-    dest.mkdir(parents=True)
-    if ref is None:
-        for rel in PROJECT:
-            src = REPO / rel
-            if src.is_dir():
-                shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, dest / rel)
-    else:
-        archive = subprocess.run(["git", "archive", ref, *PROJECT], cwd=REPO, capture_output=True, check=True).stdout
-        tarfile.open(fileobj=io.BytesIO(archive)).extractall(dest, filter="data")
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["data"].update(source="folder", raw_dir="data/raw", min_size=32)
-    params["resize"]["size"] = size
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def folder_source(params: dict) -> dict:
+        params["data"].update(source="folder", raw_dir="data/raw", min_size=32)
+        params["resize"]["size"] = size
+        return params
+
+    make_project(dest, folder_source, ref, PROJECT)
     (dest / "data" / "raw").mkdir(parents=True)
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=bench", "-c", "user.email=bench@kennel.invalid", "commit", "-qm", "v1"]):
-        _run(cmd, dest)
     return dest
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from hostinfo import machine
+from project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/raw/.gitkeep", ".gitignore"]
 BIN = Path(sys.executable).parent
 
 COMMON = {"resize.size": 224, "resize.mode": "center_crop", "train.batch_size": 32, "train.optimizer": "adamw",
@@ -62,20 +62,6 @@ def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
     if out.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return time.perf_counter() - start
-
-
-def make_project(dest: Path, params: dict) -> None:
-    for rel in PROJECT_FILES:
-        src, dst = REPO / rel, dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=kennel", "-c", "user.email=kennel@localhost", "commit", "-qm", "project"]):
-        sh(cmd, dest)
 
 
 def run_mode(prepared: Path, base: dict, mode: str, env: dict) -> dict:
@@ -121,7 +107,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="kennel-realdata-") as tmp:
         prepared = Path(tmp) / "prepared"
         prepared.mkdir()
-        make_project(prepared, base)
+        make_project(prepared, lambda _: base)
         prep = sh([str(BIN / "dvc"), "repro", "resize"], prepared)
         summary = json.loads((prepared / "reports/data_summary.json").read_text())
         print(f"prepare + resize: {prep:.0f} s; {summary['kept']} photos kept of {summary['found']}", flush=True)
