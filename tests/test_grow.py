@@ -43,8 +43,7 @@ def _raw(raw: Path, n: int, start: int = 0) -> Path:
 def _manifest(root: Path, min_size: int = 8, max_pixels: int = 10**8, seen=None):
     candidates = find_images("folder", root / "raw")
     inspections = inspect_all(candidates, min_size, max_pixels, seen=seen)
-    acc = account(candidates, inspections, root, 0.2, 0.2, 0)
-    return acc, scan_table(acc.paths, inspections)
+    return account(candidates, inspections, root, 0.2, 0.2, 0), scan_table(candidates, inspections, root)
 
 
 def _resize(root: Path, manifest, size=SIZE, mode="squash", calls=None):
@@ -153,8 +152,7 @@ def test_files_known_by_identity_are_not_read_again(tmp_path, monkeypatch):
     candidates = find_images("folder", raw)
     stats = file_stats([c.path for c in candidates])
     first = inspect_all(candidates, 8, 10**8, stats=stats)
-    paths = account(candidates, first, tmp_path, 0.2, 0.2, 0).paths
-    scan_table(paths, first).to_csv(tmp_path / "scan.csv", index=False)
+    scan_table(candidates, first, tmp_path).to_csv(tmp_path / "scan.csv", index=False)
     identity_table(stats, first).to_csv(tmp_path / "ids.csv", index=False)
     _image(raw / "cat" / "0.png", 99, (44, 33))  # new bytes under an old name: its identity changed
     _raw(raw, 1, start=12)  # a new file

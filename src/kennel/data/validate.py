@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kennel.data.images import bomb_message, open_header, to_rgb
 from kennel.data.parallel import pmap
-from kennel.data.sources import Candidate
+from kennel.data.sources import Candidate, relatives
 
 # Rejection reasons: the vocabulary of reports/rejects.csv.
 EMPTY = "empty file"
@@ -155,7 +155,8 @@ def inspect_all(
     todo = [i for i, c in enumerate(candidates) if not c.reason]
     results: dict[int, Inspection] = {}
     if seen is not None and seen.by_sha1:
-        sha1s = {i: seen.by_file.get(stats[i], "") for i in todo} if stats is not None else {}
+        known_file = seen.by_file if stats is not None else {}
+        sha1s = {i: known_file.get(stats[i], "") if stats[i] else "" for i in todo} if known_file else {}
         unknown = [i for i in todo if not sha1s.get(i)]
         hashes = pmap(_hash, [candidates[i].path for i in unknown], workers, desc="hash", unit="file", chunksize=64)
         sha1s.update(zip(unknown, hashes, strict=True))
@@ -172,9 +173,9 @@ def inspect_all(
 SCAN_COLUMNS = ["path", "sha1", "reason", "detail", "width", "height", "format", "mode"]
 
 
-def scan_table(paths: Sequence[str], inspections: Sequence[Inspection | None]) -> pd.DataFrame:
-    """One row per inspected file (``paths``: ``Accounting.paths``): what a later run needs to skip decoding the
-    same bytes again."""
+def scan_table(candidates: Sequence[Candidate], inspections: Sequence[Inspection | None], root: Path) -> pd.DataFrame:
+    """One row per inspected file: what a later run needs to skip decoding the same bytes again."""
+    paths = relatives([c.path for c in candidates], root)
     rows = [(p, i.sha1, i.reason, i.detail, i.width, i.height, i.format, i.mode)
             for p, i in zip(paths, inspections, strict=True) if i is not None]
     return pd.DataFrame(rows, columns=SCAN_COLUMNS)
