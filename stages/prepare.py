@@ -35,9 +35,9 @@ def prepare(params: Params) -> None:
     stats = file_stats([c.path for c in candidates])
     seen = read_scan(SCAN, SCAN_IDENTITIES)
     inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers, seen=seen, stats=stats)
-    write_csv(scan_table(candidates, inspections, Path.cwd()), SCAN)
-    write_csv(identity_table(stats, inspections), SCAN_IDENTITIES)
     acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
+    write_csv(scan_table(acc.paths, inspections), SCAN)
+    write_csv(identity_table(stats, inspections), SCAN_IDENTITIES)
     # The reports are written before the class-size check so that a failing run still says what was rejected.
     write_csv(acc.rejects, REJECTS)
     DATA_SUMMARY.write_text(json.dumps(acc.summary, indent=2) + "\n")

@@ -43,7 +43,8 @@ def _raw(raw: Path, n: int, start: int = 0) -> Path:
 def _manifest(root: Path, min_size: int = 8, max_pixels: int = 10**8, seen=None):
     candidates = find_images("folder", root / "raw")
     inspections = inspect_all(candidates, min_size, max_pixels, seen=seen)
-    return account(candidates, inspections, root, 0.2, 0.2, 0), scan_table(candidates, inspections, root)
+    acc = account(candidates, inspections, root, 0.2, 0.2, 0)
+    return acc, scan_table(acc.paths, inspections)
 
 
 def _resize(root: Path, manifest, size=SIZE, mode="squash", calls=None):
@@ -152,7 +153,8 @@ def test_files_known_by_identity_are_not_read_again(tmp_path, monkeypatch):
     candidates = find_images("folder", raw)
     stats = file_stats([c.path for c in candidates])
     first = inspect_all(candidates, 8, 10**8, stats=stats)
-    scan_table(candidates, first, tmp_path).to_csv(tmp_path / "scan.csv", index=False)
+    paths = account(candidates, first, tmp_path, 0.2, 0.2, 0).paths
+    scan_table(paths, first).to_csv(tmp_path / "scan.csv", index=False)
     identity_table(stats, first).to_csv(tmp_path / "ids.csv", index=False)
     _image(raw / "cat" / "0.png", 99, (44, 33))  # new bytes under an old name: its identity changed
     _raw(raw, 1, start=12)  # a new file
@@ -169,6 +171,38 @@ def test_files_known_by_identity_are_not_read_again(tmp_path, monkeypatch):
     read.clear()
     without_ids = inspect_all(candidates, 8, 10**8, seen=read_scan(tmp_path / "scan.csv"), stats=stats)
     assert without_ids == again and len(read) == 13 + 2  # no identities: every file hashed, the 2 new decoded
+
+
+
+def _second_row(text: str, change) -> str:
+    lines = text.splitlines()
+    return "\n".join([lines[0], change(lines[1]), *lines[2:]]) + "\n"
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: "\x00\x01 not a table",
+    lambda text: "",
+    lambda text: "path,sha1\nraw/cat/1.png,abc\n",  # columns missing
+    lambda text: _second_row(text, lambda row: row.replace(",40,", ",wide,")),  # a width that is no number
+    lambda text: _second_row(text, lambda row: row.split(",")[0]),  # a short row
+], ids=["binary", "empty", "columns", "width", "short"])
+def test_a_damaged_scan_means_a_cold_start(tmp_path, damage):
+    raw = _raw(tmp_path / "raw", 4)
+    candidates = find_images("folder", raw)
+    stats = file_stats([c.path for c in candidates])
+    first = inspect_all(candidates, 8, 10**8, stats=stats)
+    scan_table(account(candidates, first, tmp_path, 0.2, 0.2, 0).paths, first).to_csv(tmp_path / "scan.csv",
+                                                                                      index=False)
+    identity_table(stats, first).to_csv(tmp_path / "ids.csv", index=False)
+    intact = read_scan(tmp_path / "scan.csv", tmp_path / "ids.csv")
+    assert len(intact.by_sha1) == 4 and len(intact.by_file) == 4
+
+    (tmp_path / "ids.csv").write_text("file\nno sha1 column\n")  # the identities alone lost: the scan still counts
+    assert read_scan(tmp_path / "scan.csv", tmp_path / "ids.csv") == validate.Scan(intact.by_sha1, {})
+    damaged = damage((tmp_path / "scan.csv").read_text())
+    assert damaged != (tmp_path / "scan.csv").read_text()
+    (tmp_path / "scan.csv").write_text(damaged)
+    assert read_scan(tmp_path / "scan.csv", tmp_path / "ids.csv") == validate.Scan()
 
 
 def _stages(root: Path) -> None:

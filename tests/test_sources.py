@@ -4,6 +4,7 @@ import io
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,16 @@ def test_report_paths_follow_symlinks_like_resolve(tmp_path):
             expected.append(str(p.resolve()))
     assert relatives(paths, root) == expected
     assert expected[1] == str(outside / "b.jpg") and expected[2] == "data/raw/cat/a.jpg"
+
+
+def test_report_paths_of_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    (root / "data" / "raw" / "cat").mkdir(parents=True)
+    (root / "data" / "raw" / "cat" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(root / "data")
+    paths = [Path("raw/cat/a.jpg"), Path("raw/../raw/cat/a.jpg"), Path("../../elsewhere/b.jpg"), Path("top.jpg")]
+    assert relatives(paths, root) == ["data/raw/cat/a.jpg", "data/raw/cat/a.jpg",
+                                      str((tmp_path / "elsewhere" / "b.jpg").resolve()), "data/top.jpg"]
+    assert relatives(paths, root) == [p.resolve().relative_to(root.resolve()).as_posix() if i in (0, 1, 3)
+                                      else str(p.resolve()) for i, p in enumerate(paths)]

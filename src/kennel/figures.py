@@ -7,19 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # not pyplot: no figure manager, no GUI backend, 0.3 s less to import
+from matplotlib.patches import Rectangle
 
 if TYPE_CHECKING:
     from kennel.metrics import Curves
 
 
 def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(classes), 1 + 0.8 * len(classes)), dpi=100)
+    fig, ax = _subplots(figsize=(1.2 + 0.8 * len(classes), 1 + 0.8 * len(classes)), dpi=100)
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -33,7 +31,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
 
 def roc_png(curves: Sequence[Curves], path: Path) -> Path:
     """One ROC line per curve (the positive class, or each class against the rest)."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig, ax = _subplots(figsize=(4.5, 4.5), dpi=100)
     for c in curves:
         ax.plot(c.roc["fpr"], c.roc["tpr"], label=f"{_label(c, curves)}AUC = {c.roc_auc:.3f}")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
@@ -46,7 +44,7 @@ def roc_png(curves: Sequence[Curves], path: Path) -> Path:
 
 def pr_png(curves: Sequence[Curves], path: Path) -> Path:
     """One precision-recall line per curve, with its average precision."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig, ax = _subplots(figsize=(4.5, 4.5), dpi=100)
     for c in curves:
         ax.step(c.pr["recall"], c.pr["precision"], where="pre",  # recall rises along the table
                 label=f"{_label(c, curves)}AP = {c.average_precision:.3f}")
@@ -65,7 +63,7 @@ def _label(c: Curves, curves: Sequence[Curves]) -> str:
 
 def reliability_png(table: pd.DataFrame, ece: float, bins: int, path: Path) -> Path:
     """Accuracy against confidence per bin (bars), the diagonal a calibrated model sits on, images per bin."""
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), dpi=100, sharex=True,
+    fig, (ax, hist) = _subplots(2, 1, figsize=(4.5, 5.5), dpi=100, sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})
     width = 1.0 / bins
     ax.bar(table["bin_low"], table["accuracy"], width=width, align="edge", edgecolor="black", label="accuracy")
@@ -82,6 +80,9 @@ def reliability_png(table: pd.DataFrame, ece: float, bins: int, path: Path) -> P
     return _save(fig, path)
 
 
+PANEL_W, PANEL_H = 2.3, 2.2  # inches per image_grid panel, caption not included
+
+
 def image_grid(
     images: Sequence[np.ndarray | None], captions: Sequence[str], path: Path, title: str, cols: int = 4,
     heat: Sequence[np.ndarray] | None = None, colors: Sequence[str] | None = None,
@@ -91,19 +92,26 @@ def image_grid(
     n = max(len(images), 1)
     cols = max(1, min(cols, n))
     rows = -(-n // cols)
-    lines = max((c.count("\n") + 1 for c in captions), default=1)
-    # constrained layout leaves room for a wrapped suptitle, which tight_layout would overlap with the captions
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.2 * rows + 0.16 * lines * rows + 0.5), dpi=100,
-                             squeeze=False, layout="constrained")
-    for i, ax in enumerate(axes.flat):
+    caption_h = 0.16 * max((c.count("\n") + 1 for c in captions), default=1)  # inches of caption over a panel
+    title = textwrap.fill(title, int(12 * PANEL_W * cols))  # ~12 characters per inch at 10 pt
+    top = 0.25 + 0.18 * (title.count("\n") + 1)
+    width, height = PANEL_W * cols, top + rows * (PANEL_H + caption_h) + 0.1
+    fig = Figure(figsize=(width, height), dpi=100)
+    # Panels placed by hand, captions as plain text: a layout engine or axes titles measure every text's
+    # extent and took most of the drawing time (0.9 s -> 0.35 s for two rows of eight).
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        ax = fig.add_axes(((c * PANEL_W + 0.05) / width, 1 - (top + (r + 1) * (PANEL_H + caption_h)) / height,
+                           (PANEL_W - 0.1) / width, PANEL_H / height))
         ax.set_axis_off()
+        ax.set_anchor("N")  # an image narrower than its panel hangs from the top, under its caption
         if i >= len(images):
             if not images:
                 ax.text(0.5, 0.5, "none", ha="center", va="center", color="0.4", transform=ax.transAxes)
             continue
         img = images[i]
         if img is None:
-            ax.add_patch(plt.Rectangle((0, 0), 1, 1, color="0.9", transform=ax.transAxes))
+            ax.add_patch(Rectangle((0, 0), 1, 1, color="0.9", transform=ax.transAxes))
             ax.text(0.5, 0.5, "no image", ha="center", va="center", color="0.4", transform=ax.transAxes)
         else:
             img = img.transpose(1, 2, 0) if img.ndim == 3 and img.shape[0] == 3 else img
@@ -111,19 +119,21 @@ def image_grid(
             if heat is not None:
                 ax.imshow(heat[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(-0.5, img.shape[1] - 0.5,
                                                                                 img.shape[0] - 0.5, -0.5))
-        ax.set_title(captions[i], fontsize=7.5, loc="left", color=colors[i] if colors is not None else "black")
-    fig.suptitle(textwrap.fill(title, int(12 * 2.3 * cols)), fontsize=10)  # ~12 characters per inch at 10 pt
-    return _save(fig, path)
+        ax.text(0, 1.01, captions[i], fontsize=7.5, ha="left", va="bottom", transform=ax.transAxes,
+                color=colors[i] if colors is not None else "black")
+    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
+    return _save(fig, path, layout=False)
 
 
 def sizes_png(widths: np.ndarray, heights: np.ndarray, path: Path) -> Path:
     """Histograms of width and height (pixels) and of the aspect ratio width / height of the kept images."""
-    fig, (ax, ratio) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    fig, (ax, ratio) = _subplots(1, 2, figsize=(9, 3.6), dpi=100)
     if len(widths):
         bins = np.histogram_bin_edges(np.r_[widths, heights], bins=30)
-        ax.hist(widths, bins=bins, alpha=0.6, label="width")
-        ax.hist(heights, bins=bins, alpha=0.6, label="height")
-        ratio.hist(widths / heights, bins=30, color="tab:green")
+        # one filled outline per histogram, not a patch per bar: a third of the drawing time
+        ax.hist(widths, bins=bins, alpha=0.6, label="width", histtype="stepfilled")
+        ax.hist(heights, bins=bins, alpha=0.6, label="height", histtype="stepfilled")
+        ratio.hist(widths / heights, bins=30, color="tab:green", histtype="stepfilled")
         ax.legend(fontsize="small")
     ax.set_xlabel("pixels")
     ax.set_ylabel("images")
@@ -131,12 +141,13 @@ def sizes_png(widths: np.ndarray, heights: np.ndarray, path: Path) -> Path:
     ratio.axvline(1.0, color="grey", linestyle="--")
     ratio.set_xlabel("aspect ratio (width / height)")
     ratio.set_title("aspect ratios")
-    return _save(fig, path)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.15, top=0.9, wspace=0.25)  # fixed texts: no tight_layout
+    return _save(fig, path, layout=False)
 
 
 def class_counts_png(counts: pd.DataFrame, path: Path) -> Path:
     """Images per class and split (stacked bars), with the rejected count beside each class."""
-    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.45 * len(counts)), dpi=100)
+    fig, ax = _subplots(figsize=(6, 1.2 + 0.45 * len(counts)), dpi=100)
     y = np.arange(len(counts))
     left = np.zeros(len(counts))
     for split in ("train", "val", "test"):
@@ -153,10 +164,14 @@ def class_counts_png(counts: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, layout: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fig.get_layout_engine() is None:
+    if layout:
         fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], dpi: int, **kwargs):
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **kwargs)

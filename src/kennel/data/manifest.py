@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +27,7 @@ class Accounting:
     manifest: pd.DataFrame  # kept images, COLUMNS
     rejects: pd.DataFrame  # REJECT_COLUMNS
     summary: dict
+    paths: list[str] = field(default_factory=list)  # each candidate's path as the reports write it, in order
 
 
 def account(
@@ -62,7 +63,8 @@ def account(
                         for p, lab in zip(group["path"].iloc[1:], group["label"].iloc[1:], strict=True)]
     df = assign_splits(df[keep], val_fraction, test_fraction, seed)
     rejected = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values(["reason", "path"], kind="stable")
-    return Accounting(df.reset_index(drop=True), rejected.reset_index(drop=True), _summary(candidates, df, rejected))
+    return Accounting(df.reset_index(drop=True), rejected.reset_index(drop=True), _summary(candidates, df, rejected),
+                      paths)
 
 
 def check_class_sizes(acc: Accounting, labels: Sequence[str], min_per_class: int) -> None:

@@ -39,13 +39,13 @@ def relatives(paths: Sequence[Path], root: Path) -> list[str]:
     folders: dict[str, str] = {}
     out = []
     for path in paths:
-        p = os.path.abspath(path)
+        p = os.fspath(path)
         if os.path.islink(p):
             real = os.path.realpath(p)
         else:
-            folder, name = os.path.split(p)
+            folder, name = os.path.split(p)  # a relative folder resolves against the working directory
             if folder not in folders:
-                folders[folder] = os.path.realpath(folder)
+                folders[folder] = os.path.realpath(folder or os.curdir)
             real = os.path.join(folders[folder], name)
         out.append(real[len(prefix):].replace(os.sep, "/") if real.startswith(prefix) else real)
     return out
@@ -75,9 +75,9 @@ def _require_dir(raw_dir: Path, layout: str) -> None:
 def from_folder(raw_dir: Path, lowercase: bool = False, **_) -> list[Candidate]:
     """ImageFolder layout: ``raw_dir/<class>/**/<file>``; the class is the first folder level."""
     _require_dir(raw_dir, f"{raw_dir}/<class>/<image>")
-    found = []
+    found, prefix = [], len(os.path.join(raw_dir, ""))
     for path in _files(raw_dir):
-        parts = path.relative_to(raw_dir).parts
+        parts = os.fspath(path)[prefix:].split(os.sep)  # _files joins onto raw_dir as given: no relative_to needed
         if len(parts) < 2 or parts[0].startswith("."):
             found.append(Candidate(path, None, "not in a class folder"))
         else:
