@@ -64,7 +64,7 @@ def _label(c: Curves, curves: Sequence[Curves]) -> str:
 def reliability_png(table: pd.DataFrame, ece: float, bins: int, path: Path) -> Path:
     """Accuracy against confidence per bin (bars), the diagonal a calibrated model sits on, images per bin."""
     fig, (ax, hist) = _subplots(2, 1, figsize=(4.5, 5.5), dpi=100, sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
+                                gridspec_kw={"height_ratios": [3, 1]})
     width = 1.0 / bins
     ax.bar(table["bin_low"], table["accuracy"], width=width, align="edge", edgecolor="black", label="accuracy")
     ax.plot(table["bin_low"] + width / 2, table["confidence"], "o", color="tab:red", label="mean confidence")
