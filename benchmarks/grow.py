@@ -110,35 +110,42 @@ def repro(root: Path) -> tuple[float, str]:
     return seconds, ", ".join(f"{name} {s}s" for name, s in stages.items())
 
 
-def grow(name: str, root: Path, first: list[Path], added: list[Path], size: int, repeats: int) -> dict:
-    raw = root / "data" / "raw"
-    link(first, raw)
-    t1, inside1 = repro(root)
-    resized, cache = root / "data" / "resized", root / ".dvc" / "cache"
-    before, cache_before = snapshot(resized), du(cache)
-    link(added, raw)
-    t2, inside2 = repro(root)
-    after = snapshot(resized)
-    rewritten = sum(st[2] for rel, st in after.items() if before.get(rel) != st)
-    row = {"layout": name, "first_s": t1, "rewritten": rewritten,
-           "cache_growth": du(cache) - cache_before, "new_bytes": len(added) * 3 * size * size,
-           "resized_bytes": du(resized), "cache_bytes": du(cache)}
-    seconds, removed = [t2], []
+def grow(repos: dict[str, Path], first: list[Path], added: list[Path], size: int, repeats: int) -> list[dict]:
+    """First runs, then second runs, each step for every layout before the next step: the layouts run under the
+    same conditions (page cache, the disk's write backlog), not one after the other's gigabytes of writes."""
+    rows = {name: {"layout": name, "new_bytes": len(added) * 3 * size * size, "seconds": [], "removed": []}
+            for name in repos}
+    before = {}
+    for name, root in repos.items():
+        link(first, root / "data" / "raw")
+        rows[name]["first_s"], rows[name]["inside"] = repro(root)
+        before[name] = snapshot(root / "data" / "resized"), du(root / ".dvc" / "cache")
+    for name, root in repos.items():
+        link(added, root / "data" / "raw")
+        seconds, inside = repro(root)
+        resized, cache = root / "data" / "resized", root / ".dvc" / "cache"
+        after, (old, cache_before) = snapshot(resized), before[name]
+        rows[name].update(rewritten=sum(st[2] for rel, st in after.items() if old.get(rel) != st),
+                          cache_growth=du(cache) - cache_before, resized_bytes=du(resized), cache_bytes=du(cache))
+        rows[name]["seconds"].append(seconds)
+        rows[name]["inside"] += f" | {inside}"
     for _ in range(repeats - 1):  # take the 4 % out and add it again: the same second run, measured once more
-        for f in added:
-            (raw / f.parent.name / f.name).unlink()
-        removed.append(repro(root)[0])
-        link(added, raw)
-        seconds.append(repro(root)[0])
-    row["second_s"] = float(np.median(seconds))
-    print(f"  {name}: first run {t1:.1f}s, second run {row['second_s']:.1f}s ({row['second_s'] / t1:.0%}); "
-          f"rewritten {rewritten / 2**20:.1f} MiB, cache +{row['cache_growth'] / 2**20:.1f} MiB, "
-          f"new images' own bytes {row['new_bytes'] / 2**20:.1f} MiB; inside the stages: {inside1} | {inside2}",
-          flush=True)
-    if repeats > 1:
-        print(f"    second runs {', '.join(f'{t:.1f}' for t in seconds)}s (median above); runs with the 4 % taken "
-              f"out again {', '.join(f'{t:.1f}' for t in removed)}s", flush=True)
-    return row
+        for name, root in repos.items():
+            for f in added:
+                (root / "data" / "raw" / f.parent.name / f.name).unlink()
+            rows[name]["removed"].append(repro(root)[0])
+            link(added, root / "data" / "raw")
+            rows[name]["seconds"].append(repro(root)[0])
+    for row in rows.values():
+        row["second_s"] = float(np.median(row["seconds"]))
+        print(f"  {row['layout']}: first run {row['first_s']:.1f}s, second run {row['second_s']:.1f}s "
+              f"({row['second_s'] / row['first_s']:.0%}); rewritten {row['rewritten'] / 2**20:.1f} MiB, cache "
+              f"+{row['cache_growth'] / 2**20:.1f} MiB, new images' own bytes {row['new_bytes'] / 2**20:.1f} MiB; "
+              f"inside the stages: {row['inside']}", flush=True)
+        if repeats > 1:
+            print(f"    second runs {', '.join(f'{t:.1f}' for t in row['seconds'])}s (median above); runs with the "
+                  f"4 % taken out again {', '.join(f'{t:.1f}' for t in row['removed'])}s", flush=True)
+    return list(rows.values())
 
 
 def training_rates(dirs: dict[str, Path], steps: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -232,8 +239,9 @@ def main() -> None:
         print(f"{len(first)} + {len(added)} generated JPEGs ({args.px[0]}-{args.px[1]} px) in "
               f"{time.perf_counter() - start:.0f}s; "
               f"resize {args.size}px center_crop; `dvc repro resize` (prepare + resize) in real DVC repos", flush=True)
-        rows = [grow(name, make_repo(work / name, ref, args.size), first, added, args.size, args.repeats)
-                for name, ref in (("baseline", args.baseline_ref), ("kennel", None))]
+        repos = {name: make_repo(work / name, ref, args.size)
+                 for name, ref in (("baseline", args.baseline_ref), ("kennel", None))}
+        rows = grow(repos, first, added, args.size, args.repeats)
         print("\n| layout | first run (s) | second run (s) | second/first | rewritten (MiB) | cache growth (MiB) "
               "| new images' bytes (MiB) | data/resized (MiB) | DVC cache (MiB) |")
         print("|---|---|---|---|---|---|---|---|---|")
