@@ -83,7 +83,7 @@ def test_no_training_images_is_an_error():
     sha = next(s for s in (f"{i:040x}" for i in range(100)) if split_of(s, 0, 0.5, 0.4) != "train")
     df = assign_splits(pd.DataFrame({"path": ["x", "y"], "label": ["a", "b"], "sha1": [sha, sha]}), 0.5, 0.4, 0)
     with pytest.raises(DataError, match="no image fell into the train split"):
-        check_class_sizes(Accounting(df, pd.DataFrame(columns=["label"]), {}), ["a", "b"], 1)
+        check_class_sizes(Accounting(df, pd.DataFrame(columns=["label"]), {}, []), ["a", "b"], 1)
 
 
 def test_manifest_roundtrip_and_validation(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +27,7 @@ class Accounting:
     manifest: pd.DataFrame  # kept images, COLUMNS
     rejects: pd.DataFrame  # REJECT_COLUMNS
     summary: dict
-    paths: list[str] = field(default_factory=list)  # each candidate's path as the reports write it, in order
+    paths: list[str]  # each candidate's path as the reports write it, in candidate order
 
 
 def account(
