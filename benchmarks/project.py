@@ -14,7 +14,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FILES = ("dvc.yaml", "params.yaml", "stages", "src/kennel", "data/raw/.gitkeep", ".gitignore")
+FILES = ("dvc.yaml", "params.yaml", "stages", "src/kennel", "data/synthetic/README.md", "data/.gitignore",
+         ".gitignore")
 
 
 def make_project(

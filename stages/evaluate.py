@@ -66,7 +66,8 @@ def evaluate_stage(params: Params) -> None:
         tracking.note(run_note(
             m, json.loads(DATA_SUMMARY.read_text()), tracking.experiment_id(params.mlflow.experiment, root), run_id,
             tracking.run_tag(run_id, "kennel.selected_epoch"),
-            params.train.epochs, params.train.select, links, warning=tracking.run_tag(run_id, "kennel.weights_warning"),
+            params.train.epochs, params.train.select, links,
+            warnings=[tracking.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights")],
         ))
         mf = params.mlflow
         if mf.registered_model:

@@ -19,6 +19,7 @@ from kennel.data.report import write_data_report
 from kennel.data.sources import find_images
 from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
 from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
+from kennel.provenance import git_tracked_files
 from kennel.stage import run_stage
 
 log = logging.getLogger("kennel.prepare")
@@ -27,6 +28,10 @@ log = logging.getLogger("kennel.prepare")
 def prepare(params: Params) -> None:
     d = params.data
     start = time.perf_counter()
+    if d.source != "synthetic" and (in_git := git_tracked_files(Path.cwd(), d.raw_dir)):
+        log.warning("%s: %d files are tracked by git, so `dvc add %s` refuses the folder; to version the images "
+                    "with DVC instead, run `git rm -r --cached %s && dvc add %s`",
+                    d.raw_dir, len(in_git), d.raw_dir, d.raw_dir, d.raw_dir)
     shutil.rmtree(PREPARED, ignore_errors=True)  # a stale synthetic set or extraction must not survive a source change
     candidates = find_images(
         d.source, Path(d.raw_dir), out_dir=PREPARED, seed=params.seed, per_class=d.synthetic_per_class,

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from kennel.data.tensors import read_meta, read_split
 from kennel.engine import amp_name, resolve_device
 from kennel.model import WeightsError, read_weights, save_model
 from kennel.paths import CHECKPOINT, DATA_REPORT, DATA_SUMMARY, HISTORY, MANIFEST, MODEL, REJECTS, RESIZED, RUN_FILE
+from kennel.provenance import workspace_unversioned_reason
 from kennel.serving import log_serving_model
 from kennel.stage import run_stage
 from kennel.training import TrainResult, find_resumable, train
@@ -57,8 +59,14 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
     run_id = resume.get("mlflow_run_id") if resume else None
     if run_id and not tracking.run_exists(root, run_id):
         run_id = None
+    unversioned = workspace_unversioned_reason(Path.cwd(), params.data.source, params.data.raw_dir)
+    tags = {**tracking.provenance_tags(root), "kennel.data_versioned": str(not unversioned).lower()}
+    if unversioned:
+        log.warning("the raw images are not versioned, so this run is not reproducible from its commit: %s",
+                    unversioned)
+        tags["kennel.data_warning"] = f"not reproducible from its commit: {unversioned}"
     with tracking.open_run(root, params.mlflow.experiment, run_id=run_id, run_name=tracking.run_name(flat),
-                           tags=tracking.provenance_tags(root), system_metrics=params.mlflow.system_metrics) as run_id:
+                           tags=tags, system_metrics=params.mlflow.system_metrics) as run_id:
         tracking.write_run_file(RUN_FILE, run_id, root)
         if resume is None:
             tracking.log_params(flat)

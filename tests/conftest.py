@@ -23,7 +23,8 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 BIN = Path(sys.executable).parent
 
 # What a project copy needs to run the pipeline.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/raw/.gitkeep", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/synthetic/README.md", "data/.gitignore",
+                 ".gitignore"]
 
 
 def isolate(mp: pytest.MonkeyPatch, torch_home: Path) -> None:
@@ -60,6 +61,8 @@ def small_params(**overrides) -> dict:
     p["train"]["batch_size"] = 8
     p["train"]["num_workers"] = 0
     p["train"]["device"] = "cpu"
+    if overrides.get("data.source", "synthetic") != "synthetic":
+        p["data"]["raw_dir"] = "data/raw"  # where the README puts a user's own images
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition(".")
         (p[section] if section else p)[key] = value
@@ -140,3 +143,38 @@ def project_runs(root: Path):
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("kennel")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def write_image(path: Path, seed: int, label: str = "", size: tuple[int, int] = (48, 48)) -> Path:
+    """A small photo-like file (JPEG or PNG by suffix): noise over a colour cue the classes ``red``/``cat`` (red) and
+    others (blue) differ by, so a model can learn it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = np.zeros((size[1], size[0], 3), np.uint8)
+    base[..., 0 if label in ("red", "cat") else 2] = 200
+    noisy = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(noisy).save(path)
+    return path
+
+
+def own_images(raw: Path, per_class: int = 12, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """A user's images in ImageFolder layout: ``raw/<class>/<class>.<i>.jpg``."""
+    for label in classes:
+        for i in range(per_class):
+            write_image(raw / label / f"{label}.{i}.jpg", 1000 * classes.index(label) + i, label)
+    return raw
+
+
+def readme_blocks(heading: str, language: str) -> list[str]:
+    """The ``language`` code blocks of README.md's section ``heading`` (its subsections included), in order."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    level = heading.split(" ")[0]
+    start = text.index(f"\n{heading}\n")
+    end = re.search(rf"\n{level} ", text[start + 1:])
+    section = text[start: start + 1 + end.start()] if end else text[start:]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)

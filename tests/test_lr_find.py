@@ -14,7 +14,24 @@ def test_suggestion_is_the_steepest_descent_before_the_minimum():
     lrs = [10 ** (e / 4) for e in range(-28, 4)]
     losses = [1 / (1 + math.exp(4 * (math.log10(lr) + 3))) + (lr / 0.1) ** 2 for lr in lrs]  # falls fastest at 1e-3
     assert 10 ** -3.5 <= suggest(lrs, losses) <= 10 ** -2.5
-    assert suggest([1e-3], [1.0]) == 1e-3 and math.isnan(suggest([], []))
+    assert math.isnan(suggest([1e-3], [1.0])) and math.isnan(suggest([], []))  # too few points: no suggestion
+    assert math.isnan(suggest(lrs[:4], losses[:4]))
+    assert math.isnan(suggest(lrs, [1.0] * 3 + [0.9 + e / 100 for e in range(len(lrs) - 3)]))  # never falls
+
+
+def test_suggestion_skips_the_smoothing_artefact_at_the_start_and_the_divergence_at_the_end():
+    # The bias-corrected EMA at the start averages a few batches: here it drops sharply over the first 3 points
+    # (steeper than the real descent: the old suggestion returned lrs[0] here), then a noisy plateau, the real
+    # descent around 1e-2, and divergence.
+    lrs = [10 ** (e / 10) for e in range(-70, 11)]
+    losses = [0.7 + 0.01 * math.sin(3 * i) + 0.5 / (1 + math.exp(4 * (math.log10(lr) + 2))) + 0.5 * (lr / 0.3) ** 2
+              for i, lr in enumerate(lrs)]
+    losses[:3] = [2.5, 1.8, 1.4]
+    assert losses[0] - losses[1] > max(a - b for a, b in zip(losses[3:], losses[4:], strict=False))
+    lr = suggest(lrs, losses)
+    assert 10 ** -2.5 <= lr <= 10 ** -1.5 and lr not in (lrs[0], lrs[-1])
+    lrs, losses = lrs[:50], losses[:50]  # a sweep that stops mid-descent: its minimum is its last point
+    assert min(losses) == losses[-1] and suggest(lrs, losses) not in (lrs[0], lrs[-1])
 
 
 def test_range_test_on_tiny_data_gives_a_finite_lr_and_a_plot(tmp_path):
@@ -24,6 +41,7 @@ def test_range_test_on_tiny_data_gives_a_finite_lr_and_a_plot(tmp_path):
                          end_lr=100.0)
         assert 3 <= len(result.lrs) <= 30 and result.lrs == sorted(result.lrs)
         assert math.isfinite(result.suggestion) and result.suggestion in result.lrs
+        assert result.suggestion not in (result.lrs[0], result.lrs[-1])
     png = plot(result, tmp_path / "lr.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -5,22 +5,11 @@ from __future__ import annotations
 import json
 
 import mlflow
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.conftest import dvc, make_project, small_params
+from tests.conftest import dvc, make_project, small_params, write_image
 
 pytestmark = pytest.mark.slow
-
-
-def _image(path, seed: int, label: str):
-    rng = np.random.default_rng(seed)
-    base = np.zeros((48, 48, 3), np.uint8)
-    base[..., 0 if label == "red" else 2] = 200  # a learnable colour cue plus noise
-    noisy = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(noisy).save(path)
 
 
 def test_folder_source_end_to_end(tmp_path):
@@ -30,9 +19,10 @@ def test_folder_source_end_to_end(tmp_path):
     raw = root / "data/raw"
     for i in range(30):
         label = ("red", "blue")[i % 2]
-        _image(raw / label / ("sub" if i % 3 else "") / f"{i}.png", i, label)
+        write_image(raw / label / ("sub" if i % 3 else "") / f"{i}.png", i, label)
     (raw / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(40))
     (raw / "blue" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (raw / ".gitkeep").write_bytes(b"")  # a stray file outside the class folders
     out = dvc(["repro"], root)
     assert "Running stage 'evaluate'" in out.stdout
 
@@ -58,7 +48,7 @@ def test_folder_source_end_to_end(tmp_path):
     manifest = (root / "data/prepared/manifest.csv").read_text().splitlines()
     for i in range(30, 40):
         label = ("red", "blue")[i % 2]
-        _image(raw / label / f"{i}.png", i, label)
+        write_image(raw / label / f"{i}.png", i, label)
     status = json.loads(dvc(["status", "--json"], root).stdout)
     assert "prepare" in status
     dvc(["repro"], root)
@@ -72,8 +62,8 @@ def test_prepare_keeps_its_reports_when_a_class_is_too_small(tmp_path, monkeypat
     params = small_params(**{"data.source": "folder", "data.min_per_class": 3})
     raw = tmp_path / "data/raw"
     for i in range(5):
-        _image(raw / "red" / f"{i}.png", i, "red")
-    _image(raw / "blue" / "0.png", 100, "blue")
+        write_image(raw / "red" / f"{i}.png", i, "red")
+    write_image(raw / "blue" / "0.png", 100, "blue")
     (raw / "blue" / "1.jpg").write_bytes(b"")
     from tests.conftest import write_params
 

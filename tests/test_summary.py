@@ -17,5 +17,5 @@ def test_the_note_says_how_good_on_what_and_links_the_figures():
 
 
 def test_a_weights_warning_leads_the_note():
-    note = run_note(METRICS, DATA, "7", "r", "", 2, "last", [], warning="ImageNet weights unavailable")
+    note = run_note(METRICS, DATA, "7", "r", "", 2, "last", [], warnings=["ImageNet weights unavailable", ""])
     assert note.startswith("Warning: ImageNet weights unavailable\n") and "epoch ? of 2" in note

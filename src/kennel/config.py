@@ -19,6 +19,8 @@ import yaml
 
 from kennel.archs import supported_archs
 
+SYNTHETIC_RAW_DIR = "data/synthetic"  # the shipped raw_dir: a folder every clone has, so the prepare dep exists
+
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file, the key and what is allowed."""
@@ -53,6 +55,11 @@ class DataConfig:
                 "allowed: a sum below 1, so that some images are left to train on"
             )
         _at_least("data.synthetic_per_class", self.synthetic_per_class, 4)
+        if self.source != "synthetic" and Path(self.raw_dir) == Path(SYNTHETIC_RAW_DIR):
+            raise ConfigError(
+                f"data.raw_dir = {self.raw_dir!r} with data.source = {self.source!r}: allowed: the folder of your "
+                f"images, e.g. data/raw ({SYNTHETIC_RAW_DIR} is the synthetic source's placeholder and holds none)"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The learning-rate range test (Smith 2015, fastai's lr_find): the lr rises exponentially, one batch per step,
-until the smoothed loss diverges; the suggestion is the lr where that loss falls fastest.
+until the smoothed loss diverges; the suggestion is the lr where that loss falls fastest, past the sweep's start.
 
 It trains a throwaway copy of the model the params describe and writes nothing of the pipeline's.
 """
@@ -81,15 +81,29 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
-    """The lr of the steepest descent of the loss against log(lr), before its minimum; the first lr with
-    fewer than 3 points."""
-    if len(lrs) < 3:
-        return lrs[0] if lrs else math.nan
-    stop = int(np.argmin(losses)) + 1
-    if stop < 3:
-        return lrs[0]
-    slopes = np.gradient(np.asarray(losses[:stop]), np.log(lrs[:stop]))
-    return float(lrs[int(np.argmin(slopes))])
+    """The lr of the steepest descent of the loss against log(lr), between the sweep's start and the loss's minimum.
+
+    Never the sweep's first or last lr. NaN (with a warning) below 5 points, or when the loss does not
+    fall after the start: then there is no descent to read, and no lr is better than a wrong one.
+    """
+    n = len(lrs)
+    if n < 5:
+        log.warning("lr-find: %d steps are too few for a suggestion (need 5)", n)
+        return math.nan
+    x, y = np.log(lrs), np.asarray(losses, dtype=float)
+    # The bias-corrected EMA is the mean of only a few batches at the start, so its first steps are batch noise
+    # that can look steeper than the real descent (1e-7 on 800 photos): skip them, as fastai does (10%).
+    skip = max(3, n // 10)
+    stop = skip + int(np.argmin(y[skip:]))  # past the minimum the loss climbs or diverges: cut it off
+    if stop == skip:
+        log.warning("lr-find: the loss never falls below its value at lr %.3g; no suggestion (lower --start-lr)",
+                    lrs[skip])
+        return math.nan
+    # Slope over +-5% of the sweep, not neighbouring points: the EMA's step-to-step noise averages out over it.
+    h = max(1, n // 20)
+    i = np.arange(skip, stop)
+    lo, hi = np.maximum(i - h, skip), np.minimum(i + h, stop)
+    return float(lrs[int(i[np.argmin((y[hi] - y[lo]) / (x[hi] - x[lo]))])])
 
 
 def plot(result: LRFind, path: Path) -> Path:
@@ -153,5 +167,7 @@ def lr_find_cli(argv=None) -> int:
     except (ConfigError, WeightsError, FileNotFoundError, tracking.TrackingUnavailable) as err:
         print(f"kennel lr-find: error: {err}", file=sys.stderr)
         return 2
-    print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}")
+    print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}"
+          if math.isfinite(result.suggestion) else
+          f"no suggested learning rate: {len(result.lrs)} steps are too few, or the loss never fell; plot {png}")
     return 0

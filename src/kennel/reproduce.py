@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from kennel.config import ConfigError, load_params
+from kennel.provenance import commit_unversioned_reason, git
 
 METRICS = ("accuracy", "macro_f1", "roc_auc")
 
@@ -41,10 +42,12 @@ class Target:
 
 
 def _git(args: Sequence[str], cwd: Path, check: bool = False) -> str:
+    if not check:
+        return git(args, cwd)
     out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if check and out.returncode:
+    if out.returncode:
         raise ReproduceError(f"git {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout.strip() if out.returncode == 0 else ""
+    return out.stdout.strip()
 
 
 def _metrics_at(commit: str, root: Path) -> dict[str, float]:
@@ -71,6 +74,8 @@ def _from_run(run_id: str, root: Path) -> Target | None:
             f"run {run_id} was made from uncommitted changes ({tags.get('git.changed_files', 'unknown files')}): "
             "its code is in no commit, so it cannot be reproduced"
         )
+    if tags.get("kennel.data_versioned") == "false":
+        raise ReproduceError(f"run {run_id} is {tags.get('kennel.data_warning', 'not reproducible from its commit')}")
     recorded = {k: run.data.metrics[f"test_{k}"] for k in METRICS if f"test_{k}" in run.data.metrics}
     return Target(run_id, tags["git.commit"], recorded, dict(run.data.params), run_id)
 
@@ -93,9 +98,19 @@ def resolve(ref: str, root: Path) -> Target:
     if subprocess.run(["git", "cat-file", "-e", f"{target.commit}^{{commit}}"], cwd=root,
                       capture_output=True).returncode:
         raise ReproduceError(f"commit {target.commit} recorded for {ref} is not in this repository (git fetch it?)")
+    source, raw_dir = _data_params(target, root)
+    if why := commit_unversioned_reason(root, target.commit, source, raw_dir):
+        raise ReproduceError(f"{ref} is not reproducible from its commit {target.commit[:12]}: {why}")
     if not target.recorded:
         raise ReproduceError(f"no recorded test metrics for {ref} (not on an MLflow run, not in reports/metrics.json)")
     return target
+
+
+def _data_params(target: Target, root: Path) -> tuple[str, str]:
+    """``data.source`` and ``data.raw_dir`` the target used: recorded on the run, else the commit's params.yaml."""
+    data = (yaml.safe_load(_git(["show", f"{target.commit}:params.yaml"], root) or "{}") or {}).get("data", {})
+    source = target.params.get("data.source", data.get("source", "synthetic"))
+    return source, target.params.get("data.raw_dir", data.get("raw_dir", ""))
 
 
 def apply_params(params_file: Path, flat: dict[str, str]) -> None:
@@ -111,11 +126,30 @@ def apply_params(params_file: Path, flat: dict[str, str]) -> None:
     params_file.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
-def _dvc(args: Sequence[str], cwd: Path, env: dict) -> None:
+def _dvc(args: Sequence[str], cwd: Path, env: dict, check: bool = True) -> int:
     out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, text=True,
                          stdout=sys.stderr, stderr=subprocess.STDOUT)
-    if out.returncode:
+    if check and out.returncode:
         raise ReproduceError(f"dvc {' '.join(args)} failed (exit {out.returncode}) in the worktree")
+    return out.returncode
+
+
+def restore_inputs(tree: Path, commit: str, root: Path, env: dict) -> None:
+    """Bring back every DVC-tracked input of ``commit`` (the ``.dvc`` files: raw images and the like) from the
+    cache, or from the default remote when the cache lacks it; refuse, naming the path, when neither has it."""
+    remote = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=tree, env=env,
+                            capture_output=True, text=True).stdout.strip()
+    for dvc_file in sorted(f for f in _git(["ls-tree", "-r", "--name-only", commit], root).splitlines()
+                           if f.endswith(".dvc")):
+        if _dvc(["checkout", dvc_file], tree, env, check=False) == 0:
+            continue
+        if remote and _dvc(["pull", dvc_file], tree, env, check=False) == 0:
+            continue
+        where = f"nor on the default remote {remote!r}" if remote else "and no default DVC remote is configured"
+        raise ReproduceError(
+            f"{dvc_file.removesuffix('.dvc')} ({dvc_file} at {commit[:12]}) is not in the DVC cache {where}: "
+            f"run `dvc pull {dvc_file}` (with the remote that has it), or `dvc push` on the machine that made it"
+        )
 
 
 def reproduce(target: Target, root: Path) -> dict[str, float]:
@@ -131,7 +165,12 @@ def reproduce(target: Target, root: Path) -> dict[str, float]:
         load_params(tree / "params.yaml")  # bad recorded params fail here, not half way
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "KENNEL_REPRODUCES": target.ref}
         env.pop("DVC_ROOT", None)
-        _dvc(["cache", "dir", "--local", str(root / ".dvc" / "cache")], tree, env)
+        if (root / ".dvc" / "config.local").is_file():  # remotes configured on this machine only
+            shutil.copy(root / ".dvc" / "config.local", tree / ".dvc" / "config.local")
+        cache = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=root, env=env, capture_output=True,
+                               text=True).stdout.strip() or str(root / ".dvc" / "cache")
+        _dvc(["cache", "dir", "--local", cache], tree, env)  # this repository's cache: the data is already there
+        restore_inputs(tree, target.commit, root, env)
         # Data: restored from the cache when it has it, else recomputed. Checked out, not left to the run cache:
         # prepare and resize keep persistent outputs (to redo only what changed), which DVC's run cache skips.
         _dvc(["checkout", "--allow-missing", "prepare", "resize"], tree, env)

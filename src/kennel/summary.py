@@ -10,7 +10,7 @@ SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
 
 def run_note(
     metrics: Mapping, data: Mapping, experiment_id: str, run_id: str, selected_epoch: str, epochs: int, select: str,
-    figures: Sequence[tuple[str, str]], warning: str = "",
+    figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (),
 ) -> str:
     """``metrics`` as in metrics.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
     n_test = sum(r["support"] for r in metrics["per_class"].values())
@@ -31,7 +31,7 @@ def run_note(
         + (f" ({reasons})" if reasons else "") + f"; train/val/test {splits}; classes "
         + ", ".join(f"{name} ({c['kept']})" for name, c in per_class.items()) + ".",
     ]
-    if warning:
+    for warning in reversed([w for w in warnings if w]):
         lines = [f"Warning: {warning}", ""] + lines
     return "\n".join(lines) + "\n"
 
