@@ -1,4 +1,4 @@
-"""One real training run, timed piece by piece: ``kennel.training.train(...)`` on resized uint8 arrays.
+"""One real training run, timed piece by piece: ``kennel.train.fine_tune.train(...)`` on resized uint8 arrays.
 
     python benchmarks/fit.py [--device cuda] [--per-class 2000] [--size 224] [--batch-size 256] [--epochs 3]
                              [--compile] [--data DIR]
@@ -32,13 +32,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kennel import training  # noqa: E402
-from kennel.config import params_from_dict  # noqa: E402
+from kennel.core.params import params_from_dict  # noqa: E402
 from kennel.data.images import to_array  # noqa: E402
 from kennel.data.manifest import split_of  # noqa: E402
+from kennel.data.shards import read_meta, read_split, write_splits  # noqa: E402
 from kennel.data.synthetic import CLASSES, render  # noqa: E402
-from kennel.data.tensors import read_meta, read_split, write_splits  # noqa: E402
-from kennel.engine import Batches, evaluate  # noqa: E402
+from kennel.train import fine_tune  # noqa: E402
+from kennel.train.batches import Batches  # noqa: E402
+from kennel.train.loop import evaluate  # noqa: E402
 
 SEED = 0
 
@@ -64,8 +65,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_placement(seconds: list[float], device: torch.device):
-    """Wraps ``training._batches`` (reading a split and placing it on the device) to time it."""
-    inner = training._batches
+    """Wraps ``fine_tune._batches`` (reading a split and placing it on the device) to time it."""
+    inner = fine_tune._batches
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -90,8 +91,8 @@ def run(args, data_dir: Path) -> None:
           f"{raw['resize']['size']} px, in {data_dir}", flush=True)
 
     placement: list[float] = []
-    if hasattr(training, "_batches"):
-        training._batches = _timed_placement(placement, device)
+    if hasattr(fine_tune, "_batches"):
+        fine_tune._batches = _timed_placement(placement, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     marks: dict[str, float] = {}
@@ -102,7 +103,7 @@ def run(args, data_dir: Path) -> None:
 
     _sync(device)
     start = time.perf_counter()
-    result = training.train(params, data_dir, on_start=on_start)
+    result = fine_tune.train(params, data_dir, on_start=on_start)
     _sync(device)
     total = time.perf_counter() - start
 

@@ -154,11 +154,11 @@ def training_rates(dirs: dict[str, Path], steps: int, batch: int, rounds: int) -
     import torch
     from torch import nn
 
+    from kennel.core.device import resolve_amp
     from kennel.data.dataset import ImageArrayDataset
-    from kennel.data.tensors import read_split
-    from kennel.engine import resolve_amp
-    from kennel.model import build_model
-    from kennel.training import make_loader
+    from kennel.data.shards import read_split
+    from kennel.train.fine_tune import make_loader
+    from kennel.train.model import build_model
 
     device = torch.device("cpu")
     amp = resolve_amp("auto", device)
@@ -183,7 +183,7 @@ def training_rates(dirs: dict[str, Path], steps: int, batch: int, rounds: int) -
             seen += len(y) if i else 0
         return seen / (time.perf_counter() - start)
 
-    from kennel.engine import Batches
+    from kennel.train.batches import Batches
 
     rates: dict[str, dict[str, float]] = {name: {} for name in dirs}
     loads: dict[str, list[float]] = {name: [] for name in dirs}

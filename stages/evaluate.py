@@ -9,13 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kennel import tracking
-from kennel.config import Params
-from kennel.data.report import FIGURES as DATA_FIGURES
-from kennel.evaluation import Evaluation, evaluate_model, file_name
-from kennel.figures import confusion_png, image_grid, pr_png, reliability_png, roc_png
-from kennel.model import WeightsError
-from kennel.paths import (
+from kennel import track
+from kennel.core.params import Params
+from kennel.core.paths import (
     CALIBRATION,
     CONFUSION,
     DATA_SUMMARY,
@@ -28,13 +24,18 @@ from kennel.paths import (
     RESIZED,
     ROC_DIR,
     RUN_FILE,
+    project_root,
 )
-from kennel.stage import run_stage
-from kennel.summary import run_note
+from kennel.core.plots import image_grid
+from kennel.core.stage import run_stage
+from kennel.data.report import FIGURES as DATA_FIGURES
+from kennel.evaluate.evaluation import Evaluation, evaluate_model, file_name
+from kennel.evaluate.figures import confusion_png, pr_png, reliability_png, roc_png
+from kennel.evaluate.note import run_note
 
 
 def evaluate_stage(params: Params) -> None:
-    run_id = tracking.read_run_file(RUN_FILE)
+    run_id = track.read_run_file(RUN_FILE)
     e = params.evaluate
     result = evaluate_model(MODEL, RESIZED, MANIFEST, device=params.train.device, amp=params.train.amp,
                             calibration_bins=e.calibration_bins)
@@ -55,25 +56,25 @@ def evaluate_stage(params: Params) -> None:
         scalars.update({f"test_{k}_{name}": r[k] for k in ("precision", "recall", "f1")})
     for name, r in m.get("one_vs_rest", {}).items():
         scalars.update({f"test_{k}_{name}": v for k, v in r.items()})
-    root = tracking.project_root()
-    with tracking.open_run(root, params.mlflow.experiment, run_id=run_id):
-        tracking.log_metrics(scalars)
-        tracking.log_dict(m, "evaluation/metrics.json")
-        tracking.log_artifacts(figures + [CONFUSION, PREDICTIONS, CALIBRATION], "evaluation")
-        tracking.log_artifacts(curve_files, "evaluation/curves")
+    root = project_root()
+    with track.open_run(root, params.mlflow.experiment, run_id=run_id):
+        track.log_metrics(scalars)
+        track.log_dict(m, "evaluation/metrics.json")
+        track.log_artifacts(figures + [CONFUSION, PREDICTIONS, CALIBRATION], "evaluation")
+        track.log_artifacts(curve_files, "evaluation/curves")
         links = [(FIGURE_TITLES[p.name], f"evaluation/{p.name}") for p in figures]
         links += [(title, f"data/{name}") for name, title in DATA_FIGURES.items()]
-        tracking.note(run_note(
-            m, json.loads(DATA_SUMMARY.read_text()), tracking.experiment_id(params.mlflow.experiment, root), run_id,
-            tracking.run_tag(run_id, "kennel.selected_epoch"),
+        track.note(run_note(
+            m, json.loads(DATA_SUMMARY.read_text()), track.experiment_id(params.mlflow.experiment, root), run_id,
+            track.run_tag(run_id, "kennel.selected_epoch"),
             params.train.epochs, params.train.select, links,
-            warnings=[tracking.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights")],
+            warnings=[track.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights")],
         ))
         mf = params.mlflow
         if mf.registered_model:
-            model_uri = tracking.run_tag(run_id, "kennel.serving_uri") or tracking.run_tag(run_id, "kennel.model_uri")
-            reg = tracking.register_and_promote(root, run_id, model_uri, mf.registered_model, mf.promote_if_better)
-            tracking.set_tags({"kennel.registered_version": reg.version, "kennel.promoted": str(reg.promoted).lower()})
+            model_uri = track.run_tag(run_id, "kennel.serving_uri") or track.run_tag(run_id, "kennel.model_uri")
+            reg = track.register_and_promote(root, run_id, model_uri, mf.registered_model, mf.promote_if_better)
+            track.set_tags({"kennel.registered_version": reg.version, "kennel.promoted": str(reg.promoted).lower()})
             print(f"registered {mf.registered_model} version {reg.version}; "
                   f"{'now' if reg.promoted else 'not'} champion ({reg.reason})")
     print(f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
@@ -118,7 +119,7 @@ def write_figures(result: Evaluation, k: int, bins: int) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    return run_stage("evaluate", evaluate_stage, argv, extra_errors=(tracking.TrackingUnavailable, WeightsError))
+    return run_stage("evaluate", evaluate_stage, argv)
 
 
 if __name__ == "__main__":

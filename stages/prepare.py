@@ -13,14 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from kennel.config import Params
+from kennel.core.params import Params
+from kennel.core.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
+from kennel.core.stage import run_stage
+from kennel.core.versioning import git_tracked_files
 from kennel.data.manifest import account, check_class_sizes, write_csv
 from kennel.data.report import write_data_report
 from kennel.data.sources import find_images
 from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
-from kennel.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
-from kennel.provenance import git_tracked_files
-from kennel.stage import run_stage
 
 log = logging.getLogger("kennel.prepare")
 

@@ -8,13 +8,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-from kennel.config import Params
+from kennel.core.params import Params
+from kennel.core.paths import MANIFEST, RESIZED
+from kennel.core.stage import run_stage
 from kennel.data.images import load_array
 from kennel.data.manifest import read_manifest
 from kennel.data.parallel import resolve_workers
-from kennel.data.tensors import write_splits
-from kennel.paths import MANIFEST, RESIZED
-from kennel.stage import run_stage
+from kennel.data.shards import write_splits
 
 log = logging.getLogger("kennel.resize")
 

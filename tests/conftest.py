@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 
 # What a project copy needs to run the pipeline.
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/synthetic/README.md", "data/.gitignore",
-                 ".gitignore"]
+                 ".dvcignore", ".gitignore"]
 
 
 def isolate(mp: pytest.MonkeyPatch, torch_home: Path) -> None:
@@ -115,8 +115,8 @@ def build_dataset(root: Path, per_class: int = 16, size: int = 32, seed: int = 0
     resized arrays, with the library functions the stages use."""
     from kennel.data.images import load_array
     from kennel.data.manifest import account, write_csv
+    from kennel.data.shards import write_splits
     from kennel.data.sources import find_images
-    from kennel.data.tensors import write_splits
     from kennel.data.validate import inspect_all
 
     candidates = find_images(source, root / "raw", out_dir=root / "prepared", seed=seed, per_class=per_class)

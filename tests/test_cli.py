@@ -11,8 +11,8 @@ import urllib.request
 import mlflow
 import pytest
 
-from kennel import tracking
-from kennel.cli import ui_url
+from kennel import track
+from kennel.serve.cli import ui_url
 from tests.conftest import REPO, free_port
 
 
@@ -31,7 +31,7 @@ def test_ui_refuses_without_runs(tmp_path):
 @pytest.mark.slow
 def test_ui_serves_the_project_store_and_opens_its_runs_view(tmp_path):
     (tmp_path / ".dvc").mkdir()
-    exp = tracking.experiment_id("kennel", tmp_path)  # the experiment name params.yaml would give
+    exp = track.experiment_id("kennel", tmp_path)  # the experiment name params.yaml would give
     with mlflow.start_run(experiment_id=exp, run_name="visible-run"):
         mlflow.log_param("train.lr", 0.01)
     opened = tmp_path / "opened.txt"

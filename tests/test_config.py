@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from kennel.config import ConfigError, load_params, params_from_dict
+from kennel.core.errors import ConfigError
+from kennel.core.params import load_params, params_from_dict
 from tests.conftest import REPO, default_params, write_params
 
 

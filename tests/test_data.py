@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kennel.core.errors import DataError
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.images import load_array
 from kennel.data.manifest import (
@@ -17,9 +18,9 @@ from kennel.data.manifest import (
     split_of,
     write_csv,
 )
-from kennel.data.sources import DataError, find_images
+from kennel.data.shards import read_classes, read_split, write_split, write_splits
+from kennel.data.sources import find_images
 from kennel.data.synthetic import render, write_synthetic
-from kennel.data.tensors import read_classes, read_split, write_split, write_splits
 from kennel.data.validate import inspect_all
 
 

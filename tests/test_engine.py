@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 
-from kennel.config import params_from_dict
+from kennel.core.device import resolve_amp, resolve_device
+from kennel.core.params import params_from_dict
 from kennel.data.dataset import ImageArrayDataset
-from kennel.engine import build_optimizer, evaluate, resolve_amp, resolve_device
-from kennel.training import make_loader, train
+from kennel.train.fine_tune import make_loader, train
+from kennel.train.loop import evaluate
+from kennel.train.optim import build_optimizer
 from tests.conftest import build_dataset, small_params
 
 

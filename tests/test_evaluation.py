@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kennel.data.shards import read_classes, read_split
 from kennel.data.synthetic import render
-from kennel.data.tensors import read_classes, read_split
-from kennel.evaluation import evaluate_model, file_name
-from kennel.model import build_model, save_model
+from kennel.evaluate.evaluation import evaluate_model, file_name
+from kennel.train.model import build_model, save_model
 from tests.conftest import build_dataset
 
 SIZE = 32

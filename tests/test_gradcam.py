@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kennel.gradcam import grad_cam, target_layer
-from kennel.model import Classifier, build_model
+from kennel.evaluate.gradcam import grad_cam, target_layer
+from kennel.train.model import Classifier, build_model
 
 S = 32
 

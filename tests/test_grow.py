@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kennel.data import tensors, validate
+from kennel.data import shards, validate
 from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
+from kennel.data.shards import read_index, read_split, write_splits
 from kennel.data.sources import find_images
-from kennel.data.tensors import read_index, read_split, write_splits
 from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
 from tests.conftest import dvc, make_project, small_params, write_params
 
@@ -25,7 +25,7 @@ SIZE = 32
 
 @pytest.fixture(autouse=True)
 def small_shards(monkeypatch):
-    monkeypatch.setattr(tensors, "SHARD_BYTES", 8 * 3 * SIZE * SIZE)  # 8 rows a shard: many shards from few images
+    monkeypatch.setattr(shards, "SHARD_BYTES", 8 * 3 * SIZE * SIZE)  # 8 rows a shard: many shards from few images
 
 
 def _image(path: Path, seed: int, size=(40, 30)) -> None:

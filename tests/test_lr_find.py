@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import shutil
 
-from kennel.config import params_from_dict
-from kennel.lr_find import lr_find, plot, suggest
+from kennel.core.params import params_from_dict
+from kennel.train.lr_find import lr_find, plot, suggest
 from tests.conftest import REPO, build_dataset, project_runs, small_params, write_params
 
 
@@ -48,7 +48,7 @@ def test_range_test_on_tiny_data_gives_a_finite_lr_and_a_plot(tmp_path):
 
 def test_cli_prints_the_suggestion_and_records_a_run_without_touching_pipeline_outputs(tmp_path, monkeypatch,
                                                                                       capsys):
-    from kennel.cli import main
+    from kennel.serve.cli import main
 
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     write_params(tmp_path / "params.yaml", small_params(**{"model.finetune": "head"}))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kennel.metrics import (
+from kennel.evaluate.metrics import (
     auc,
     calibration,
     classification_metrics,
@@ -10,8 +10,8 @@ from kennel.metrics import (
     per_class,
     pr_curve,
     roc_curve,
-    softmax,
 )
+from kennel.train.inference import softmax
 
 
 def test_confusion_matrix_counts_by_hand():

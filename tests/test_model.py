@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from kennel.model import WeightsError, build_model, imagenet_cache_path, load_model, save_model
+from kennel.core.errors import WeightsError
+from kennel.train.model import build_model, imagenet_cache_path, load_model, save_model
 
 
 def test_head_is_swapped_for_the_class_count():

@@ -16,8 +16,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
-from kennel import engine
-from kennel.engine import PROGRESS_EVERY, Augment, Batches, Step, build_scheduler, train_one_epoch
+from kennel.data.augment import Augment
+from kennel.train import loop
+from kennel.train.batches import Batches
+from kennel.train.loop import PROGRESS_EVERY, Step, train_one_epoch
+from kennel.train.optim import build_scheduler
 
 READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"}
 
@@ -84,7 +87,7 @@ def shown_bars(monkeypatch) -> list:
         bars.append(tqdm(iterable, **{**kwargs, "disable": False, "file": Terminal()}))
         return bars[-1]
 
-    monkeypatch.setattr(engine, "tqdm", bar)
+    monkeypatch.setattr(loop, "tqdm", bar)
     return bars
 
 
@@ -130,7 +133,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked")
 
 sys.meta_path.insert(0, Block())
-import kennel.data, kennel.data.dataset, kennel.data.tensors, kennel.engine, kennel.training
+import kennel.data, kennel.data.dataset, kennel.data.shards, kennel.train.loop, kennel.train.fine_tune
 assert not {"mlflow", "dvc"} & {m.split(".")[0] for m in sys.modules}
 print("ok")
 """

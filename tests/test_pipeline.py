@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from kennel.data.tensors import read_split
+from kennel.data.shards import read_split
 from tests.conftest import dvc, isolate, make_project, project_runs, run, small_params, write_params
 
 pytestmark = pytest.mark.slow

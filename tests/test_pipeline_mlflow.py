@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from kennel.data.tensors import read_split
+from kennel.data.shards import read_split
 from tests.conftest import BIN, dvc, free_port, make_project, small_params
 
 pytestmark = pytest.mark.slow

@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from kennel import tracking
-from kennel.config import params_from_dict
+from kennel import track
+from kennel.core.params import params_from_dict
 from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
+from kennel.data.shards import read_split
 from kennel.data.sources import find_images
-from kennel.data.tensors import read_split
 from kennel.data.validate import inspect_all
-from kennel.metrics import softmax
-from kennel.model import Classifier, save_model
-from kennel.predict import LoadedModel, load_model_file, predict_cli, predict_files, preprocess, resolve_model
-from kennel.training import train
+from kennel.serve.predict import predict_cli, predict_files, resolve_model
+from kennel.train.fine_tune import train
+from kennel.train.inference import LoadedModel, load_model_file, preprocess, softmax
+from kennel.train.model import Classifier, save_model
 from tests.conftest import build_dataset, isolate, small_params
 
 SIZE = 32
@@ -191,11 +191,11 @@ def test_cli_refuses_when_no_path_exists(trained, tmp_path, monkeypatch, capsys)
 def registered(trained) -> tuple[str, str]:
     """The model logged the way the train stage logs it, registered as version 1 with the alias champion."""
     root = trained.root
-    with tracking.open_run(root, "predict-test") as run_id:
-        tracking.log_params({"resize.size": SIZE, "resize.mode": MODE})
+    with track.open_run(root, "predict-test") as run_id:
+        track.log_params({"resize.size": SIZE, "resize.mode": MODE})
         x = np.array(read_split(trained.resized, "train")[0][:2])
-        uri = tracking.log_model(trained.model, example=x)
-        tracking.set_tags({"kennel.model_uri": uri, "kennel.classes": ",".join(trained.model.classes)})
+        uri = track.log_model(trained.model, example=x)
+        track.set_tags({"kennel.model_uri": uri, "kennel.classes": ",".join(trained.model.classes)})
     version = mlflow.register_model(uri, "kennel-predict-test").version
     mlflow.MlflowClient().set_registered_model_alias("kennel-predict-test", "champion", version)
     return run_id, version

@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kennel import tracking
-from kennel.model import build_model, save_model
-from kennel.predict import load_model_file, predict_files
-from kennel.serving import log_serving_model
+from kennel import track
+from kennel.serve.predict import predict_files
+from kennel.track.serving import log_serving_model
+from kennel.train.inference import load_model_file
+from kennel.train.model import build_model, save_model
 from tests.conftest import free_port
 
 SIZE = 32
@@ -82,7 +83,7 @@ def _log(root: Path) -> str:
     """An untrained model (the answers only have to match kennel predict's) logged and registered as v1."""
     model, _ = build_model("resnet18", ["cat", "dog"], weights="none")
     save_model(model, root / "model.pt", size=SIZE, mode="pad")  # pad: the wide and tall test images show it
-    with tracking.open_run(root, "serve-test"):
+    with track.open_run(root, "serve-test"):
         uri = log_serving_model(root / "model.pt", registered_model_name=NAME)
     assert uri.startswith("models:/")
     return uri
@@ -117,7 +118,7 @@ def test_served_model_classifies_images_and_pixels(tmp_path, images):
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", "1")
 
     port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(tmp_path)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": track.tracking_uri(tmp_path)}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     with open(log, "w") as out:

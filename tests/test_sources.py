@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kennel.core.errors import DataError
 from kennel.data.manifest import account, check_class_sizes
-from kennel.data.sources import DataError, extract_zip, find_images, relatives
+from kennel.data.sources import extract_zip, find_images, relatives
 from kennel.data.validate import BOMB, CORRUPT, DUPLICATE, EMPTY, LABEL_CONFLICT, NOT_IMAGE, TOO_SMALL, inspect_all
 
 MAX_PIXELS = 89_478_485

@@ -91,5 +91,13 @@ def test_stage_depends_on_every_kennel_file_it_runs(stage, loaded):
 
 
 def test_the_guard_sees_a_missing_dependency(loaded):
-    """The check above can fail: train loads tracking.py, and without that dep it would be reported."""
-    assert (REPO / "src/kennel/tracking.py").resolve() in loaded["train"]
+    """The check above can fail: train loads the tracking code, and without that folder it would be reported."""
+    assert (REPO / "src/kennel/track/store.py").resolve() in loaded["train"]
+    assert not any(f.is_relative_to(REPO / "src/kennel/track") for f in loaded["prepare"] | loaded["resize"])
+
+
+def test_code_deps_are_a_few_folders():
+    for name, stage in STAGES.items():
+        code = [d for d in stage["deps"] if d.startswith("src/")]
+        folders = [d for d in code if (REPO / d).is_dir()]
+        assert len(folders) <= 5 and set(code) - set(folders) == {"src/kennel/__init__.py"}, (name, code)

@@ -1,4 +1,4 @@
-from kennel.summary import run_note
+from kennel.evaluate.note import run_note
 
 METRICS = {"accuracy": 0.9375, "macro_f1": 0.93, "roc_auc": 0.981, "ece": 0.0412,
            "per_class": {"cat": {"support": 9}, "dog": {"support": 7}}}

@@ -67,7 +67,7 @@ def _reproduce(root, ref):
 
 
 def test_reproduce_restores_the_images_from_the_remote_when_the_cache_lacks_them(tmp_path):
-    from kennel.reproduce import restore_inputs
+    from kennel.serve.reproduce import restore_inputs
 
     root = make_project(tmp_path / "p", small_params(**{"data.source": "folder"}))
     own_images(root / "data/raw", per_class=3)

@@ -7,22 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from kennel.checkpoint import mark_complete
-from kennel.config import ConfigError, params_from_dict
-from kennel.data.tensors import read_split
-from kennel.engine import (
-    Augment,
-    Batches,
-    FitState,
-    Step,
-    WarmupCosine,
-    batch_order,
-    build_optimizer,
-    build_scheduler,
-    fit,
-)
-from kennel.model import build_model
-from kennel.training import find_resumable, seed_everything, train
+from kennel.core.errors import ConfigError
+from kennel.core.params import params_from_dict
+from kennel.data.augment import Augment
+from kennel.data.shards import read_split
+from kennel.train.batches import Batches, batch_order
+from kennel.train.checkpoint import mark_complete
+from kennel.train.fine_tune import find_resumable, seed_everything, train
+from kennel.train.loop import FitState, Step, fit
+from kennel.train.model import build_model
+from kennel.train.optim import WarmupCosine, build_optimizer, build_scheduler
 from tests.conftest import build_dataset, small_params
 
 
@@ -138,7 +132,7 @@ def test_select_best_keeps_the_best_validation_epoch(resized):
 
 def test_fit_state_prefers_accuracy_then_lower_loss():
     state, model = FitState(), torch.nn.Linear(1, 1)
-    from kennel.engine import EpochResult
+    from kennel.train.loop import EpochResult
 
     for epoch, acc, loss in [(1, 0.5, 1.0), (2, 0.8, 0.9), (3, 0.8, 0.5), (4, 0.7, 0.1), (5, math.nan, math.nan)]:
         state.consider(EpochResult(epoch, 0, 0, loss, acc, 0.1, 1, 1), model)

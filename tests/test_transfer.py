@@ -10,11 +10,12 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model
 
-from kennel.archs import head_path, supported_archs
-from kennel.config import ConfigError, params_from_dict
-from kennel.data.tensors import read_split
-from kennel.model import WeightsError, build_model, load_model, read_weights, save_model
-from kennel.training import find_resumable, phases, seed_everything, train
+from kennel.core.archs import head_path, supported_archs
+from kennel.core.errors import ConfigError, WeightsError
+from kennel.core.params import params_from_dict
+from kennel.data.shards import read_split
+from kennel.train.fine_tune import find_resumable, phases, seed_everything, train
+from kennel.train.model import build_model, load_model, read_weights, save_model
 from tests.conftest import build_dataset, small_params
 
 # one of each family; the smallest where a family has several sizes
@@ -283,7 +284,8 @@ def test_flip_tta_on_a_mirror_symmetric_image_equals_no_tta(tmp_path):
 def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_only_one(tmp_path, imagenet_like):
     import numpy as np
 
-    from kennel.predict import load_model_file, predict_arrays, resolve_model
+    from kennel.serve.predict import resolve_model
+    from kennel.train.inference import load_model_file, predict_arrays
     from tests.conftest import dvc, make_project, project_runs, write_params
 
     body = {k: v for k, v in imagenet_like.items() if not k.startswith("classifier.3.")}

@@ -1,5 +1,5 @@
 import sys
 
-from kennel.cli import main
+from kennel.serve.cli import main
 
 sys.exit(main())

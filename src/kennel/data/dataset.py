@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kennel.data.tensors import read_split
+from kennel.data.shards import read_split
 
 
 class ImageArrayDataset(Dataset):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kennel.data.sources import Candidate, DataError, relatives
+from kennel.core.errors import DataError
+from kennel.data.sources import Candidate, relatives
 from kennel.data.validate import DUPLICATE, LABEL_CONFLICT, Inspection
 
 COLUMNS = ["path", "label", "split", "sha1", "width", "height", "format"]

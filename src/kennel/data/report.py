@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kennel.core.plots import image_grid
+from kennel.data.figures import class_counts_png, sizes_png
 from kennel.data.images import open_checked, to_rgb
 from kennel.data.manifest import SPLITS
-from kennel.figures import class_counts_png, image_grid, sizes_png
 
 SAMPLES_PER_CLASS = 8
 REJECTED_SAMPLES = 16

@@ -13,13 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kennel.core.errors import DataError
 from kennel.data.synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """The data cannot be used as it is; the message names the folder, file or class."""
 
 
 @dataclass(frozen=True)

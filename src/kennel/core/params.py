@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
-from kennel.archs import supported_archs
+from kennel.core.archs import supported_archs
+from kennel.core.errors import ConfigError
 
 SYNTHETIC_RAW_DIR = "data/synthetic"  # the shipped raw_dir: a folder every clone has, so the prepare dep exists
 
 
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the file, the key and what is allowed."""
 
 
 Workers = int | Literal["auto"]

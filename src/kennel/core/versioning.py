@@ -6,9 +6,12 @@ No mlflow here: `reproduce` and the stages ask these questions before any tracki
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Collection, Sequence
 from pathlib import Path, PurePosixPath
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 
 
 def git(args: Sequence[str], cwd: Path) -> str:

@@ -15,7 +15,8 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from kennel.archs import head_path, supported_archs
+from kennel.core.archs import head_path, supported_archs
+from kennel.core.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ DOWNLOAD_TIMEOUT_S = 30
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.")
 
 
-class WeightsError(RuntimeError):
-    """The requested weights cannot be had or do not fit the arch; the message names the file and keys."""
 
 
 class Classifier(nn.Module):

@@ -17,27 +17,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from kennel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kennel.config import Params
+import kennel
+from kennel.core.device import amp_name, resolve_amp, resolve_device
+from kennel.core.params import Params
+from kennel.data.augment import Augment
 from kennel.data.dataset import ImageArrayDataset
-from kennel.data.tensors import read_meta, read_split
-from kennel.distributed import Dist
-from kennel.engine import (
-    Augment,
-    Batches,
-    BatchSampler,
-    EpochResult,
-    FitState,
-    Step,
-    amp_name,
-    build_optimizer,
-    build_scheduler,
-    fit,
-    predict,
-    resolve_amp,
-    resolve_device,
-)
-from kennel.model import Classifier, WeightsInfo, build_model
+from kennel.data.shards import read_meta, read_split
+from kennel.train.batches import Batches, BatchSampler
+from kennel.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kennel.train.distributed import Dist
+from kennel.train.loop import EpochResult, FitState, Step, fit, predict
+from kennel.train.model import Classifier, WeightsInfo, build_model
+from kennel.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +79,7 @@ def fingerprint(params: Params, data_dir: Path) -> str:
 
 def code_fingerprint() -> str:
     """Hash of the kennel package's source: a fixed bug must not be resumed into an old run's weights."""
-    package = Path(__file__).parent
+    package = Path(kennel.__file__).parent
     h = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())

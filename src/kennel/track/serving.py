@@ -24,7 +24,7 @@ from PIL import UnidentifiedImageError
 
 import kennel
 from kennel.data.images import load_array
-from kennel.predict import LoadedModel, load_model_file, predict_arrays, result_frame
+from kennel.train.inference import LoadedModel, load_model_file, predict_arrays, result_frame
 
 IMAGE_COLUMN = "image"
 

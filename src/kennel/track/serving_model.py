@@ -3,6 +3,6 @@ the classifier is rebuilt from kennel's code instead of being unpickled."""
 
 from mlflow.models import set_model
 
-from kennel.serving import ImageClassifier
+from kennel.track.serving import ImageClassifier
 
 set_model(ImageClassifier())

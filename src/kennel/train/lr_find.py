@@ -15,11 +15,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from kennel.config import Params
-from kennel.data.tensors import read_split
-from kennel.distributed import Dist
-from kennel.engine import Augment, Batches, Step, build_optimizer, resolve_amp, resolve_device, train_one_epoch
-from kennel.training import _batches, build_for, extract_features, fits_resident, seed_everything
+from kennel.core.device import resolve_amp, resolve_device
+from kennel.core.params import Params
+from kennel.data.augment import Augment
+from kennel.data.shards import read_split
+from kennel.train.batches import Batches
+from kennel.train.distributed import Dist
+from kennel.train.fine_tune import _batches, build_for, extract_features, fits_resident, seed_everything
+from kennel.train.loop import Step, train_one_epoch
+from kennel.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +138,10 @@ def lr_find_cli(argv=None) -> int:
     import argparse
     import sys
 
-    from kennel import tracking
-    from kennel.config import ConfigError, load_params
-    from kennel.model import WeightsError
-    from kennel.paths import RESIZED
+    from kennel import track
+    from kennel.core.errors import ConfigError, WeightsError
+    from kennel.core.params import load_params
+    from kennel.core.paths import RESIZED, project_root
 
     parser = argparse.ArgumentParser(prog="python -m kennel lr-find", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -148,7 +152,7 @@ def lr_find_cli(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lr-find %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    root = tracking.project_root()
+    root = project_root()
     try:
         params = load_params(root / args.params)
         if not (root / RESIZED / "classes.json").exists():
@@ -156,15 +160,15 @@ def lr_find_cli(argv=None) -> int:
         result = lr_find(params, root / RESIZED, args.steps, args.start_lr, args.end_lr)
         png = plot(result, root / args.output)
         name = f"lr-find-{params.model.arch}-{params.model.finetune}"
-        with tracking.open_run(root, params.mlflow.experiment, run_name=name,
-                               tags={**tracking.provenance_tags(root), "kennel.kind": "lr-find"}):
-            tracking.log_params(params.flat())
+        with track.open_run(root, params.mlflow.experiment, run_name=name,
+                               tags={**track.provenance_tags(root), "kennel.kind": "lr-find"}):
+            track.log_params(params.flat())
             for i, (lr, loss) in enumerate(zip(result.lrs, result.losses, strict=True)):
-                tracking.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, step=i)
-            tracking.log_metrics({"lr_suggestion": result.suggestion})
-            tracking.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}"})
-            tracking.log_artifacts([png], "lr_find")
-    except (ConfigError, WeightsError, FileNotFoundError, tracking.TrackingUnavailable) as err:
+                track.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, step=i)
+            track.log_metrics({"lr_suggestion": result.suggestion})
+            track.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}"})
+            track.log_artifacts([png], "lr_find")
+    except (ConfigError, WeightsError, FileNotFoundError, track.TrackingUnavailable) as err:
         print(f"kennel lr-find: error: {err}", file=sys.stderr)
         return 2
     print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}"

@@ -10,13 +10,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kennel.core.device import resolve_amp, resolve_device
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.manifest import read_manifest
-from kennel.engine import predict, resolve_amp, resolve_device
-from kennel.gradcam import grad_cam
-from kennel.metrics import Curves, calibration, classification_metrics, curves, softmax
-from kennel.model import Classifier, load_model
-from kennel.training import make_loader
+from kennel.evaluate.gradcam import grad_cam
+from kennel.evaluate.metrics import Curves, calibration, classification_metrics, curves
+from kennel.train.fine_tune import make_loader
+from kennel.train.inference import softmax
+from kennel.train.loop import predict
+from kennel.train.model import Classifier, load_model
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from kennel.tracking import find_experiment, project_root, tracking_uri
+from kennel.core.paths import project_root
+from kennel.track import find_experiment, tracking_uri
 
 USAGE = """usage: python -m kennel {ui,predict,reproduce,lr-find} ...
 
@@ -88,15 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "ui":
         return ui(rest)
     if command == "predict":
-        from kennel.predict import predict_cli
+        from kennel.serve.predict import predict_cli
 
         return predict_cli(rest)
     if command == "reproduce":
-        from kennel.reproduce import reproduce_cli
+        from kennel.serve.reproduce import reproduce_cli
 
         return reproduce_cli(rest)
     if command == "lr-find":
-        from kennel.lr_find import lr_find_cli
+        from kennel.train.lr_find import lr_find_cli
 
         return lr_find_cli(rest)
     print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)

@@ -55,12 +55,6 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
     return float(skm.auc(x, y))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 @dataclass(frozen=True)
 class Curves:
     """The ROC and precision-recall curve of one class against the rest, as tables for DVC plots."""

@@ -7,18 +7,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from kennel.config import ConfigError, Params, load_params
-from kennel.data.sources import DataError
-
-# Errors about the user's input: print the message (which names the file or key) and exit 2, no traceback.
-# Stages add their own (train: WeightsError); importing kennel.model here would make prepare and resize depend on it.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+from kennel.core.errors import USER_ERRORS
+from kennel.core.params import Params, load_params
 
 
 def run_stage(
     name: str, body: Callable[[Params], None], argv: Sequence[str] | None = None,
-    extra_errors: tuple[type[Exception], ...] = (),
 ) -> int:
+    """Parse ``--params``, set up logging, run ``body(params)``; a user error (``USER_ERRORS``: the message names
+    the file or key) prints one line and returns 2, no traceback."""
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"kennel {name} stage")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -26,7 +23,7 @@ def run_stage(
     try:
         params = load_params(args.params)
         body(params)
-    except (*USER_ERRORS, *extra_errors) as err:
+    except USER_ERRORS as err:
         print(f"kennel {name}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
 """The pipeline's files, relative to the workspace a stage runs in; dvc.yaml declares the same paths."""
 
+import os
 from pathlib import Path
 
 PREPARED = Path("data/prepared")
@@ -25,3 +26,14 @@ ROC_DIR = REPORTS / "roc"  # one table per class (binary: the positive class)
 PR_DIR = REPORTS / "pr"
 FIGURES = REPORTS / "figures"
 DATA_REPORT = REPORTS / "data"  # prepare's look at the data: figures and class counts
+
+
+def project_root(start: Path | None = None) -> Path:
+    """``$DVC_ROOT`` if set, else the nearest folder up from ``start`` (cwd) holding ``.dvc`` or ``.git``."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return here

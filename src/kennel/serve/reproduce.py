@@ -22,14 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from kennel.config import ConfigError, load_params
-from kennel.provenance import commit_unversioned_reason, git
+from kennel.core.errors import ConfigError, ReproduceError
+from kennel.core.params import load_params
+from kennel.core.versioning import commit_unversioned_reason, git
 
 METRICS = ("accuracy", "macro_f1", "roc_auc")
 
 
-class ReproduceError(RuntimeError):
-    """The reference cannot be reproduced; the message says why (unknown, dirty, missing commit)."""
 
 
 @dataclass
@@ -59,7 +58,7 @@ def _metrics_at(commit: str, root: Path) -> dict[str, float]:
 def _from_run(run_id: str, root: Path) -> Target | None:
     import mlflow
 
-    from kennel.tracking import tracking_uri
+    from kennel.track import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(root))
     try:
@@ -154,7 +153,7 @@ def restore_inputs(tree: Path, commit: str, root: Path, env: dict) -> None:
 
 def reproduce(target: Target, root: Path) -> dict[str, float]:
     """Rerun ``target`` in a temporary worktree; returns the reproduced test metrics."""
-    from kennel.tracking import tracking_uri
+    from kennel.track import tracking_uri
 
     tmp = Path(tempfile.mkdtemp(prefix="kennel-reproduce-"))
     tree = tmp / "worktree"
@@ -204,7 +203,7 @@ def reproduce_cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="largest allowed absolute difference per metric (default 0: exact, as on a CPU)")
     args = parser.parse_args(argv)
-    from kennel.tracking import project_root
+    from kennel.core.paths import project_root
 
     root = project_root()
     try:

@@ -1,0 +1,29 @@
+"""Every error kennel raises about a user's input or setup, in one place: the stage runner and the CLIs catch these,
+print the message (which names the file, key or reference) and exit 2, without a traceback."""
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+class DataError(ValueError):
+    """The data cannot be used as it is; the message names the folder, file or class."""
+
+
+class WeightsError(RuntimeError):
+    """The requested weights cannot be had or do not fit the arch; the message names the file and keys."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; raised before any training starts."""
+
+
+class ReproduceError(RuntimeError):
+    """The reference cannot be reproduced; the message says why (unknown, dirty, missing commit)."""
+
+
+class ModelRefError(ValueError):
+    """A ``--model`` reference that cannot be resolved; the message names it and says why."""
+
+# What a stage or command reports as a one-line error (exit 2) rather than a traceback.
+USER_ERRORS = (ConfigError, DataError, WeightsError, TrackingUnavailable, ReproduceError, ModelRefError,
+               FileNotFoundError)

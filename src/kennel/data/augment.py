@@ -1,0 +1,41 @@
+"""On-device augmentation: per-sample random resized crop and horizontal flip for a whole batch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from kennel.core.device import send
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample random resized crop + horizontal flip for a whole batch with one ``grid_sample``.
+
+    Parameters are drawn on the CPU from ``generator`` (so a run is repeatable and resumable on any device, and
+    draws the same crops on each); they reach the device without a blocking copy, and the sampling runs wherever
+    the images are.
+    """
+
+    flip: float = 0.5
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b = images.shape[0]
+        area = torch.empty(b).uniform_(*self.scale, generator=generator)
+        log_ratio = torch.empty(b).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator)
+        w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
+        h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)  # crop centre, in [-1, 1] coordinates
+        cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
+        sign = 1 - 2 * (torch.rand(b, generator=generator) < self.flip).float()
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+        theta = send(theta, images.device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return out.contiguous(memory_format=torch.channels_last)

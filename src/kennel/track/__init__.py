@@ -1,0 +1,45 @@
+"""Everything MLflow, and only here: the store and run lifecycle, provenance, models and the registry.
+
+``from kennel import track`` then ``track.open_run(...)``: the public names of the three modules in one place.
+"""
+
+import logging
+import os
+
+# Before mlflow is imported: no "Downloading artifacts" bars in stage output (logging a model reads files back).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's own INFO lines (table creation, system metrics monitor start/stop) would drown kennel's; its warnings stay.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+from kennel.core.errors import TrackingUnavailable  # noqa: E402
+from kennel.track.models import CHAMPION, Registration, log_model, register_and_promote  # noqa: E402
+from kennel.track.provenance import data_fingerprint, provenance_tags  # noqa: E402
+from kennel.track.store import (  # noqa: E402
+    check_reachable,
+    experiment_id,
+    find_experiment,
+    log_artifacts,
+    log_dict,
+    log_epoch,
+    log_manifest,
+    log_metrics,
+    log_params,
+    note,
+    open_run,
+    read_run_file,
+    retry,
+    run_exists,
+    run_name,
+    run_tag,
+    set_tags,
+    store_lock,
+    tracking_uri,
+    write_run_file,
+)
+
+__all__ = [
+    "CHAMPION", "Registration", "TrackingUnavailable", "check_reachable", "data_fingerprint", "experiment_id",
+    "find_experiment", "log_artifacts", "log_dict", "log_epoch", "log_manifest", "log_metrics", "log_model",
+    "log_params", "note", "open_run", "provenance_tags", "read_run_file", "register_and_promote", "retry",
+    "run_exists", "run_name", "run_tag", "set_tags", "store_lock", "tracking_uri", "write_run_file",
+]

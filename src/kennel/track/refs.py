@@ -1,0 +1,70 @@
+"""Models named by MLflow reference: a run id, ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a logged
+model ``models:/m-...``, loaded with the classes, size and resize mode their run recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+from mlflow.exceptions import MlflowException
+
+from kennel.core.errors import ModelRefError, TrackingUnavailable
+from kennel.track.store import check_reachable, tracking_uri
+from kennel.train.inference import DEFAULT_MODE, LoadedModel
+
+
+def _client(root: Path, ref: str):
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # sqlite would silently create an empty store and then report the run as missing
+        raise ModelRefError(f"{ref!r}: no MLflow store at {uri.removeprefix('sqlite:///')}; run `dvc repro` first")
+    try:
+        check_reachable(uri)  # a server that is down: seconds, not MLflow's minutes of retries
+    except TrackingUnavailable as err:
+        raise ModelRefError(f"{ref!r}: {err}") from None
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def registered_run_id(ref: str, root: Path) -> str:
+    """The run behind ``models:/name@alias``, ``models:/name/<version>`` or a logged model ``models:/m-...``."""
+    client = _client(root, ref)
+    target = ref.removeprefix("models:/")
+    name, _, version = target.partition("/")
+    try:
+        if "@" in target and not version:
+            name, _, alias = target.partition("@")
+            run_id = client.get_model_version_by_alias(name, alias).run_id
+        elif version:
+            run_id = client.get_model_version(name, version).run_id
+        elif target.startswith("m-"):
+            run_id = client.get_logged_model(target).source_run_id
+        else:
+            raise ModelRefError(f"{ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    except MlflowException as err:
+        raise ModelRefError(f"{ref!r}: not found in the MLflow store ({err.message})") from None
+    if not run_id:
+        raise ModelRefError(f"{ref!r}: the model version has no source run to read classes and size from")
+    return run_id
+
+
+def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
+    """The model a kennel train run logged; its tags and params say the classes, size and resize mode."""
+    client = _client(root, ref)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ModelRefError(f"{ref!r}: no such MLflow run {run_id} ({err.message})") from None
+    tags, params = run.data.tags, run.data.params
+    missing = [f"tag {k}" for k in ("kennel.model_uri", "kennel.classes") if not tags.get(k)]
+    missing += [] if params.get("resize.size") else ["param resize.size"]
+    if missing:
+        raise ModelRefError(f"{ref!r}: run {run_id} lacks {', '.join(missing)}; is it a finished kennel train run?")
+    try:
+        module = mlflow.pytorch.load_model(tags["kennel.model_uri"], map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - a deleted artifact, a store moved away, ...
+        raise ModelRefError(f"{ref!r}: cannot load {tags['kennel.model_uri']} ({type(err).__name__}: {err})") from None
+    classes = tags["kennel.classes"].split(",")
+    mode = params.get("resize.mode", DEFAULT_MODE)
+    return LoadedModel(module, classes, int(params["resize.size"]), mode, f"{ref} ({tags['kennel.model_uri']})")
