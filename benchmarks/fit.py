@@ -65,8 +65,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_placement(seconds: list[float], device: torch.device):
-    """Wraps ``fine_tune._batches`` (reading a split and placing it on the device) to time it."""
-    inner = fine_tune._batches
+    """Wraps ``fine_tune.make_batches`` (reading a split and placing it on the device) to time it."""
+    inner = fine_tune.make_batches
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -91,8 +91,7 @@ def run(args, data_dir: Path) -> None:
           f"{raw['resize']['size']} px, in {data_dir}", flush=True)
 
     placement: list[float] = []
-    if hasattr(fine_tune, "_batches"):
-        fine_tune._batches = _timed_placement(placement, device)
+    fine_tune.make_batches = _timed_placement(placement, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     marks: dict[str, float] = {}

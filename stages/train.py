@@ -105,7 +105,7 @@ def _train_and_log(params: Params, ctx: distributed.Dist, resume: dict | None) -
                        checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
         track.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.tta": params.evaluate.tta})
         result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
-        save_model(result.model, MODEL, params.resize.size, params.model.arch, params.resize.mode)
+        save_model(result.model, MODEL, size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
         HISTORY.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
         images, _ = read_split(RESIZED, "train")

@@ -64,3 +64,46 @@ def test_ui_serves_the_project_store_and_opens_its_runs_view(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the UI's server processes too
         server.wait(timeout=120)
+
+
+NO_MLFLOW = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mlflow":
+            raise ImportError(f"{name} is blocked")
+
+sys.meta_path.insert(0, Block())
+from kennel.serve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_predict_from_a_model_file_imports_no_mlflow(tmp_path):
+    """`kennel predict` with a model file runs with mlflow blocked: no command pays its import time needlessly."""
+    import numpy as np
+    from PIL import Image
+
+    from kennel.train.model import build_model, save_model
+
+    model, _ = build_model("resnet18", ["cat", "dog"], weights="none")
+    save_model(model, tmp_path / "model.pt", size=32, arch="resnet18", mode="squash")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    out = subprocess.run([sys.executable, "-c", NO_MLFLOW, "predict", "a.png", "--model", "model.pt"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "1 predicted, 0 failed" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, "-c", NO_MLFLOW, "predict", "a.png", "--model", "0" * 32], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "mlflow is blocked" in out.stderr  # the guard itself can fail
+
+
+def test_the_kennel_console_script_is_declared():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["kennel"].partition(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), function))

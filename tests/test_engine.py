@@ -6,7 +6,8 @@ import torch
 from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.params import params_from_dict
 from kennel.data.dataset import ImageArrayDataset
-from kennel.train.fine_tune import make_loader, train
+from kennel.train.batches import make_loader
+from kennel.train.fine_tune import train
 from kennel.train.loop import evaluate
 from kennel.train.optim import build_optimizer
 from tests.conftest import build_dataset, small_params
@@ -22,20 +23,27 @@ def _params(**overrides):
     return params_from_dict(small_params(**overrides))
 
 
-def test_resolve_device():
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_resolve_device_auto_prefers_cuda_then_mps(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto").type == expected
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else resolve_device("auto").type)
-    if not torch.cuda.is_available():
+    if not cuda:
         with pytest.raises(RuntimeError, match="train.device = 'cuda'"):
             resolve_device("cuda")
 
 
-def test_resolve_amp():
+@pytest.mark.parametrize("flags,expected", [({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                            ({"amx_bf16"}, torch.bfloat16), ({"avx2", "avx512f"}, None)])
+def test_resolve_amp_on_a_cpu_follows_its_bf16_flags(monkeypatch, flags, expected):
+    from kennel.core import device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
     cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is expected
     assert resolve_amp("off", cpu) is None
-    assert resolve_amp("bf16", cpu) is torch.bfloat16
-    assert resolve_amp("fp16", cpu) is torch.float16
-    assert resolve_amp("auto", cpu) in (None, torch.bfloat16)
+    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
 
 
 OPTIMIZERS = [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
@@ -84,8 +92,13 @@ def test_evaluate_on_empty_split_is_nan(resized, tmp_path):
     loss, acc = evaluate(result.model, torch.utils.data.DataLoader(empty), torch.device("cpu"))
     assert math.isnan(loss) and math.isnan(acc)
     ds = ImageArrayDataset(resized, "test")
-    loss, acc = evaluate(result.model, make_loader(ds, 4, 0, torch.device("cpu")), torch.device("cpu"))
-    assert loss > 0 and 0 <= acc <= 1
+    loss, acc = evaluate(result.model, make_loader(ds, batch_size=4, num_workers=0, device=torch.device("cpu")),
+                         torch.device("cpu"))
+    with torch.inference_mode():  # the same numbers, computed by hand
+        logits = result.model.eval()(torch.stack([torch.as_tensor(ds[i][0]) for i in range(len(ds))]))
+    labels = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits.float(), labels).item(), rel=1e-4)
+    assert acc == pytest.approx((logits.argmax(1) == labels).float().mean().item())
 
 
 def test_a_lone_last_sample_does_not_break_batchnorm(resized):

@@ -18,7 +18,7 @@ def trained_on(root, classes):
     """A random-init model saved as the train stage saves it (no training: the numbers only need to be real)."""
     torch.manual_seed(0)
     model, _ = build_model("resnet18", classes, weights="none")
-    save_model(model, root / "model.pt", SIZE, mode="squash")
+    save_model(model, root / "model.pt", size=SIZE, arch="resnet18", mode="squash")
     return root / "model.pt"
 
 

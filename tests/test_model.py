@@ -104,7 +104,7 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_saved_model_roundtrip(tmp_path):
     model, _ = build_model("resnet18", ["cat", "dog"], weights="none")
     model.eval()
-    save_model(model, tmp_path / "m.pt", size=32)
+    save_model(model, tmp_path / "m.pt", size=32, arch="resnet18", mode="center_crop")
     loaded, size = load_model(tmp_path / "m.pt")
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert size == 32 and loaded.classes == ["cat", "dog"]

@@ -49,7 +49,7 @@ def trained(tmp_path_factory) -> Trained:
     (root / ".dvc").mkdir()  # project_root() stops here
     resized = build_dataset(root, per_class=8, size=SIZE)
     result = train(params_from_dict(small_params(**{"train.epochs": 1})), resized)
-    save_model(result.model, root / "models" / "model.pt", size=SIZE, mode=MODE)
+    save_model(result.model, root / "models" / "model.pt", size=SIZE, arch="resnet18", mode=MODE)
     yield Trained(root, resized, result.model.eval(), load_model_file(root / "models" / "model.pt"))
     mp.undo()
 

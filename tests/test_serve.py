@@ -82,7 +82,8 @@ def images(tmp_path) -> list[Path]:
 def _log(root: Path) -> str:
     """An untrained model (the answers only have to match kennel predict's) logged and registered as v1."""
     model, _ = build_model("resnet18", ["cat", "dog"], weights="none")
-    save_model(model, root / "model.pt", size=SIZE, mode="pad")  # pad: the wide and tall test images show it
+    # pad: the wide and tall test images show it
+    save_model(model, root / "model.pt", size=SIZE, arch="resnet18", mode="pad")
     with track.open_run(root, "serve-test"):
         uri = log_serving_model(root / "model.pt", registered_model_name=NAME)
     assert uri.startswith("models:/")

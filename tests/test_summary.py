@@ -1,3 +1,5 @@
+import pytest
+
 from kennel.evaluate.note import run_note
 
 METRICS = {"accuracy": 0.9375, "macro_f1": 0.93, "roc_auc": 0.981, "ece": 0.0412,
@@ -8,7 +10,8 @@ DATA = {"found": 70, "kept": 66, "rejected": 4, "rejected_by_reason": {"duplicat
 
 
 def test_the_note_says_how_good_on_what_and_links_the_figures():
-    note = run_note(METRICS, DATA, "7", "abc123", "3", 4, "best", [("top losses", "evaluation/top losses.png")])
+    note = run_note(METRICS, DATA, experiment_id="7", run_id="abc123", selected_epoch="3", epochs=4, select="best",
+                    figures=[("top losses", "evaluation/top losses.png")])
     assert note.startswith("**Test accuracy 0.938** on 16 test images (macro F1 0.930, ROC AUC 0.981, ECE 0.041)")
     assert "epoch 3 of 4 (train.select: best" in note
     assert "70 files found, 66 kept, 4 rejected (duplicate: 1, empty file: 3); train/val/test 44/6/16" in note
@@ -17,5 +20,11 @@ def test_the_note_says_how_good_on_what_and_links_the_figures():
 
 
 def test_a_weights_warning_leads_the_note():
-    note = run_note(METRICS, DATA, "7", "r", "", 2, "last", [], warnings=["ImageNet weights unavailable", ""])
+    note = run_note(METRICS, DATA, experiment_id="7", run_id="r", selected_epoch="", epochs=2, select="last",
+                    figures=[], warnings=["ImageNet weights unavailable", ""])
     assert note.startswith("Warning: ImageNet weights unavailable\n") and "epoch ? of 2" in note
+
+
+def test_all_but_the_metrics_and_the_data_are_passed_by_name():
+    with pytest.raises(TypeError, match="positional"):
+        run_note(METRICS, DATA, "7", "r", "", 2, "last", [])  # type: ignore[misc]

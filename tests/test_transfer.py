@@ -270,7 +270,7 @@ def test_flip_tta_on_a_mirror_symmetric_image_equals_no_tta(tmp_path):
     torch.testing.assert_close(model(other), (plain_other + plain_mirror) / 2)
     assert not torch.allclose(model(other), plain_other)
     # the choice travels with the model file
-    save_model(model, tmp_path / "m.pt", size=32)
+    save_model(model, tmp_path / "m.pt", size=32, arch="resnet18", mode="center_crop")
     loaded, _ = load_model(tmp_path / "m.pt")
     assert loaded.tta == "flip" and torch.equal(loaded(other), model(other))
     model.train()

@@ -17,6 +17,10 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server does not answer; raised before any training starts."""
 
 
+class GitError(RuntimeError):
+    """A git command that had to succeed failed; the message is the command and git's own words."""
+
+
 class ReproduceError(RuntimeError):
     """The reference cannot be reproduced; the message says why (unknown, dirty, missing commit)."""
 
@@ -25,5 +29,5 @@ class ModelRefError(ValueError):
     """A ``--model`` reference that cannot be resolved; the message names it and says why."""
 
 # What a stage or command reports as a one-line error (exit 2) rather than a traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, TrackingUnavailable, ReproduceError, ModelRefError,
+USER_ERRORS = (ConfigError, DataError, WeightsError, TrackingUnavailable, GitError, ReproduceError, ModelRefError,
                FileNotFoundError)

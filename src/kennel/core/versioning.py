@@ -11,15 +11,22 @@ import subprocess
 from collections.abc import Collection, Sequence
 from pathlib import Path, PurePosixPath
 
+from kennel.core.errors import GitError
+
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 
 
-def git(args: Sequence[str], cwd: Path) -> str:
-    """``git args`` in ``cwd``: its stdout stripped, or '' when git fails or is missing (no repository is fine)."""
+def git(args: Sequence[str], cwd: Path, check: bool = False) -> str:
+    """``git args`` in ``cwd``: its stdout stripped, or '' when git fails or is missing (no repository is fine);
+    with ``check``, a failure raises GitError with git's message instead."""
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        if check:
+            raise GitError(f"git {' '.join(args)}: {err}") from None
         return ""
+    if out.returncode and check:
+        raise GitError(f"git {' '.join(args)}: {out.stderr.strip()}")
     return out.stdout.strip() if out.returncode == 0 else ""
 
 

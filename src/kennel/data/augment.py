@@ -24,6 +24,11 @@ class Augment:
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (0.75, 4 / 3)
 
+    @classmethod
+    def from_params(cls, a) -> Augment | None:
+        """``train.augment`` as an Augment; None when every part is off."""
+        return cls(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max)) if a.enabled else None
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         b = images.shape[0]
         area = torch.empty(b).uniform_(*self.scale, generator=generator)

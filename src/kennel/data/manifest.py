@@ -7,7 +7,6 @@ classes are a label conflict and every copy is rejected.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from kennel.core.errors import DataError
+from kennel.core.io import atomic_path
 from kennel.data.sources import Candidate, relatives
 from kennel.data.validate import DUPLICATE, LABEL_CONFLICT, Inspection
 
@@ -119,10 +119,9 @@ def _summary(candidates: Sequence[Candidate], kept: pd.DataFrame, rejects: pd.Da
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """``df`` without its index, written whole or not at all."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

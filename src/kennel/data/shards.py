@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kennel.data.manifest import SPLITS
+from kennel.data.manifest import SPLITS, write_csv
 from kennel.data.parallel import pmap
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def write_splits(
     index = manifest[["split", "label", "sha1"]].copy()
     index["shard"] = [where[s][0] for s in index["sha1"]]
     index["row"] = [where[s][1] for s in index["sha1"]]
-    _write_csv(index, out_dir / "index.csv")
+    write_csv(index, out_dir / "index.csv")
     live = {f"{shard}.npy" for shard, _ in where.values()}
     for stale in shard_dir.iterdir():  # shards of removed images or another recipe, and crash leftovers
         if stale.name not in live:
@@ -332,12 +332,6 @@ def _copy_rows(target: Path, offset: int, copies: list[tuple[int, str, int]], sh
             os.pwrite(fd, data.tobytes(), offset + row * data.nbytes)
     finally:
         os.close(fd)
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def read_meta(data_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from kennel.data.dataset import ImageArrayDataset
 from kennel.data.manifest import read_manifest
 from kennel.evaluate.gradcam import grad_cam
 from kennel.evaluate.metrics import Curves, calibration, classification_metrics, curves
-from kennel.train.fine_tune import make_loader
+from kennel.train.batches import make_loader
 from kennel.train.inference import softmax
 from kennel.train.loop import predict
 from kennel.train.model import Classifier, load_model
@@ -84,7 +84,8 @@ def evaluate_model(
     dataset = ImageArrayDataset(data_dir, split)
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split} split is empty; raise data.test_fraction")
-    logits, labels = predict(model, make_loader(dataset, batch_size, 0, dev), dev, resolve_amp(amp, dev))
+    batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
+    logits, labels = predict(model, batches, dev, resolve_amp(amp, dev))
     logits, labels = logits.numpy().astype(np.float64), labels.numpy()
     probs = softmax(logits)
     log_probs = logits - logits.max(axis=1, keepdims=True)

@@ -9,8 +9,8 @@ SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
 
 
 def run_note(
-    metrics: Mapping, data: Mapping, experiment_id: str, run_id: str, selected_epoch: str, epochs: int, select: str,
-    figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (),
+    metrics: Mapping, data: Mapping, *, experiment_id: str, run_id: str, selected_epoch: str, epochs: int,
+    select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (),
 ) -> str:
     """``metrics`` as in metrics.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
     n_test = sum(r["support"] for r in metrics["per_class"].values())

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kennel.core.paths import project_root
-from kennel.track import find_experiment, tracking_uri
+from kennel.core.paths import project_root, tracking_uri
 
 USAGE = """usage: python -m kennel {ui,predict,reproduce,lr-find} ...
 
@@ -24,6 +23,18 @@ USAGE = """usage: python -m kennel {ui,predict,reproduce,lr-find} ...
   lr-find     learning-rate range test on the train split: plot, suggested train.lr, an MLflow run
 
 Run `python -m kennel COMMAND --help` for a command's options."""
+
+
+def command_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m kennel NAME``: every command's usage line and help read the same way."""
+    return argparse.ArgumentParser(prog=f"python -m kennel {name}", description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def fail(name: str, message: str) -> int:
+    """A command's user error: one line on stderr naming the command, and exit status 2 (argparse's own)."""
+    print(f"kennel {name}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def ui_command(root: Path, host: str, port: int) -> list[str]:
@@ -64,7 +75,7 @@ def open_when_up(url: str, timeout: float = 120) -> None:
 
 
 def ui(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kennel ui", description="MLflow UI on this project's runs")
+    parser = command_parser("ui", "MLflow UI on this project's runs")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--open", action="store_true", help="open the runs view in the browser once it is up")
@@ -72,8 +83,9 @@ def ui(argv: Sequence[str]) -> int:
     root = project_root()
     uri = tracking_uri(root)
     if uri.startswith("sqlite:") and not (root / "mlflow.db").exists():
-        print(f"kennel ui: no runs yet at {root / 'mlflow.db'}; run `dvc repro` first", file=sys.stderr)
-        return 2
+        return fail("ui", f"no runs yet at {root / 'mlflow.db'}; run `dvc repro` first")
+    from kennel.track import find_experiment  # mlflow: only this command needs it
+
     url = ui_url(args.host, args.port, find_experiment(root, experiment_name(root)))
     print(f"kennel ui: {uri}\n  runs: {url}", flush=True)
     if args.open:
@@ -97,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return reproduce_cli(rest)
     if command == "lr-find":
-        from kennel.train.lr_find import lr_find_cli
+        from kennel.serve.lr_find import lr_find_cli
 
         return lr_find_cli(rest)
     print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)

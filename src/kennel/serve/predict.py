@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -98,8 +97,9 @@ def _positive(text: str) -> int:
 
 def predict_cli(argv: Sequence[str] | None = None) -> int:
     """``python -m kennel predict PATH... [--model REF] [--output CSV] [--batch-size N]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kennel predict", description="Predict the class of image files (folders: every file).")
+    from kennel.serve.cli import command_parser
+
+    parser = command_parser("predict", "Predict the class of image files (folders: every file).")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--model", metavar="REF", help="model file, MLflow run id, models:/<name>@<alias> or "
                         "models:/<name>/<version> (default: models/model.pt)")
@@ -132,4 +132,6 @@ def predict_cli(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
-    print(f"kennel predict: error: {message}", file=sys.stderr)
+    from kennel.serve.cli import fail
+
+    fail("predict", message)

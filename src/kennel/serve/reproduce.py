@@ -8,10 +8,8 @@ evaluate always run again. Recorded and reproduced test metrics are printed side
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from kennel.core.errors import ConfigError, ReproduceError
+from kennel.core.errors import ConfigError, GitError, ReproduceError
 from kennel.core.params import load_params
-from kennel.core.versioning import commit_unversioned_reason, git
+from kennel.core.versioning import RUN_ID, commit_unversioned_reason, git
 
 METRICS = ("accuracy", "macro_f1", "roc_auc")
 
@@ -40,30 +38,17 @@ class Target:
     run_id: str = ""
 
 
-def _git(args: Sequence[str], cwd: Path, check: bool = False) -> str:
-    if not check:
-        return git(args, cwd)
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if out.returncode:
-        raise ReproduceError(f"git {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout.strip()
-
-
 def _metrics_at(commit: str, root: Path) -> dict[str, float]:
-    text = _git(["show", f"{commit}:reports/metrics.json"], root)
+    text = git(["show", f"{commit}:reports/metrics.json"], root)
     test = json.loads(text).get("test", {}) if text else {}
     return {k: float(test[k]) for k in METRICS if k in test}
 
 
 def _from_run(run_id: str, root: Path) -> Target | None:
-    import mlflow
+    from kennel.track import find_run
 
-    from kennel.track import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(root))
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    run = find_run(root, run_id)
+    if run is None:
         return None
     tags = run.data.tags
     if "git.commit" not in tags:
@@ -81,16 +66,16 @@ def _from_run(run_id: str, root: Path) -> Target | None:
 
 def resolve(ref: str, root: Path) -> Target:
     """What to reproduce: an MLflow run id, else a DVC experiment name, else a git commit-ish."""
-    target = _from_run(ref, root) if re.fullmatch(r"[0-9a-f]{32}", ref) else None
+    target = _from_run(ref, root) if RUN_ID.fullmatch(ref) else None
     if target is None:
-        exp_refs = _git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], root).splitlines()
+        exp_refs = git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], root).splitlines()
         for line in exp_refs:
             name, commit = line.split()
             if name.rsplit("/", 1)[-1] == ref:
                 target = Target(ref, commit, _metrics_at(commit, root))
                 break
     if target is None:
-        commit = _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], root)
+        commit = git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], root)
         if not commit:
             raise ReproduceError(f"{ref!r} is neither an MLflow run id, a DVC experiment name nor a git commit here")
         target = Target(ref, commit, _metrics_at(commit, root))
@@ -107,7 +92,7 @@ def resolve(ref: str, root: Path) -> Target:
 
 def _data_params(target: Target, root: Path) -> tuple[str, str]:
     """``data.source`` and ``data.raw_dir`` the target used: recorded on the run, else the commit's params.yaml."""
-    data = (yaml.safe_load(_git(["show", f"{target.commit}:params.yaml"], root) or "{}") or {}).get("data", {})
+    data = (yaml.safe_load(git(["show", f"{target.commit}:params.yaml"], root) or "{}") or {}).get("data", {})
     source = target.params.get("data.source", data.get("source", "synthetic"))
     return source, target.params.get("data.raw_dir", data.get("raw_dir", ""))
 
@@ -138,7 +123,7 @@ def restore_inputs(tree: Path, commit: str, root: Path, env: dict) -> None:
     cache, or from the default remote when the cache lacks it; refuse, naming the path, when neither has it."""
     remote = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=tree, env=env,
                             capture_output=True, text=True).stdout.strip()
-    for dvc_file in sorted(f for f in _git(["ls-tree", "-r", "--name-only", commit], root).splitlines()
+    for dvc_file in sorted(f for f in git(["ls-tree", "-r", "--name-only", commit], root).splitlines()
                            if f.endswith(".dvc")):
         if _dvc(["checkout", dvc_file], tree, env, check=False) == 0:
             continue
@@ -157,7 +142,7 @@ def reproduce(target: Target, root: Path) -> dict[str, float]:
 
     tmp = Path(tempfile.mkdtemp(prefix="kennel-reproduce-"))
     tree = tmp / "worktree"
-    _git(["worktree", "add", "--detach", str(tree), target.commit], root, check=True)
+    git(["worktree", "add", "--detach", str(tree), target.commit], root, check=True)
     try:
         if target.params:
             apply_params(tree / "params.yaml", target.params)
@@ -181,7 +166,7 @@ def reproduce(target: Target, root: Path) -> dict[str, float]:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        _git(["worktree", "prune"], root)
+        git(["worktree", "prune"], root)
 
 
 def compare(recorded: dict[str, float], reproduced: dict[str, float], tolerance: float) -> tuple[bool, str]:
@@ -197,8 +182,9 @@ def compare(recorded: dict[str, float], reproduced: dict[str, float], tolerance:
 
 
 def reproduce_cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kennel reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kennel.serve.cli import command_parser, fail
+
+    parser = command_parser("reproduce", __doc__)
     parser.add_argument("ref", help="MLflow run id, git commit/branch/tag, or DVC experiment name")
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="largest allowed absolute difference per metric (default 0: exact, as on a CPU)")
@@ -211,9 +197,8 @@ def reproduce_cli(argv: Sequence[str] | None = None) -> int:
         print(f"reproducing {args.ref} at commit {target.commit[:12]}"
               + (f" with the params of run {target.run_id}" if target.run_id else ""), flush=True)
         reproduced = reproduce(target, root)
-    except (ReproduceError, ConfigError) as err:
-        print(f"kennel reproduce: error: {err}", file=sys.stderr)
-        return 2
+    except (ReproduceError, ConfigError, GitError) as err:
+        return fail("reproduce", str(err))
     ok, table = compare(target.recorded, reproduced, args.tolerance)
     print(table)
     print("reproduced" if ok else f"NOT reproduced (tolerance {args.tolerance:g})")

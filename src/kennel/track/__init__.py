@@ -12,12 +12,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 from kennel.core.errors import TrackingUnavailable  # noqa: E402
+from kennel.core.paths import tracking_uri  # noqa: E402
 from kennel.track.models import CHAMPION, Registration, log_model, register_and_promote  # noqa: E402
 from kennel.track.provenance import data_fingerprint, provenance_tags  # noqa: E402
 from kennel.track.store import (  # noqa: E402
     check_reachable,
     experiment_id,
     find_experiment,
+    find_run,
     log_artifacts,
     log_dict,
     log_epoch,
@@ -33,13 +35,12 @@ from kennel.track.store import (  # noqa: E402
     run_tag,
     set_tags,
     store_lock,
-    tracking_uri,
     write_run_file,
 )
 
 __all__ = [
     "CHAMPION", "Registration", "TrackingUnavailable", "check_reachable", "data_fingerprint", "experiment_id",
-    "find_experiment", "log_artifacts", "log_dict", "log_epoch", "log_manifest", "log_metrics", "log_model",
+    "find_experiment", "find_run", "log_artifacts", "log_dict", "log_epoch", "log_manifest", "log_metrics", "log_model",
     "log_params", "note", "open_run", "provenance_tags", "read_run_file", "register_and_promote", "retry",
     "run_exists", "run_name", "run_tag", "set_tags", "store_lock", "tracking_uri", "write_run_file",
 ]

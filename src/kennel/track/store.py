@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 from mlflow.data.dataset_source_registry import get_registered_sources  # noqa: E402
 
 from kennel.core.errors import TrackingUnavailable
+from kennel.core.paths import tracking_uri
 from kennel.core.versioning import git
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ T = TypeVar("T")
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
 
@@ -140,6 +139,15 @@ def run_exists(root: Path, run_id: str) -> bool:
     except mlflow.exceptions.MlflowException:
         return False
     return True
+
+
+def find_run(root: Path, run_id: str) -> mlflow.entities.Run | None:
+    """The run ``run_id`` of the project's store, or None when it has no such run."""
+    mlflow.set_tracking_uri(tracking_uri(root))
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
 
 
 def run_tag(run_id: str, key: str) -> str:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from kennel.core.device import send
+from kennel.data.dataset import ImageArrayDataset
+from kennel.data.shards import read_split
 
 
 def batch_order(
@@ -69,3 +74,28 @@ class Batches:
         order = send(epoch_order(*self.sampler.args), self.images.device)
         for idx in order.split(self.sampler.args[1]):
             yield self.images[idx], self.labels[idx]
+
+
+def make_loader(
+    dataset: ImageArrayDataset, *, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
+    generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
+) -> DataLoader:
+    """Batches streamed from the memory map: pinned memory and non-blocking copies on CUDA."""
+    sampler = BatchSampler(len(dataset), batch_size, shuffle, generator, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0)
+
+
+def make_batches(
+    data_dir: Path, split: str, *, resident: bool, batch_size: int, device: torch.device, num_workers: int = 0,
+    shuffle: bool = False, generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
+) -> Batches | DataLoader:
+    """``split``'s batches: drawn from one copy on ``device`` when ``resident``, else streamed from the shards.
+    Shuffled batches are this rank's share of one order; unshuffled ones cover the whole split on every rank."""
+    rank, world = (rank, world) if shuffle else (0, 1)
+    if resident:
+        images, labels = read_split(data_dir, split)
+        x = torch.from_numpy(np.array(images)).to(device)  # a real copy in RAM or on the GPU, not the map
+        return Batches(x, torch.from_numpy(labels), batch_size, shuffle, generator, rank, world)
+    return make_loader(ImageArrayDataset(data_dir, split), batch_size=batch_size, num_workers=num_workers,
+                       device=device, shuffle=shuffle, generator=generator, rank=rank, world=world)

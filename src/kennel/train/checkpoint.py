@@ -1,16 +1,48 @@
-"""Epoch checkpoints: everything needed to resume a fit exactly, written atomically, read with weights_only."""
+"""Epoch checkpoints: everything needed to resume a fit exactly, written atomically, read with weights_only.
+
+A :class:`Checkpointer` owns the file and its identity (the fingerprint of params, data and code), and both the
+writing and the restoring of the payload, so the two sides stay symmetric."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import kennel
+from kennel.core.io import atomic_path
+from kennel.core.params import Params
+from kennel.data.shards import read_meta
+from kennel.train.loop import EpochResult, FitState
+
 log = logging.getLogger(__name__)
+
+# Params that change how fast, not what, a run trains (or only where it is recorded): a checkpoint stays valid.
+NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "data.workers", "resize.workers", "evaluate.tta"}
+
+
+def fingerprint(params: Params, data_dir: Path) -> str:
+    """Hash of everything that decides the result of training: params (less speed knobs), data and code."""
+    relevant = {k: v for k, v in params.flat().items()
+                if k not in NOT_IN_FINGERPRINT and not k.startswith("mlflow.")}
+    data = read_meta(data_dir).get("fingerprint", "")
+    return hashlib.sha256(json.dumps([relevant, data, code_fingerprint()], sort_keys=True, default=str).encode()
+                          ).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """Hash of the kennel package's source: a fixed bug must not be resumed into an old run's weights."""
+    package = Path(kennel.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -40,10 +72,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """tmp + rename: a kill mid-write leaves the previous checkpoint intact, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
@@ -71,3 +101,55 @@ def mark_complete(path: Path) -> None:
     if path.exists():
         payload = torch.load(path, map_location="cpu", weights_only=True)
         save_checkpoint(path, {**payload, "complete": True})
+
+
+@dataclass
+class Checkpointer:
+    """The checkpoint of one run: written after every epoch (by rank 0), read back to resume it exactly."""
+
+    path: Path
+    fingerprint: str
+    extra: dict = field(default_factory=dict)  # recorded as is (the train stage's MLflow run id)
+
+    @classmethod
+    def for_run(cls, path: Path, params: Params, data_dir: Path, extra: dict | None = None) -> Checkpointer:
+        return cls(path, fingerprint(params, data_dir), dict(extra or {}))
+
+    def resumable(self) -> dict | None:
+        """The payload of an unfinished run with this fingerprint, or None: start fresh."""
+        return load_checkpoint(self.path, self.fingerprint)
+
+    def save(self, *, epoch: int, phase: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler, scaler, generator: torch.Generator, state: FitState) -> None:
+        save_checkpoint(self.path, {
+            "fingerprint": self.fingerprint, "epoch": epoch, "phase": phase,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
+            "history": [asdict(r) for r in state.history], "best_epoch": state.best_epoch,
+            "best_score": list(state.best_score), "best_state": state.best_state,
+            **self.extra,
+        })
+
+
+def restore_run(payload: dict, model: torch.nn.Module, generator: torch.Generator) -> tuple[FitState, int]:
+    """What :meth:`Checkpointer.save` wrote of the run as a whole: weights, RNG streams and the fit so far; returns
+    the state and the first epoch still to train."""
+    model.load_state_dict(payload["model"])
+    set_rng_state(payload["rng"], generator)
+    state = FitState([EpochResult(**r) for r in payload["history"]], payload["best_epoch"],
+                     tuple(payload["best_score"]), payload["best_state"])
+    return state, payload["epoch"] + 1
+
+
+def restore_phase(payload: dict, *, first: int, last: int, optimizer: torch.optim.Optimizer, scheduler,
+                  scaler) -> None:
+    """The optimizer, schedule and grad scaler of the phase ``first..last``, if the checkpoint was made inside it
+    (a phase that ended at the checkpoint starts its successor fresh)."""
+    if not first <= payload["epoch"] < last:
+        return
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-import kennel
 from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.augment import Augment
-from kennel.data.dataset import ImageArrayDataset
 from kennel.data.shards import read_meta, read_split
-from kennel.train.batches import Batches, BatchSampler
-from kennel.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kennel.train.batches import Batches, make_batches
+from kennel.train.checkpoint import Checkpointer, restore_phase, restore_run
 from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, Step, fit, predict
 from kennel.train.model import Classifier, WeightsInfo, build_model
@@ -34,8 +29,6 @@ log = logging.getLogger(__name__)
 
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
-# Params that change how fast, not what, a run trains (or only where it is recorded): a checkpoint stays valid.
-NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "data.workers", "resize.workers", "evaluate.tta"}
 
 
 @dataclass
@@ -68,34 +61,6 @@ def set_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms for the fixed input size
 
 
-def fingerprint(params: Params, data_dir: Path) -> str:
-    """Hash of everything that decides the result of training: params (less speed knobs), data and code."""
-    relevant = {k: v for k, v in params.flat().items()
-                if k not in NOT_IN_FINGERPRINT and not k.startswith("mlflow.")}
-    data = read_meta(data_dir).get("fingerprint", "")
-    return hashlib.sha256(json.dumps([relevant, data, code_fingerprint()], sort_keys=True, default=str).encode()
-                          ).hexdigest()
-
-
-def code_fingerprint() -> str:
-    """Hash of the kennel package's source: a fixed bug must not be resumed into an old run's weights."""
-    package = Path(kennel.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
-def make_loader(
-    dataset: ImageArrayDataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
-    generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
-) -> DataLoader:
-    """Batches streamed from the memory map: pinned memory and non-blocking copies on CUDA."""
-    sampler = BatchSampler(len(dataset), batch_size, shuffle, generator, rank, world)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0)
-
-
 def fits_resident(nbytes: int, device: torch.device, setting: str | bool) -> bool:
     """``train.data_on_device``: true, false, or auto = fits in a quarter of free device memory / available RAM."""
     if setting != "auto":
@@ -107,17 +72,6 @@ def fits_resident(nbytes: int, device: torch.device, setting: str | bool) -> boo
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return nbytes <= RESIDENT_FRACTION * available
     return False
-
-
-def _batches(data_dir: Path, split: str, resident: bool, batch_size: int, device: torch.device, t, ctx: Dist,
-             shuffle: bool, generator: torch.Generator | None) -> Iterable:
-    rank, world = (ctx.rank, ctx.world) if shuffle else (0, 1)  # every rank evaluates the whole split
-    if resident:
-        images, labels = read_split(data_dir, split)
-        x = torch.from_numpy(np.array(images)).to(device)  # a real copy in RAM or on the GPU, not the map
-        return Batches(x, torch.from_numpy(labels), batch_size, shuffle, generator, rank, world)
-    return make_loader(ImageArrayDataset(data_dir, split), batch_size, t.num_workers, device, shuffle, generator,
-                       rank, world)
 
 
 def extract_features(model: Classifier, batches: Iterable, device: torch.device,
@@ -170,9 +124,66 @@ def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Cla
     return model.to(device, memory_format=torch.channels_last), weights
 
 
+@dataclass
+class PhaseSetup:
+    """What one phase trains with: the module that learns, its batches, optimizer, schedule and step recipe."""
+
+    trained: nn.Module  # what the optimizer updates, wrapped for DDP / torch.compile when asked
+    evaluated: nn.Module  # what validation runs (the head alone on cached features, else the model)
+    train_batches: Iterable
+    val_batches: Iterable
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    step: Step
+
+
+def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Path, resident: bool, batch_size: int,
+                device: torch.device, amp_dtype: torch.dtype | None, generator: torch.Generator,
+                ctx: Dist) -> PhaseSetup:
+    """The data, module, optimizer, schedule and grad scaler of ``phase``.
+
+    Frozen: the backbone's features never change, so they are computed once and the head trains on them
+    (no augmentation). Unfrozen after a frozen phase: discriminative rates (backbone at ``backbone_lr_mult``).
+    """
+    t = params.train
+    model.set_frozen(phase.frozen)
+    batches = dict(resident=resident, batch_size=batch_size, device=device, num_workers=t.num_workers)
+    if phase.frozen:
+        log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
+                 phase.first, phase.last)
+        (ftrain, ytrain), (fval, yval) = [
+            (f.to(device), y) for f, y in (extract_features(model, make_batches(data_dir, split, **batches), device,
+                                                            amp_dtype) for split in ("train", "val"))]
+        train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
+        val_batches: Iterable = Batches(fval, yval, batch_size)
+        module, groups, augment = model.head, list(model.head.parameters()), None
+    else:
+        if phase.index > 1:
+            log.info("epochs %d-%d: all layers, backbone lr x %g", phase.first, phase.last, t.backbone_lr_mult)
+        train_batches = make_batches(data_dir, "train", **batches, shuffle=True, generator=generator, rank=ctx.rank,
+                                     world=ctx.world)
+        val_batches = make_batches(data_dir, "val", **batches)
+        module = model
+        groups = param_groups(model, t.lr, t.backbone_lr_mult) if phase.index > 1 else list(model.parameters())
+        augment = Augment.from_params(t.augment)
+    trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.world > 1 else module
+    if t.compile:
+        trained = torch.compile(trained)
+    optimizer = build_optimizer(t.optimizer, groups, t.lr, t.momentum, t.weight_decay, t.nesterov)
+    scheduler = build_scheduler(t.schedule, optimizer, phase.last - phase.first + 1, len(train_batches),
+                                t.warmup_epochs)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    step = Step(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
+    return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step)
+
+
 def train(
     params: Params,
     data_dir: Path,
+    *,
     on_epoch: Callable[[EpochResult], None] = lambda r: None,
     on_start: Callable[[TrainResult], None] = lambda r: None,
     checkpoint: Path | None = None,
@@ -187,112 +198,77 @@ def train(
     uninterrupted one would. ``on_start`` sees the built model, device and placement before the first epoch.
     """
     t, ctx = params.train, ctx or Dist()
-    device = resolve_device(t.device)
+    device, amp_dtype, generator = prepare_run(params, ctx)
+    model, weights = build_for(params, data_dir, device)
+    resident, n_train, n_val = placement(data_dir, device, t.data_on_device)
+    batch_size = t.batch_size // ctx.world
+    saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
+    state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
+    result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
+                         resumed_from=start - 1)
+    log.info("training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
+             device, amp_name(amp_dtype), result.data_placement, n_train, n_val, batch_size, ctx.world,
+             weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
+    on_start(result)
+
+    evaluated: nn.Module = model
+    for phase in phases(params):
+        if phase.last < start:
+            continue  # finished before the checkpoint we resume from
+        if not phase.frozen and phase.index > 1:
+            state.best_state = _model_state(model, state.best_state)
+        setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
+                            batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx)
+        if resume is not None:
+            restore_phase(resume, first=phase.first, last=phase.last, optimizer=setup.optimizer,
+                          scheduler=setup.scheduler, scaler=setup.scaler)
+
+        def after_epoch(epoch_result: EpochResult, fit_state: FitState, phase=phase, setup=setup) -> None:
+            # Report first, then checkpoint: a kill in between repeats this epoch on resume (same numbers, logged
+            # twice) rather than skipping its report.
+            on_epoch(epoch_result)
+            if saver is not None and ctx.is_main:
+                saver.save(epoch=epoch_result.epoch, phase=phase.index, model=model, optimizer=setup.optimizer,
+                           scheduler=setup.scheduler, scaler=setup.scaler, generator=generator, state=fit_state)
+
+        evaluated = setup.evaluated
+        state = fit(setup.trained, setup.train_batches, setup.val_batches, setup.optimizer, phase.last, device,
+                    setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
+                    on_epoch=after_epoch)
+    return select_weights(result, model, state, evaluated, t.select, t.epochs)
+
+
+def prepare_run(params: Params, ctx: Dist) -> tuple[torch.device, torch.dtype | None, torch.Generator]:
+    """Device (this process's GPU under DDP), precision, determinism and seeds, before the model is built."""
+    device = resolve_device(params.train.device)
     if device.type == "cuda" and ctx.world > 1:
         device = torch.device("cuda", ctx.local_rank)
-    set_determinism(t.deterministic)
-    amp_dtype = resolve_amp(t.amp, device)
-    generator = seed_everything(params.seed)
-    model, weights = build_for(params, data_dir, device)
+    set_determinism(params.train.deterministic)
+    return device, resolve_amp(params.train.amp, device), seed_everything(params.seed)
 
+
+def placement(data_dir: Path, device: torch.device, setting: str | bool) -> tuple[bool, int, int]:
+    """(resident: train + val held on the device, train images, val images); an empty train split is an error."""
     train_images, _ = read_split(data_dir, "train")
     val_images, _ = read_split(data_dir, "val")
     if len(train_images) == 0:
         raise ValueError(f"{data_dir}: the train split is empty")
-    resident = fits_resident(train_images.nbytes + val_images.nbytes, device, t.data_on_device)
-    batch_size = t.batch_size // ctx.world
+    return fits_resident(train_images.nbytes + val_images.nbytes, device, setting), len(train_images), len(val_images)
 
-    state, start = FitState(), 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        set_rng_state(resume["rng"], generator)
-        state = FitState([EpochResult(**r) for r in resume["history"]], resume["best_epoch"],
-                         tuple(resume["best_score"]), resume["best_state"])
-        start = resume["epoch"] + 1
-    result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
-                         resumed_from=start - 1)
-    log.info(
-        "training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
-        device, amp_name(amp_dtype), result.data_placement, len(train_images), len(val_images), batch_size,
-        ctx.world, weights.source, f", resuming after epoch {start - 1}" if start > 1 else "",
-    )
-    on_start(result)
-    fp = fingerprint(params, data_dir) if checkpoint is not None else ""
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
-    module: nn.Module = model
-    for phase in phases(params):
-        if phase.last < start:
-            continue  # finished before the checkpoint we resume from
-        model.set_frozen(phase.frozen)
-        if phase.frozen:
-            # The backbone is frozen, so its features never change: compute them once and train the head on them.
-            log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
-                     phase.first, phase.last)
-            unshuffled = [_batches(data_dir, split, resident, batch_size, device, t, Dist(), False, None)
-                          for split in ("train", "val")]
-            (ftrain, ytrain), (fval, yval) = [
-                (f.to(device), y) for f, y in (extract_features(model, b, device, amp_dtype) for b in unshuffled)]
-            train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
-            val_batches: Iterable = Batches(fval, yval, batch_size)
-            module, groups, augment = model.head, list(model.head.parameters()), None
-        else:
-            if phase.index > 1:
-                state.best_state = _model_state(model, state.best_state)
-                log.info("epochs %d-%d: all layers, backbone lr x %g", phase.first, phase.last, t.backbone_lr_mult)
-            train_batches = _batches(data_dir, "train", resident, batch_size, device, t, ctx, True, generator)
-            val_batches = _batches(data_dir, "val", resident, batch_size, device, t, ctx, False, None)
-            module = model
-            groups = param_groups(model, t.lr, t.backbone_lr_mult) if phase.index > 1 else list(model.parameters())
-            a = t.augment
-            augment = Augment(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max)) \
-                if a.enabled else None
-
-        trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
-            if ctx.world > 1 else module
-        if t.compile:
-            trained = torch.compile(trained)
-        optimizer = build_optimizer(t.optimizer, groups, t.lr, t.momentum, t.weight_decay, t.nesterov)
-        scheduler = build_scheduler(t.schedule, optimizer, phase.last - phase.first + 1, len(train_batches),
-                                    t.warmup_epochs)
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        if resume is not None and phase.first <= resume["epoch"] < phase.last:
-            optimizer.load_state_dict(resume["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(resume["scheduler"])
-            if scaler is not None and resume.get("scaler"):
-                scaler.load_state_dict(resume["scaler"])
-
-        def after_epoch(epoch_result: EpochResult, fit_state: FitState, phase=phase, optimizer=optimizer,
-                        scheduler=scheduler, scaler=scaler) -> None:
-            # Report first, then checkpoint: a kill in between repeats this epoch on resume (same numbers, logged
-            # twice) rather than skipping its report.
-            on_epoch(epoch_result)
-            if checkpoint is not None and ctx.is_main:
-                save_checkpoint(checkpoint, {
-                    "fingerprint": fp, "epoch": epoch_result.epoch, "phase": phase.index,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                    "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
-                    "history": [asdict(r) for r in fit_state.history], "best_epoch": fit_state.best_epoch,
-                    "best_score": list(fit_state.best_score), "best_state": fit_state.best_state,
-                    **(checkpoint_extra or {}),
-                })
-
-        step = Step(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
-        state = fit(trained, train_batches, val_batches, optimizer, phase.last, device, step, eval_model=module,
-                    state=state, start_epoch=max(start, phase.first), on_epoch=after_epoch)
-
+def select_weights(result: TrainResult, model: Classifier, state: FitState, evaluated: nn.Module, select: str,
+                   epochs: int) -> TrainResult:
+    """The model with the weights ``train.select`` keeps: the best validation epoch's, or the last's."""
     model.set_frozen(False)
     result.history = state.history
     result.selected_epoch = state.history[-1].epoch
-    if t.select == "best" and state.best_state is not None:
-        module.load_state_dict(state.best_state)
+    if select == "best" and state.best_state is not None:
+        evaluated.load_state_dict(state.best_state)
         result.selected_epoch = state.best_epoch
-    log.info("kept the weights of epoch %d of %d (train.select: %s)", result.selected_epoch, t.epochs, t.select)
+    log.info("kept the weights of epoch %d of %d (train.select: %s)", result.selected_epoch, epochs, select)
     return result
 
 
 def find_resumable(path: Path, params: Params, data_dir: Path) -> dict | None:
     """The checkpoint to resume from, if one exists for these params and data; None means a fresh start."""
-    return load_checkpoint(path, fingerprint(params, data_dir))
+    return Checkpointer.for_run(path, params, data_dir).resumable()

@@ -17,11 +17,11 @@ from torch import nn
 
 from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.params import Params
+from kennel.core.plots import save_figure, subplots
 from kennel.data.augment import Augment
 from kennel.data.shards import read_split
-from kennel.train.batches import Batches
-from kennel.train.distributed import Dist
-from kennel.train.fine_tune import _batches, build_for, extract_features, fits_resident, seed_everything
+from kennel.train.batches import Batches, make_batches
+from kennel.train.fine_tune import build_for, extract_features, fits_resident, seed_everything
 from kennel.train.loop import Step, train_one_epoch
 from kennel.train.optim import build_optimizer
 
@@ -51,16 +51,15 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     model, _ = build_for(params, data_dir, device)
     images, _ = read_split(data_dir, "train")
     resident = fits_resident(images.nbytes, device, t.data_on_device)
-    batches = _batches(data_dir, "train", resident, t.batch_size, device, t, Dist(), True, generator)
+    how = dict(resident=resident, batch_size=t.batch_size, device=device, num_workers=t.num_workers)
+    batches = make_batches(data_dir, "train", **how, shuffle=True, generator=generator)
     module: nn.Module = model
     augment = None
     if model.frozen:
-        plain = _batches(data_dir, "train", resident, t.batch_size, device, t, Dist(), False, None)
-        features, labels = extract_features(model, plain, device, amp_dtype)
+        features, labels = extract_features(model, make_batches(data_dir, "train", **how), device, amp_dtype)
         batches, module = Batches(features.to(device), labels, t.batch_size, True, generator), model.head
-    elif t.augment.enabled:
-        a = t.augment
-        augment = Augment(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max))
+    else:
+        augment = Augment.from_params(t.augment)
     optimizer = build_optimizer(t.optimizer, module.parameters(), start_lr, t.momentum, t.weight_decay, t.nesterov)
     step = Step(amp_dtype, criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), grad_clip=t.grad_clip,
                 augment=augment, generator=generator)
@@ -111,12 +110,8 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 
 def plot(result: LRFind, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    """Loss against lr (log scale), the suggestion marked."""
+    fig, ax = subplots(figsize=(5, 3.5), dpi=100)
     ax.plot(result.lrs, result.losses)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -126,52 +121,4 @@ def plot(result: LRFind, path: Path) -> Path:
         ax.plot([result.suggestion], [y], "o", color="red", label=f"suggested lr {result.suggestion:.2e}")
         ax.legend()
     ax.set_title("learning-rate range test")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def lr_find_cli(argv=None) -> int:
-    """``python -m kennel lr-find [--params FILE] [--steps N] [--output PNG]``: run, plot, print, record."""
-    import argparse
-    import sys
-
-    from kennel import track
-    from kennel.core.errors import ConfigError, WeightsError
-    from kennel.core.params import load_params
-    from kennel.core.paths import RESIZED, project_root
-
-    parser = argparse.ArgumentParser(prog="python -m kennel lr-find", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--steps", type=int, default=100, help="batches, one lr each (default 100)")
-    parser.add_argument("--start-lr", type=float, default=1e-7)
-    parser.add_argument("--end-lr", type=float, default=10.0)
-    parser.add_argument("--output", type=Path, default=Path("reports/lr_find.png"), help="the plot (PNG)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s lr-find %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    root = project_root()
-    try:
-        params = load_params(root / args.params)
-        if not (root / RESIZED / "classes.json").exists():
-            raise FileNotFoundError(f"{root / RESIZED}: no resized data; run `dvc repro resize` first")
-        result = lr_find(params, root / RESIZED, args.steps, args.start_lr, args.end_lr)
-        png = plot(result, root / args.output)
-        name = f"lr-find-{params.model.arch}-{params.model.finetune}"
-        with track.open_run(root, params.mlflow.experiment, run_name=name,
-                               tags={**track.provenance_tags(root), "kennel.kind": "lr-find"}):
-            track.log_params(params.flat())
-            for i, (lr, loss) in enumerate(zip(result.lrs, result.losses, strict=True)):
-                track.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, step=i)
-            track.log_metrics({"lr_suggestion": result.suggestion})
-            track.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}"})
-            track.log_artifacts([png], "lr_find")
-    except (ConfigError, WeightsError, FileNotFoundError, track.TrackingUnavailable) as err:
-        print(f"kennel lr-find: error: {err}", file=sys.stderr)
-        return 2
-    print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}"
-          if math.isfinite(result.suggestion) else
-          f"no suggested learning rate: {len(result.lrs)} steps are too few, or the loss never fell; plot {png}")
-    return 0
+    return save_figure(fig, path)

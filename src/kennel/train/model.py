@@ -17,6 +17,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from kennel.core.archs import head_path, supported_archs
 from kennel.core.errors import WeightsError
+from kennel.core.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +232,14 @@ def _match(arch: str, num_classes: int, state: dict, where: str | Path) -> tuple
     return state, [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
 
 
-def save_model(model: Classifier, path: Path, size: int, arch: str = "resnet18", mode: str = "center_crop") -> None:
+def save_model(model: Classifier, path: Path, *, size: int, arch: str, mode: str) -> None:
     """The DVC model output: state dict, class names, input size, resize mode and test-time augmentation (what
-    prediction must repeat), loadable with ``weights_only=True``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prediction must repeat), loadable with ``weights_only=True``. No defaults: a left-out argument would silently
+    describe the wrong preprocessing."""
     payload = {"arch": arch, "classes": model.classes, "size": size, "mode": mode, "tta": model.tta,
                "state_dict": model.state_dict()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifier, int]:

@@ -1,0 +1,116 @@
+"""The evaluation's reports: metrics.json, the tables, the ROC/PR curve tables and the figures the evaluate stage
+declares, the flat metric names it logs, and the titles its run note links the figures by. No MLflow here: the
+stage logs what these write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kennel.core.paths import CALIBRATION, CONFUSION, FIGURES, METRICS, PR_DIR, PREDICTIONS, ROC_DIR
+from kennel.core.plots import image_grid
+from kennel.data.report import FIGURES as DATA_FIGURES
+from kennel.evaluate.evaluation import Evaluation, file_name
+from kennel.evaluate.figures import confusion_png, pr_png, reliability_png, roc_png
+
+FIGURE_TITLES = {
+    "top_losses.png": "top losses", "top_losses_gradcam.png": "top losses, Grad-CAM",
+    "confusion_matrix.png": "confusion matrix", "roc.png": "ROC", "pr.png": "precision-recall",
+    "reliability.png": "reliability",
+}
+
+
+@dataclass(frozen=True)
+class Reports:
+    """The files ``write_reports`` wrote, by kind: ``metrics`` (metrics.json), ``tables`` (confusion,
+    predictions, calibration), ``curves`` (one ROC and one PR table per curve) and ``figures`` (PNGs)."""
+
+    metrics: Path
+    tables: list[Path]
+    curves: list[Path]
+    figures: list[Path]
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.metrics, *self.tables, *self.curves, *self.figures]
+
+
+def write_reports(result: Evaluation, *, top_losses: int, calibration_bins: int) -> Reports:
+    """Write every report of ``result`` at its place under reports/ (kennel.core.paths), relative to the cwd."""
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    METRICS.write_text(json.dumps({"test": result.metrics}, indent=2) + "\n")
+    result.confusion_rows().to_csv(CONFUSION, index=False)
+    result.predictions().to_csv(PREDICTIONS, index=False)
+    result.reliability.to_csv(CALIBRATION, index=False)
+    curves = write_curves(result)
+    figures = write_figures(result, top_losses=top_losses, calibration_bins=calibration_bins)
+    return Reports(METRICS, [CONFUSION, PREDICTIONS, CALIBRATION], curves, figures)
+
+
+def scalar_metrics(metrics: Mapping) -> dict[str, float]:
+    """``metrics`` (as in metrics.json) flattened to the run's metric names: test_accuracy, test_macro_f1,
+    test_ece, test_roc_auc and test_average_precision where defined, test_{precision,recall,f1}_<class>, and each
+    one-vs-rest score as test_<score>_<class>."""
+    m = metrics
+    scalars = {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_ece": m["ece"]}
+    for key in ("roc_auc", "average_precision"):
+        if key in m:
+            scalars[f"test_{key}"] = m[key]
+    for name, r in m["per_class"].items():
+        scalars.update({f"test_{k}_{name}": r[k] for k in ("precision", "recall", "f1")})
+    for name, r in m.get("one_vs_rest", {}).items():
+        scalars.update({f"test_{k}_{name}": v for k, v in r.items()})
+    return scalars
+
+
+
+
+def figure_links(figures: Sequence[Path]) -> list[tuple[str, str]]:
+    """(title, artifact path) of each evaluation figure as logged under evaluation/, then of prepare's data
+    figures under data/: the run note's links."""
+    links = [(FIGURE_TITLES[p.name], f"evaluation/{p.name}") for p in figures]
+    return links + [(title, f"data/{name}") for name, title in DATA_FIGURES.items()]
+
+
+def summary_line(metrics: Mapping) -> str:
+    """The line the stage prints: test accuracy, macro F1, ROC AUC where defined, ECE."""
+    m = metrics
+    return (f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
+            + (f"  ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else "") + f"  ECE {m['ece']:.4f}")
+
+
+def write_curves(result: Evaluation) -> list[Path]:
+    """One ROC and one precision-recall table per curve, named after its class; stale classes are removed."""
+    files = []
+    for folder, table in ((ROC_DIR, "roc"), (PR_DIR, "pr")):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for c in result.curves:
+            path = folder / f"{file_name(c.name)}.csv"
+            getattr(c, table).to_csv(path, index=False)
+            files.append(path)
+    return files
+
+
+def write_figures(result: Evaluation, *, top_losses: int, calibration_bins: int) -> list[Path]:
+    """The top-loss grids (plain and Grad-CAM), the confusion matrix, the reliability diagram and, where there are
+    curves, ROC and PR; returns the PNGs in that order."""
+    top = result.top_losses(top_losses)
+    images, captions = [np.array(result.images[i]) for i in top], result.captions(top)
+    colors = ["black" if result.labels[i] == result.predicted[i] else "tab:red" for i in top]
+    what = f"the {len(top)} test images with the highest loss, highest first (red: wrong)"
+    figures = [
+        image_grid(images, captions, FIGURES / "top_losses.png", f"Top losses: {what}", colors=colors),
+        image_grid(images, captions, FIGURES / "top_losses_gradcam.png",
+                   f"Grad-CAM of the predicted class (heat: evidence) on {what}", heat=result.cams(top), colors=colors),
+        confusion_png(np.array(result.metrics["confusion_matrix"]), result.classes, FIGURES / "confusion_matrix.png"),
+        reliability_png(result.reliability, result.metrics["ece"], calibration_bins, FIGURES / "reliability.png"),
+    ]
+    if result.curves:
+        figures += [roc_png(result.curves, FIGURES / "roc.png"), pr_png(result.curves, FIGURES / "pr.png")]
+    return figures

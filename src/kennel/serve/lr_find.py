@@ -1,0 +1,51 @@
+"""``python -m kennel lr-find``: the learning-rate range test on the train split, plotted, printed and recorded as an
+MLflow run of its own (the pipeline's outputs are untouched)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from kennel.train.lr_find import lr_find, plot
+
+
+def lr_find_cli(argv=None) -> int:
+    """``python -m kennel lr-find [--params FILE] [--steps N] [--output PNG]``: run, plot, print, record."""
+    from kennel import track
+    from kennel.core.errors import ConfigError, WeightsError
+    from kennel.core.params import load_params
+    from kennel.core.paths import RESIZED, project_root
+    from kennel.serve.cli import command_parser, fail
+
+    parser = command_parser("lr-find", __doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--steps", type=int, default=100, help="batches, one lr each (default 100)")
+    parser.add_argument("--start-lr", type=float, default=1e-7)
+    parser.add_argument("--end-lr", type=float, default=10.0)
+    parser.add_argument("--output", type=Path, default=Path("reports/lr_find.png"), help="the plot (PNG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s lr-find %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    root = project_root()
+    try:
+        params = load_params(root / args.params)
+        if not (root / RESIZED / "classes.json").exists():
+            raise FileNotFoundError(f"{root / RESIZED}: no resized data; run `dvc repro resize` first")
+        result = lr_find(params, root / RESIZED, args.steps, args.start_lr, args.end_lr)
+        png = plot(result, root / args.output)
+        name = f"lr-find-{params.model.arch}-{params.model.finetune}"
+        with track.open_run(root, params.mlflow.experiment, run_name=name,
+                               tags={**track.provenance_tags(root), "kennel.kind": "lr-find"}):
+            track.log_params(params.flat())
+            for i, (lr, loss) in enumerate(zip(result.lrs, result.losses, strict=True)):
+                track.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, step=i)
+            track.log_metrics({"lr_suggestion": result.suggestion})
+            track.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}"})
+            track.log_artifacts([png], "lr_find")
+    except (ConfigError, WeightsError, FileNotFoundError, track.TrackingUnavailable) as err:
+        return fail("lr-find", str(err))
+    print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}"
+          if math.isfinite(result.suggestion) else
+          f"no suggested learning rate: {len(result.lrs)} steps are too few, or the loss never fell; plot {png}")
+    return 0
