@@ -104,6 +104,46 @@ def dvc(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
     return run([str(BIN / "dvc"), *args], cwd, **kw)
 
 
+def make_params(**overrides):
+    """``small_params`` as the typed, validated Params the library functions take."""
+    from kennel.core.params import params_from_dict
+
+    return params_from_dict(small_params(**overrides))
+
+
+class Killed(Exception):
+    """A training run stopped on purpose by ``kill_at``."""
+
+
+def kill_at(epoch: int):
+    """An ``on_epoch`` callback that kills the run when ``epoch`` is reported: epoch - 1 is checkpointed, ``epoch``
+    is not (the report comes before the checkpoint)."""
+    def on_epoch(result) -> None:
+        if result.epoch == epoch:
+            raise Killed(f"killed at epoch {epoch}")
+    return on_epoch
+
+
+@pytest.fixture(scope="module")
+def resized_with(tmp_path_factory):
+    """A factory of tiny resized datasets (synthetic, 32 px), each made once per test module."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(per_class: int = 16, size: int = 32) -> Path:
+        if (per_class, size) not in made:
+            made[per_class, size] = build_dataset(tmp_path_factory.mktemp(f"data{per_class}"), per_class=per_class,
+                                                  size=size)
+        return made[per_class, size]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def resized(resized_with) -> Path:
+    """What the train stage reads: 16 synthetic images per class at 32 px."""
+    return resized_with()
+
+
 @pytest.fixture
 def small_params_file(tmp_path) -> Path:
     return write_params(tmp_path / "params.yaml", small_params())

@@ -4,23 +4,12 @@ import pytest
 import torch
 
 from kennel.core.device import resolve_amp, resolve_device
-from kennel.core.params import params_from_dict
 from kennel.data.dataset import ImageArrayDataset
 from kennel.train.batches import make_loader
 from kennel.train.fine_tune import train
 from kennel.train.loop import evaluate
 from kennel.train.optim import build_optimizer
-from tests.conftest import build_dataset, small_params
-
-
-@pytest.fixture(scope="module")
-def resized(tmp_path_factory):
-    """A tiny synthetic dataset, resized to 32 px: what the train stage reads."""
-    return build_dataset(tmp_path_factory.mktemp("data"))
-
-
-def _params(**overrides):
-    return params_from_dict(small_params(**overrides))
+from tests.conftest import make_params
 
 
 @pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
@@ -63,7 +52,7 @@ def test_build_optimizer(name, cls):
 
 def test_train_learns_and_reports_every_epoch(resized):
     seen = []
-    result = train(_params(**{"train.epochs": 3, "train.amp": "off"}), resized, on_epoch=seen.append)
+    result = train(make_params(**{"train.epochs": 3, "train.amp": "off"}), resized, on_epoch=seen.append)
     assert [r.epoch for r in result.history] == [1, 2, 3] == [r.epoch for r in seen]
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert all(r.images_per_second > 0 and 0 <= r.val_accuracy <= 1 for r in result.history)
@@ -71,23 +60,23 @@ def test_train_learns_and_reports_every_epoch(resized):
 
 
 def test_same_seed_same_weights(resized):
-    params = _params(**{"train.amp": "off"})
+    params = make_params(**{"train.amp": "off"})
     a, b = train(params, resized).model, train(params, resized).model
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    c = train(_params(**{"train.amp": "off", "seed": 7}), resized).model
+    c = train(make_params(**{"train.amp": "off", "seed": 7}), resized).model
     assert not torch.equal(a.backbone.fc.weight, c.backbone.fc.weight)
 
 
 def test_head_mode_only_changes_the_head(resized):
-    result = train(_params(**{"model.finetune": "head", "train.amp": "off"}), resized)
-    fresh = train(_params(**{"model.finetune": "head", "train.epochs": 1, "train.lr": 1e-12}), resized).model
+    result = train(make_params(**{"model.finetune": "head", "train.amp": "off"}), resized)
+    fresh = train(make_params(**{"model.finetune": "head", "train.epochs": 1, "train.lr": 1e-12}), resized).model
     assert torch.equal(result.model.backbone.conv1.weight, fresh.backbone.conv1.weight)
     assert not torch.equal(result.model.backbone.fc.weight, fresh.backbone.fc.weight)
 
 
 def test_evaluate_on_empty_split_is_nan(resized, tmp_path):
-    result = train(_params(**{"train.epochs": 1}), resized)
+    result = train(make_params(**{"train.epochs": 1}), resized)
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0).long())
     loss, acc = evaluate(result.model, torch.utils.data.DataLoader(empty), torch.device("cpu"))
     assert math.isnan(loss) and math.isnan(acc)
@@ -103,5 +92,5 @@ def test_evaluate_on_empty_split_is_nan(resized, tmp_path):
 
 def test_a_lone_last_sample_does_not_break_batchnorm(resized):
     n = len(ImageArrayDataset(resized, "train"))
-    result = train(_params(**{"train.batch_size": n - 1, "train.epochs": 1}), resized)  # batches of n-1 and 1
+    result = train(make_params(**{"train.batch_size": n - 1, "train.epochs": 1}), resized)  # batches of n-1 and 1
     assert result.history[0].train_loss > 0

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from kennel.data import shards, validate
 from kennel.data.images import load_array
@@ -18,7 +17,7 @@ from kennel.data.manifest import SPLITS, account
 from kennel.data.shards import read_index, read_split, write_splits
 from kennel.data.sources import find_images
 from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
-from tests.conftest import dvc, make_project, small_params, write_params
+from tests.conftest import dvc, make_project, small_params, write_image, write_params
 
 SIZE = 32
 
@@ -28,15 +27,10 @@ def small_shards(monkeypatch):
     monkeypatch.setattr(shards, "SHARD_BYTES", 8 * 3 * SIZE * SIZE)  # 8 rows a shard: many shards from few images
 
 
-def _image(path: Path, seed: int, size=(40, 30)) -> None:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-
-
 def _raw(raw: Path, n: int, start: int = 0) -> Path:
     for i in range(start, start + n):
-        _image(raw / ("cat", "dog")[i % 2] / f"{i}.png", i, (40 + i % 7, 30 + i % 5))
+        label = ("cat", "dog")[i % 2]
+        write_image(raw / label / f"{i}.png", i, label, (40 + i % 7, 30 + i % 5))
     return raw
 
 
@@ -123,7 +117,7 @@ def test_a_resize_param_change_redoes_every_image(tmp_path, change):
 def test_prepare_limits_redo_only_the_images_they_change(tmp_path, monkeypatch):
     raw = _raw(tmp_path / "raw", 20)
     for i in range(4):  # small images: too small at min_size 28, kept at 8
-        _image(raw / "cat" / f"small{i}.png", 100 + i, (24, 24))
+        write_image(raw / "cat" / f"small{i}.png", 100 + i, "cat", (24, 24))
     (raw / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
     acc, scan = _manifest(tmp_path, min_size=28)
     assert (acc.rejects["reason"] == validate.TOO_SMALL).sum() == 4
@@ -156,7 +150,7 @@ def test_files_known_by_identity_are_not_read_again(tmp_path, monkeypatch):
     paths = account(candidates, first, tmp_path, 0.2, 0.2, 0).paths
     scan_table(paths, first).to_csv(tmp_path / "scan.csv", index=False)
     identity_table(stats, first).to_csv(tmp_path / "ids.csv", index=False)
-    _image(raw / "cat" / "0.png", 99, (44, 33))  # new bytes under an old name: its identity changed
+    write_image(raw / "cat" / "0.png", 99, "cat", (44, 33))  # new bytes under an old name: its identity changed
     _raw(raw, 1, start=12)  # a new file
     read = []
     real = validate._sha1_and_head
@@ -222,7 +216,7 @@ def test_incremental_runs_give_the_from_scratch_result(tmp_path, monkeypatch):
     raw = _raw(grown / "data" / "raw", 30)
     (raw / "cat" / "empty.jpg").write_bytes(b"")
     (raw / "dog" / "notes.jpg").write_text("not a picture")
-    _image(raw / "dog" / "tiny.png", 7, (20, 20))
+    write_image(raw / "dog" / "tiny.png", 7, "dog", (20, 20))
     shutil.copy(raw / "cat" / "0.png", raw / "dog" / "conflict.png")
     monkeypatch.chdir(grown)
     _stages(grown)

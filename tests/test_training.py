@@ -17,16 +17,7 @@ from kennel.train.fine_tune import find_resumable, seed_everything, train
 from kennel.train.loop import FitState, Step, fit
 from kennel.train.model import build_model
 from kennel.train.optim import WarmupCosine, build_optimizer, build_scheduler
-from tests.conftest import build_dataset, small_params
-
-
-@pytest.fixture(scope="module")
-def resized(tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("data"), per_class=16)
-
-
-def _params(**overrides):
-    return params_from_dict(small_params(**overrides))
+from tests.conftest import Killed, build_dataset, kill_at, make_params, small_params
 
 
 def _equal_states(a: dict, b: dict) -> None:
@@ -35,20 +26,11 @@ def _equal_states(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-class Kill(Exception):
-    pass
-
-
 def test_killed_run_resumes_to_the_exact_same_weights(resized, tmp_path):
-    params = _params(**{"train.epochs": 3, "train.select": "last"})  # augment + cosine schedule from params.yaml
+    params = make_params(**{"train.epochs": 3, "train.select": "last"})  # augment + cosine schedule from params.yaml
     full = train(params, resized, checkpoint=tmp_path / "full.pt")
-
-    def die_in_second(result):  # epoch 1 is checkpointed; the run dies before epoch 2's checkpoint
-        if result.epoch == 2:
-            raise Kill
-
-    with pytest.raises(Kill):
-        train(params, resized, on_epoch=die_in_second, checkpoint=tmp_path / "ckpt.pt")
+    with pytest.raises(Killed):  # epoch 1 is checkpointed; the run dies before epoch 2's checkpoint
+        train(params, resized, on_epoch=kill_at(2), checkpoint=tmp_path / "ckpt.pt")
     resume = find_resumable(tmp_path / "ckpt.pt", params, resized)
     assert resume is not None and resume["epoch"] == 1
     resumed = train(params, resized, checkpoint=tmp_path / "ckpt.pt", resume=resume)
@@ -60,14 +42,15 @@ def test_killed_run_resumes_to_the_exact_same_weights(resized, tmp_path):
 
 
 def test_checkpoint_from_other_params_or_data_is_not_resumed(resized, tmp_path, caplog):
-    params = _params(**{"train.epochs": 1})
+    params = make_params(**{"train.epochs": 1})
     train(params, resized, checkpoint=tmp_path / "ckpt.pt")
     assert find_resumable(tmp_path / "ckpt.pt", params, resized) is not None
     # speed-only knobs and where the run is recorded do not invalidate it
-    assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "train.num_workers": 2}), resized)
-    assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "mlflow.registered_model": ""}), resized)
+    ckpt = tmp_path / "ckpt.pt"
+    assert find_resumable(ckpt, make_params(**{"train.epochs": 1, "train.num_workers": 2}), resized)
+    assert find_resumable(ckpt, make_params(**{"train.epochs": 1, "mlflow.registered_model": ""}), resized)
     with caplog.at_level(logging.INFO):
-        assert find_resumable(tmp_path / "ckpt.pt", _params(**{"train.epochs": 1, "train.lr": 0.01}), resized) is None
+        assert find_resumable(ckpt, make_params(**{"train.epochs": 1, "train.lr": 0.01}), resized) is None
     assert "made with other params or data" in caplog.text
     other_data = build_dataset(tmp_path / "other", per_class=16, seed=5)
     assert find_resumable(tmp_path / "ckpt.pt", params, other_data) is None
@@ -82,20 +65,20 @@ def test_checkpoint_from_other_params_or_data_is_not_resumed(resized, tmp_path, 
 
 
 def test_same_seed_same_weights_with_augmentation(resized):
-    params = _params()
+    params = make_params()
     assert params.train.augment.enabled
     _equal_states(train(params, resized).model.state_dict(), train(params, resized).model.state_dict())
 
 
 def test_resident_and_streamed_data_train_identically(resized):
-    on = train(_params(**{"train.data_on_device": True, "train.amp": "off"}), resized)
-    off = train(_params(**{"train.data_on_device": False, "train.amp": "off"}), resized)
+    on = train(make_params(**{"train.data_on_device": True, "train.amp": "off"}), resized)
+    off = train(make_params(**{"train.data_on_device": False, "train.amp": "off"}), resized)
     assert (on.data_placement, off.data_placement) == ("device", "stream")
     _equal_states(on.model.state_dict(), off.model.state_dict())
 
 
 def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
-    params = _params(**{"model.finetune": "head", "train.amp": "off", "train.select": "last", "train.epochs": 3,
+    params = make_params(**{"model.finetune": "head", "train.amp": "off", "train.select": "last", "train.epochs": 3,
                         "train.data_on_device": True})
     cached = train(params, resized).model
 
@@ -121,10 +104,10 @@ def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
 
 
 def test_select_best_keeps_the_best_validation_epoch(resized):
-    result = train(_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "best"}), resized)
+    result = train(make_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "best"}), resized)
     scores = [(r.val_accuracy, -r.val_loss) for r in result.history]
     assert result.selected_epoch == 1 + scores.index(max(scores))
-    last = train(_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "last"}), resized)
+    last = train(make_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "last"}), resized)
     assert last.selected_epoch == 3
     if result.selected_epoch != 3:
         assert not torch.equal(result.model.backbone.fc.weight, last.model.backbone.fc.weight)
@@ -141,8 +124,8 @@ def test_fit_state_prefers_accuracy_then_lower_loss():
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("schedule", ["none", "cosine", "onecycle"])
-def test_each_optimizer_and_schedule_builds_from_params(resized, name, schedule):
-    params = _params(**{"train.optimizer": name, "train.schedule": schedule, "train.nesterov": name == "sgd",
+def test_each_optimizer_and_schedule_builds_frommake_params(resized, name, schedule):
+    params = make_params(**{"train.optimizer": name, "train.schedule": schedule, "train.nesterov": name == "sgd",
                         "train.grad_clip": 1.0, "train.label_smoothing": 0.1, "train.epochs": 1})
     result = train(params, resized)
     assert result.history[0].lr > 0 and math.isfinite(result.history[0].train_loss)
@@ -249,7 +232,7 @@ def test_batch_order_shards_equally_and_covers_everything():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_resident_bf16_training(resized):
-    result = train(_params(**{"train.device": "cuda", "train.amp": "auto", "train.epochs": 2}), resized)
+    result = train(make_params(**{"train.device": "cuda", "train.amp": "auto", "train.epochs": 2}), resized)
     assert result.device.type == "cuda" and result.data_placement == "device"
     assert result.amp_dtype in (torch.bfloat16, torch.float16)
     x = _images(4).cuda()

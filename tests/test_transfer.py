@@ -16,7 +16,7 @@ from kennel.core.params import params_from_dict
 from kennel.data.shards import read_split
 from kennel.train.fine_tune import find_resumable, phases, seed_everything, train
 from kennel.train.model import build_model, load_model, read_weights, save_model
-from tests.conftest import build_dataset, small_params
+from tests.conftest import Killed, kill_at, small_params
 
 # one of each family; the smallest where a family has several sizes
 FAMILIES = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
@@ -29,8 +29,8 @@ def _x(n=2, size=32, seed=0):
 
 
 @pytest.fixture(scope="module")
-def resized(tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("data"), per_class=12)
+def resized(resized_with):
+    return resized_with(per_class=12)
 
 
 def test_the_written_out_arch_list_is_torchvisions_registry():
@@ -192,32 +192,21 @@ def _staged(**overrides):
                                             "train.amp": "off", **overrides}))
 
 
-class Kill(Exception):
-    pass
-
-
-def _die_after(epoch):
-    def on_epoch(result):
-        if result.epoch == epoch + 1:
-            raise Kill
-    return on_epoch
-
-
 def test_staged_phase_one_freezes_the_backbone_and_phase_two_uses_two_rates(resized, tmp_path):
     params = _staged()
     assert [(p.first, p.last, p.frozen) for p in phases(params)] == [(1, 1, True), (2, 3, False)]
     seed_everything(params.seed)
     initial, _ = build_model("resnet18", ["cat", "dog"])  # the same init train() draws
-    with pytest.raises(Kill):
-        train(params, resized, on_epoch=_die_after(1), checkpoint=tmp_path / "ckpt.pt")
+    with pytest.raises(Killed):
+        train(params, resized, on_epoch=kill_at(2), checkpoint=tmp_path / "ckpt.pt")
     after_phase_one = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert after_phase_one["phase"] == 1
     head = initial.head_parameter_names()
     for key, value in initial.state_dict().items():  # weights and BatchNorm statistics alike
         assert torch.equal(after_phase_one["model"][key], value) != (key in head), key
 
-    with pytest.raises(Kill):
-        train(params, resized, on_epoch=_die_after(2), checkpoint=tmp_path / "ckpt2.pt")
+    with pytest.raises(Killed):
+        train(params, resized, on_epoch=kill_at(3), checkpoint=tmp_path / "ckpt2.pt")
     in_phase_two = torch.load(tmp_path / "ckpt2.pt", weights_only=True)
     assert in_phase_two["phase"] == 2
     groups = in_phase_two["optimizer"]["param_groups"]
@@ -231,8 +220,8 @@ def test_staged_phase_one_freezes_the_backbone_and_phase_two_uses_two_rates(resi
 def test_staged_run_resumes_exactly_in_either_phase(resized, tmp_path, killed_after):
     params = _staged(**{"train.epochs": 4, "train.head_epochs": 2, "train.select": "best", "train.amp": "auto"})
     straight = train(params, resized)
-    with pytest.raises(Kill):
-        train(params, resized, on_epoch=_die_after(killed_after), checkpoint=tmp_path / "ckpt.pt")
+    with pytest.raises(Killed):
+        train(params, resized, on_epoch=kill_at(killed_after + 1), checkpoint=tmp_path / "ckpt.pt")
     resume = find_resumable(tmp_path / "ckpt.pt", params, resized)
     assert resume["epoch"] == killed_after
     resumed = train(params, resized, checkpoint=tmp_path / "ckpt.pt", resume=resume)
