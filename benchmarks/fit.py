@@ -47,7 +47,7 @@ SEED = 0
 def _scene(path: str | Path, size: int) -> np.ndarray:
     """Loader for ``write_splits``: the "path" ``<class>/<index>`` names a synthetic scene, drawn on the spot."""
     p = Path(path)
-    return to_array(render(p.parent.name, SEED, int(p.name)), size, "center_crop")
+    return to_array(render(p.parent.name, SEED, int(p.name)), size, mode="center_crop")
 
 
 def make_data(out: Path, per_class: int, size: int) -> Path:

@@ -18,6 +18,17 @@ FILES = ("dvc.yaml", "params.yaml", "stages", "src/kennel", "data/synthetic/READ
          ".dvcignore", ".gitignore")
 
 
+def copy_files(dest: Path, files: Sequence[str] = FILES) -> None:
+    """``files`` (and folders, bytecode left out) of this checkout into ``dest``, at the same relative paths."""
+    for rel in files:
+        src, dst = REPO / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+
+
 def make_project(
     dest: Path, params: Callable[[dict], dict], ref: str | None = None, files: Sequence[str] = FILES,
 ) -> Path:
@@ -25,13 +36,7 @@ def make_project(
     copied one, then ``git init``, ``dvc init`` and one commit."""
     dest.mkdir(parents=True, exist_ok=True)
     if ref is None:
-        for rel in files:
-            src, dst = REPO / rel, dest / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, dst)
+        copy_files(dest, files)
     else:
         archive = subprocess.run(["git", "archive", ref, *files], cwd=REPO, capture_output=True, check=True).stdout
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(dest, filter="data")

@@ -41,7 +41,7 @@ from kennel.data.parallel import pmap, resolve_workers  # noqa: E402
 from kennel.data.shards import read_split, write_split  # noqa: E402
 from kennel.train.batches import Batches  # noqa: E402
 from kennel.train.fine_tune import extract_features  # noqa: E402
-from kennel.train.loop import Step, train_one_epoch  # noqa: E402
+from kennel.train.loop import StepConfig, train_one_epoch  # noqa: E402
 from kennel.train.model import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def kennel(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp, co
 
     def epoch(images, labels):
         batches = Batches(images, labels, args.batch_size, shuffle=True, generator=gen)
-        train_one_epoch(model, batches, opt, device, Step(amp, augment=aug, generator=gen))
+        train_one_epoch(model, batches, opt, device, StepConfig(amp, augment=aug, generator=gen))
 
     epoch(x[: args.warmup * args.batch_size], y[: args.warmup * args.batch_size])
     rate = n / _timed(lambda: epoch(x[:n], y[:n]), device)
@@ -154,7 +154,7 @@ def head_epoch(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp
     gen = torch.Generator().manual_seed(0)
 
     def epoch():
-        train_one_epoch(fc, Batches(features, labels, args.batch_size, True, gen), opt, device, Step(amp))
+        train_one_epoch(fc, Batches(features, labels, args.batch_size, True, gen), opt, device, StepConfig(amp))
 
     epoch()  # warm-up
     return cache, _timed(epoch, device)

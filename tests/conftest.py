@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
+
+# What a project copy needs to run the pipeline: the files the benchmarks copy too (no torch: imported first).
+from benchmarks.project import FILES as PROJECT_FILES
+from benchmarks.project import copy_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,10 +25,6 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(max(1, _CORES // _WORKERS))
 BIN = Path(sys.executable).parent
-
-# What a project copy needs to run the pipeline.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src/kennel", "data/synthetic/README.md", "data/.gitignore",
-                 ".dvcignore", ".gitignore"]
 
 
 def isolate(mp: pytest.MonkeyPatch, torch_home: Path) -> None:
@@ -84,13 +84,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **k
 def make_project(dest: Path, params: dict) -> Path:
     """A copy of the project as a fresh git + DVC repo, with ``params`` as its params.yaml, committed."""
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in PROJECT_FILES:
-        src, dst = REPO / rel, dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_files(dest, PROJECT_FILES)
     write_params(dest / "params.yaml", params)
     run(["git", "init", "-q", "-b", "main"], dest)
     run([str(BIN / "dvc"), "init", "-q"], dest)
@@ -162,7 +156,7 @@ def build_dataset(root: Path, per_class: int = 16, size: int = 32, seed: int = 0
     candidates = find_images(source, root / "raw", out_dir=root / "prepared", seed=seed, per_class=per_class)
     acc = account(candidates, inspect_all(candidates, 8, 10**8), root, val, test, seed)
     write_csv(acc.manifest, root / "manifest.csv")
-    write_splits(acc.manifest, root, size, root / "resized", load_array)
+    write_splits(acc.manifest, root, size, root / "resized", partial(load_array, mode="squash"))
     return root / "resized"
 
 

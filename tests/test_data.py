@@ -1,4 +1,5 @@
 import pickle
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,8 @@ from kennel.data.shards import read_classes, read_split, write_split, write_spli
 from kennel.data.sources import find_images
 from kennel.data.synthetic import render, write_synthetic
 from kennel.data.validate import inspect_all
+
+SQUASH = partial(load_array, mode="squash")  # the resize stage's load function, with the mode the tests use
 
 
 def test_synthetic_is_deterministic_and_seeded():
@@ -101,7 +104,7 @@ def test_manifest_roundtrip_and_validation(tmp_path):
 
 def test_tensors_roundtrip_and_dataset(tmp_path):
     df = _accounting(tmp_path).manifest
-    counts = write_splits(df, tmp_path, 24, tmp_path / "out", load_array, workers=2).counts
+    counts = write_splits(df, tmp_path, 24, tmp_path / "out", SQUASH, workers=2).counts
     assert counts == df["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict()
     assert read_classes(tmp_path / "out") == ["a", "b"]
     x, y = read_split(tmp_path / "out", "train")
@@ -109,7 +112,7 @@ def test_tensors_roundtrip_and_dataset(tmp_path):
     assert np.array_equal(np.array(x)[-1], x[-1]) and np.array_equal(x[2:5], np.array(x)[2:5])
     train_rows = df[df["split"] == "train"]
     for i in (0, len(train_rows) - 1):
-        assert np.array_equal(x[i], load_array(tmp_path / train_rows.iloc[i]["path"], 24))
+        assert np.array_equal(x[i], load_array(tmp_path / train_rows.iloc[i]["path"], 24, mode="squash"))
         assert y[i] == ["a", "b"].index(train_rows.iloc[i]["label"])
 
     ds = ImageArrayDataset(tmp_path / "out", "train")
@@ -123,8 +126,8 @@ def test_tensors_roundtrip_and_dataset(tmp_path):
 
 def test_parallel_and_serial_resize_write_identical_files(tmp_path):
     df = _accounting(tmp_path, {"a": 40, "b": 40}).manifest
-    write_splits(df, tmp_path, 32, tmp_path / "one", load_array, workers=1)
-    write_splits(df, tmp_path, 32, tmp_path / "two", load_array, workers=2)
+    write_splits(df, tmp_path, 32, tmp_path / "one", SQUASH, workers=1)
+    write_splits(df, tmp_path, 32, tmp_path / "two", SQUASH, workers=2)
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
     assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*"))
     for name in one:
@@ -142,9 +145,9 @@ def test_write_split_leaves_nothing_half_written(tmp_path):
 
 def test_plain_split_arrays_read_the_same(tmp_path):
     df = _accounting(tmp_path).manifest
-    write_splits(df, tmp_path, 24, tmp_path / "shards", load_array)
+    write_splits(df, tmp_path, 24, tmp_path / "shards", SQUASH)
     train = df[df["split"] == "train"]
-    write_split(tmp_path / "plain", "train", [tmp_path / p for p in train["path"]], [0] * len(train), 24, load_array)
+    write_split(tmp_path / "plain", "train", [tmp_path / p for p in train["path"]], [0] * len(train), 24, SQUASH)
     assert np.array_equal(np.array(read_split(tmp_path / "shards", "train")[0]),
                           np.array(read_split(tmp_path / "plain", "train")[0]))
 

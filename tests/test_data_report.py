@@ -2,7 +2,7 @@ import pandas as pd
 from PIL import Image
 
 from kennel.data.manifest import account
-from kennel.data.report import COUNTS_FILE, FIGURES, sample_rejects, write_data_report
+from kennel.data.report import COUNTS_FILE, DATA_FIGURES, sample_rejects, write_data_report
 from kennel.data.sources import find_images
 from kennel.data.synthetic import render
 from kennel.data.validate import inspect_all
@@ -21,7 +21,7 @@ def test_the_data_report_lists_every_class_and_shows_the_rejects(tmp_path):
     acc = account(candidates, inspect_all(candidates, 32, 10**8), tmp_path, 0.25, 0.25, 0)
 
     files = write_data_report(acc.manifest, acc.rejects, acc.summary, tmp_path, tmp_path / "report", 0, 10**8)
-    assert sorted(f.name for f in files) == sorted([COUNTS_FILE, *FIGURES])
+    assert sorted(f.name for f in files) == sorted([COUNTS_FILE, *DATA_FIGURES])
     for f in files:
         if f.suffix == ".png":
             assert f.read_bytes()[:4] == b"\x89PNG" and Image.open(f).size[0] > 300

@@ -45,7 +45,7 @@ def _resize(root: Path, manifest, size=SIZE, mode="squash", calls=None):
     def load(path, size):
         if calls is not None:
             calls.append(Path(path).name)
-        return load_array(path, size, mode)
+        return load_array(path, size, mode=mode)
 
     return write_splits(manifest, root, size, root / "resized", load, recipe=mode)
 
@@ -73,7 +73,7 @@ def test_adding_images_keeps_every_old_shard_and_decodes_only_the_new(tmp_path):
         rows = read_index(tmp_path / "resized").query(f"split == '{split}'")
         paths = _manifest(tmp_path)[0].manifest.set_index("sha1").loc[rows["sha1"], "path"]
         for row, path in zip(x, paths, strict=True):
-            assert np.array_equal(row, load_array(tmp_path / path, SIZE, "squash"))
+            assert np.array_equal(row, load_array(tmp_path / path, SIZE, mode="squash"))
 
 
 def test_removing_an_image_removes_it_from_training_and_from_the_shards(tmp_path):
@@ -82,7 +82,7 @@ def test_removing_an_image_removes_it_from_training_and_from_the_shards(tmp_path
     index = read_index(tmp_path / "resized")
     gone = index[index["split"] == "train"].iloc[0]
     victim = next(p for p in raw.rglob("*.png") if hashlib.sha1(p.read_bytes()).hexdigest() == gone["sha1"])
-    pixels = load_array(victim, SIZE, "squash")
+    pixels = load_array(victim, SIZE, mode="squash")
     before = _shard_hashes(tmp_path)
     victim.unlink()
     calls = []
@@ -111,7 +111,7 @@ def test_a_resize_param_change_redoes_every_image(tmp_path, change):
     x, _ = read_split(tmp_path / "resized", "train")
     first = read_index(tmp_path / "resized").query("split == 'train'")["sha1"].iloc[0]
     path = manifest.set_index("sha1").loc[first, "path"]
-    assert np.array_equal(x[0], load_array(tmp_path / path, size, mode))
+    assert np.array_equal(x[0], load_array(tmp_path / path, size, mode=mode))
 
 
 def test_prepare_limits_redo_only_the_images_they_change(tmp_path, monkeypatch):

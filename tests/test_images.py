@@ -35,7 +35,7 @@ REFERENCES = {
 def test_modes_match_reference_resize(tmp_path, mode, wh):
     img = _photo(*wh)
     img.save(tmp_path / "p.png")
-    ours = load_array(tmp_path / "p.png", 64, mode).astype(np.int16)
+    ours = load_array(tmp_path / "p.png", 64, mode=mode).astype(np.int16)
     ref = _chw(REFERENCES[mode](img, 64))
     assert ours.shape == (3, 64, 64)
     assert np.abs(ours - ref).max() <= 2
@@ -43,7 +43,7 @@ def test_modes_match_reference_resize(tmp_path, mode, wh):
 
 def test_pad_keeps_aspect_and_fills(tmp_path):
     Image.new("RGB", (100, 50), (255, 0, 0)).save(tmp_path / "wide.png")
-    arr = load_array(tmp_path / "wide.png", 32, "pad")
+    arr = load_array(tmp_path / "wide.png", 32, mode="pad")
     assert (arr[:, :7] == np.array(PAD_FILL)[:, None, None]).all()  # top band
     assert (arr[:, 25:] == np.array(PAD_FILL)[:, None, None]).all()  # bottom band
     assert (arr[:, 9:23] == np.array([255, 0, 0])[:, None, None]).all()
@@ -53,7 +53,7 @@ def test_center_crop_takes_the_middle(tmp_path):
     img = Image.new("RGB", (300, 100), (0, 0, 255))
     img.paste((0, 255, 0), (100, 0, 200, 100))  # green middle third
     img.save(tmp_path / "wide.png")
-    arr = load_array(tmp_path / "wide.png", 32, "center_crop")
+    arr = load_array(tmp_path / "wide.png", 32, mode="center_crop")
     assert (arr[1, :, 1:-1] > 250).all() and (arr[2, :, 1:-1] < 5).all()  # edges blend with the blue
 
 
@@ -63,7 +63,7 @@ def test_large_jpeg_decoded_in_draft_mode_stays_close(tmp_path, mode):
     img.save(tmp_path / "big.jpg", quality=95)
     with Image.open(tmp_path / "big.jpg") as full:
         ref = _chw(REFERENCES[mode](full.convert("RGB"), 224))
-    ours = load_array(tmp_path / "big.jpg", 224, mode).astype(np.int16)
+    ours = load_array(tmp_path / "big.jpg", 224, mode=mode).astype(np.int16)
     diff = np.abs(ours - ref)
     assert diff.max() <= 2 and diff.mean() < 0.5, (diff.mean(), diff.max())
 
@@ -71,7 +71,7 @@ def test_large_jpeg_decoded_in_draft_mode_stays_close(tmp_path, mode):
 def test_unknown_mode_is_named(tmp_path):
     _photo(40, 40).save(tmp_path / "p.png")
     with pytest.raises(ValueError, match="resize.mode = 'zoom'"):
-        load_array(tmp_path / "p.png", 32, "zoom")
+        load_array(tmp_path / "p.png", 32, mode="zoom")
 
 
 def test_colour_modes_become_rgb(tmp_path):
@@ -87,7 +87,7 @@ def test_colour_modes_become_rgb(tmp_path):
     cases["pal.png"] = pal
     for name, img in cases.items():
         img.save(tmp_path / name)
-    get = lambda name: load_array(tmp_path / name, 16)[:, 8, 8].tolist()
+    get = lambda name: load_array(tmp_path / name, 16, mode="squash")[:, 8, 8].tolist()
     assert get("cmyk.jpg")[0] > 240 and max(get("cmyk.jpg")[1:]) < 15
     assert get("gray.png") == [77, 77, 77]
     assert get("la.png") == [255, 255, 255]  # transparent -> white background
@@ -98,14 +98,14 @@ def test_colour_modes_become_rgb(tmp_path):
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     ramp = np.array([[0, 32896, 65535]], dtype=np.uint16).repeat(40, axis=0).repeat(20, axis=1)
     Image.fromarray(ramp).save(tmp_path / "deep.png")  # mode I;16
-    row = load_array(tmp_path / "deep.png", 60, "squash")[0, 30]
+    row = load_array(tmp_path / "deep.png", 60, mode="squash")[0, 30]
     assert row[5] == 0 and row[30] in (127, 128) and row[55] == 255
 
 
 def test_animated_gif_uses_first_frame(tmp_path):
     frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
-    r, g, b = load_array(tmp_path / "anim.gif", 16)[:, 8, 8]
+    r, g, b = load_array(tmp_path / "anim.gif", 16, mode="squash")[:, 8, 8]
     assert r > 200 and b < 50
 
 
@@ -115,7 +115,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
     img.save(tmp_path / "r.jpg", exif=exif, quality=95)
-    arr = load_array(tmp_path / "r.jpg", 32)
+    arr = load_array(tmp_path / "r.jpg", 32, mode="squash")
     assert arr[:, :12].mean() > 200 and arr[:, 20:].mean() < 50  # the white half is now on top
 
 
@@ -124,4 +124,4 @@ def test_pixel_limit_refuses_before_decoding(tmp_path):
     with pytest.raises(DecompressionBomb, match="10000 pixels > limit 5000"):
         open_checked(tmp_path / "p.png", max_pixels=5000)
     with pytest.raises(DecompressionBomb):
-        load_array(tmp_path / "p.png", 32, max_pixels=5000)
+        load_array(tmp_path / "p.png", 32, mode="squash", max_pixels=5000)

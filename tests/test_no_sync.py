@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kennel.data.augment import Augment
 from kennel.train import loop
 from kennel.train.batches import Batches
-from kennel.train.loop import PROGRESS_EVERY, Step, train_one_epoch
+from kennel.train.loop import PROGRESS_EVERY, StepConfig, train_one_epoch
 from kennel.train.optim import build_scheduler
 
 READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"}
@@ -56,7 +56,7 @@ def _epoch(model: nn.Module, n: int, batch_size: int = 4, device: str = "cpu", a
     gen = torch.Generator().manual_seed(2)
     x, y = _data(n, device)
     batches = Batches(x, y, batch_size, shuffle=True, generator=gen)
-    step = Step(amp, scheduler=build_scheduler("cosine", opt, 1, len(batches), 0.5), grad_clip=1.0,
+    step = StepConfig(amp, scheduler=build_scheduler("cosine", opt, 1, len(batches), 0.5), grad_clip=1.0,
                 augment=Augment(), generator=gen)
     return train_one_epoch(model, batches, opt, torch.device(device), step)
 
@@ -115,7 +115,7 @@ def test_epoch_totals_equal_a_recomputation_from_each_step():
     gen = torch.Generator().manual_seed(3)
     x, y = _data(23)  # batches of 5, 5, 5, 5, 3: the mean must weight the short batch by its size
     loss, acc, seen = train_one_epoch(model, Batches(x, y, 5, True, gen), opt, torch.device("cpu"),
-                                      Step(criterion=Recording(), augment=Augment(), generator=gen))
+                                      StepConfig(criterion=Recording(), augment=Augment(), generator=gen))
     assert [n for *_, n in recorded] == [5, 5, 5, 5, 3] and seen == 23
     loss_sum = 0.0
     for step_loss, _, n in recorded:

@@ -116,6 +116,23 @@ def test_second_repro_is_a_noop(project):
     assert len(project_runs(root)[1]) == 1
 
 
+@pytest.mark.parametrize("edited,stages", [
+    ("src/kennel/evaluate/figures.py", {"evaluate"}),  # evaluation code: train's model stays valid
+    ("src/kennel/train/optim.py", {"train", "evaluate"}),  # training code: the data stages stay valid
+    ("src/kennel/data/manifest.py", {"prepare", "resize", "train", "evaluate"}),
+])
+def test_editing_code_reruns_only_the_stages_that_run_it(project, edited, stages):
+    root, _ = project
+    path = root / edited
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# edited\n")
+        assert set(json.loads(dvc(["status", "--json"], root).stdout)) == stages
+    finally:
+        path.write_bytes(original)
+    assert json.loads(dvc(["status", "--json"], root).stdout) == {}
+
+
 def test_lr_change_reruns_only_train_and_evaluate(project):
     root, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())

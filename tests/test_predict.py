@@ -125,7 +125,7 @@ def test_preprocess_uses_the_model_resize_mode(trained, batch):
     wide = batch / "nested" / "deeper" / "c.png"  # 90 x 60: the modes differ
     for mode in ("pad", "center_crop"):
         model = replace(trained.loaded, mode=mode)
-        np.testing.assert_array_equal(preprocess(wide, model), load_array(wide, SIZE, mode))
+        np.testing.assert_array_equal(preprocess(wide, model), load_array(wide, SIZE, mode=mode))
     assert not np.array_equal(preprocess(wide, replace(trained.loaded, mode="pad")),
                               preprocess(wide, replace(trained.loaded, mode="squash")))
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from kennel.core.paths import CALIBRATION, CONFUSION, FIGURES, METRICS, PR_DIR, PREDICTIONS, REPORTS, ROC_DIR
-from kennel.data.report import FIGURES as DATA_FIGURES
+from kennel.data.report import DATA_FIGURES
 from kennel.data.shards import read_classes
 from kennel.evaluate import reports
 from kennel.evaluate.evaluation import evaluate_model

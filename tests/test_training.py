@@ -14,7 +14,7 @@ from kennel.data.shards import read_split
 from kennel.train.batches import Batches, batch_order
 from kennel.train.checkpoint import mark_complete
 from kennel.train.fine_tune import find_resumable, seed_everything, train
-from kennel.train.loop import FitState, Step, fit
+from kennel.train.loop import FitState, StepConfig, fit
 from kennel.train.model import build_model
 from kennel.train.optim import WarmupCosine, build_optimizer, build_scheduler
 from tests.conftest import Killed, build_dataset, kill_at, make_params, small_params
@@ -93,7 +93,7 @@ def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
     val_b = Batches(torch.from_numpy(np.array(vx)), torch.from_numpy(vy), t.batch_size)
     opt = build_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum, t.weight_decay)
     sched = build_scheduler(t.schedule, opt, t.epochs, len(train_b), t.warmup_epochs)
-    step = Step(scheduler=sched, generator=generator,
+    step = StepConfig(scheduler=sched, generator=generator,
                 criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing))
     fit(model, train_b, val_b, opt, t.epochs, torch.device("cpu"), step)
     for name in ("weight", "bias"):

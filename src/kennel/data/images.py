@@ -62,7 +62,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_array(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
+def to_array(img: Image.Image, size: int, *, mode: str) -> np.ndarray:
     """Antialiased resize of an RGB image to ``size``x``size`` by ``mode``; returns uint8 (3, size, size).
 
     squash: stretch to the square (aspect ratio not kept); center_crop: shorter side to ``size``, then the centre
@@ -89,7 +89,7 @@ def _draft_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
     return (max(size, int(w * scale) + 1), max(size, int(h * scale) + 1)) if mode != "squash" else (size, size)
 
 
-def load_array(path: str | Path, size: int, mode: str = "squash", max_pixels: int | None = None) -> np.ndarray:
+def load_array(path: str | Path, size: int, *, mode: str, max_pixels: int | None = None) -> np.ndarray:
     """``path`` -> uint8 (3, size, size): the one preprocessing shared by training and prediction.
 
     JPEGs at least twice the target are decoded DCT-scaled (PIL draft mode): a 3000 px photo decodes at 1/4 or
@@ -99,4 +99,4 @@ def load_array(path: str | Path, size: int, mode: str = "squash", max_pixels: in
         img.seek(0)
         if img.format == "JPEG" and min(img.size) >= 2 * size:
             img.draft("RGB", _draft_size(img.width, img.height, size, mode))
-        return to_array(to_rgb(img), size, mode)
+        return to_array(to_rgb(img), size, mode=mode)

@@ -19,7 +19,7 @@ SAMPLES_PER_CLASS = 8
 REJECTED_SAMPLES = 16
 THUMB = 128  # pixels, longer side
 COUNTS_FILE = "class_counts.csv"
-FIGURES = {"samples.png": "samples per class", "sizes.png": "image sizes", "class_counts.png": "class counts",
+DATA_FIGURES = {"samples.png": "samples per class", "sizes.png": "image sizes", "class_counts.png": "class counts",
            "rejected.png": "rejected files"}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from kennel.core.paths import CALIBRATION, CONFUSION, FIGURES, METRICS, PR_DIR, PREDICTIONS, ROC_DIR
 from kennel.core.plots import image_grid
-from kennel.data.report import FIGURES as DATA_FIGURES
+from kennel.data.report import DATA_FIGURES
 from kennel.evaluate.evaluation import Evaluation, file_name
 from kennel.evaluate.figures import confusion_png, pr_png, reliability_png, roc_png
 

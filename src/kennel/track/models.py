@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import sys
 from collections.abc import Callable
@@ -18,6 +19,12 @@ from mlflow.models import infer_signature  # noqa: E402
 from kennel.track.store import T, retry, store_lock
 
 CHAMPION = "champion"  # the registry alias that marks the best version so far
+
+
+def pinned(*packages: str) -> list[str]:
+    """``package==version`` of the running stack, for a logged model's requirements (local build suffixes such as
+    ``+cu130`` dropped: pip cannot install them)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in packages]
 
 
 def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") -> str:
@@ -39,11 +46,7 @@ def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") 
         signature=infer_signature(example, output),
         input_example=example,
         serialization_format="pt2",
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
+        pip_requirements=pinned("torch", "mlflow", "numpy"),
     )
     return info.model_uri
 

@@ -16,14 +16,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import PIL
-import torch
-import torchvision
 from mlflow.exceptions import MlflowException
 from PIL import UnidentifiedImageError
 
 import kennel
 from kennel.data.images import load_array
+from kennel.track.models import pinned
 from kennel.train.inference import LoadedModel, load_model_file, predict_arrays, result_frame
 
 IMAGE_COLUMN = "image"
@@ -56,7 +54,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         arrays, errors = [], []
         for value in values:
             try:
-                arrays.append(load_array(io.BytesIO(_image_bytes(value)), self.model.size, self.model.mode))
+                arrays.append(load_array(io.BytesIO(_image_bytes(value)), self.model.size, mode=self.model.mode))
                 errors.append("")
             except UnidentifiedImageError:
                 errors.append("UnidentifiedImageError: not an image file PIL can read")
@@ -97,15 +95,6 @@ def _image_bytes(value: object) -> bytes:
         raise ValueError(f"not base64 ({err})") from None
 
 
-def requirements() -> list[str]:
-    """The pinned stack the served model runs with (local build suffixes such as ``+cu130`` dropped)."""
-    versions = {
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-        "numpy": np.__version__, "pandas": pd.__version__, "mlflow": mlflow.__version__,
-    }
-    return [f"{name}=={version.split('+')[0]}" for name, version in versions.items()]
-
-
 def log_serving_model(model_file: Path, name: str = "classifier", registered_model_name: str | None = None) -> str:
     """Log ``model_file`` as a servable pyfunc model in the active MLflow run; returns its ``models:/`` URI.
 
@@ -119,7 +108,7 @@ def log_serving_model(model_file: Path, name: str = "classifier", registered_mod
         python_model=str(Path(__file__).with_name("serving_model.py")),
         artifacts={"model": str(model_file)},
         code_paths=[str(Path(kennel.__file__).parent)],
-        pip_requirements=requirements(),
+        pip_requirements=pinned("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow"),
         registered_model_name=registered_model_name,
         metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode,
                   "kennel.tta": loaded.module.tta},

@@ -21,7 +21,7 @@ from kennel.data.shards import read_meta, read_split
 from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_phase, restore_run
 from kennel.train.distributed import Dist
-from kennel.train.loop import EpochResult, FitState, Step, fit, predict
+from kennel.train.loop import EpochResult, FitState, StepConfig, fit, predict
 from kennel.train.model import Classifier, WeightsInfo, build_model
 from kennel.train.optim import build_optimizer, build_scheduler
 
@@ -135,7 +135,7 @@ class PhaseSetup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
-    step: Step
+    step: StepConfig
 
 
 def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Path, resident: bool, batch_size: int,
@@ -176,7 +176,7 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
                                 t.warmup_epochs)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    step = Step(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
+    step = StepConfig(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
     return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step)
 
 

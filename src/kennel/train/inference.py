@@ -41,7 +41,7 @@ def load_model_file(path: Path) -> LoadedModel:
 
 def preprocess(path: str | Path, model: LoadedModel) -> np.ndarray:
     """``path`` -> uint8 (3, S, S): the resize stage's preprocessing with the model's size and mode."""
-    return load_array(path, model.size, model.mode)
+    return load_array(path, model.size, mode=model.mode)
 
 
 def predict_arrays(images: np.ndarray, model: LoadedModel, batch_size: int = 32) -> np.ndarray:

@@ -59,7 +59,7 @@ PROGRESS_EVERY = 10
 
 
 @dataclass(frozen=True)
-class Step:
+class StepConfig:
     """How one optimisation step runs, beyond the model, optimizer and device."""
 
     amp_dtype: torch.dtype | None = None
@@ -76,7 +76,7 @@ def train_one_epoch(
     batches: Iterable,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    step: Step = Step(),
+    step: StepConfig = StepConfig(),
     desc: str = "train",
 ) -> tuple[float, float, int]:
     """One pass: zero_grad -> forward -> loss -> backward -> step. Returns (mean loss, accuracy, images).
@@ -199,7 +199,7 @@ def fit(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
-    step: Step = Step(),
+    step: StepConfig = StepConfig(),
     *,
     eval_model: nn.Module | None = None,
     state: FitState | None = None,

@@ -22,7 +22,7 @@ from kennel.data.augment import Augment
 from kennel.data.shards import read_split
 from kennel.train.batches import Batches, make_batches
 from kennel.train.fine_tune import build_for, extract_features, fits_resident, seed_everything
-from kennel.train.loop import Step, train_one_epoch
+from kennel.train.loop import StepConfig, train_one_epoch
 from kennel.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     else:
         augment = Augment.from_params(t.augment)
     optimizer = build_optimizer(t.optimizer, module.parameters(), start_lr, t.momentum, t.weight_decay, t.nesterov)
-    step = Step(amp_dtype, criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), grad_clip=t.grad_clip,
-                augment=augment, generator=generator)
+    step = StepConfig(amp_dtype, criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+                      grad_clip=t.grad_clip, augment=augment, generator=generator)
 
     lrs, smoothed, average, best = [], [], 0.0, math.inf
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # as many epochs as the steps need

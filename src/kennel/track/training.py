@@ -1,0 +1,106 @@
+"""The train stage's MLflow side: open (or continue) the run, record what it trains on, log every epoch, then the
+model files. Training itself knows nothing of this: it reports through ``on_start`` and ``on_epoch``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kennel.core.device import amp_name
+from kennel.core.params import Params
+from kennel.core.paths import (
+    CHECKPOINT,
+    DATA_REPORT,
+    DATA_SUMMARY,
+    HISTORY,
+    MANIFEST,
+    MODEL,
+    REJECTS,
+    RESIZED,
+    RUN_FILE,
+)
+from kennel.core.versioning import workspace_unversioned_reason
+from kennel.data.shards import read_split
+from kennel.track import store
+from kennel.track.models import log_model
+from kennel.track.provenance import provenance_tags
+from kennel.track.serving import log_serving_model
+from kennel.train.checkpoint import mark_complete
+from kennel.train.distributed import Dist
+from kennel.train.fine_tune import TrainResult, train
+from kennel.train.model import save_model
+
+log = logging.getLogger(__name__)
+
+
+def run_tags(params: Params, root: Path) -> dict[str, str]:
+    """Provenance, plus whether the raw images are versioned with the commit (warned about when not)."""
+    unversioned = workspace_unversioned_reason(Path.cwd(), params.data.source, params.data.raw_dir)
+    tags = {**provenance_tags(root), "kennel.data_versioned": str(not unversioned).lower()}
+    if unversioned:
+        log.warning("the raw images are not versioned, so this run is not reproducible from its commit: %s",
+                    unversioned)
+        tags["kennel.data_warning"] = f"not reproducible from its commit: {unversioned}"
+    return tags
+
+
+def log_inputs(params: Params) -> None:
+    """What a fresh run trains with: params, the data counts and look, and the manifest as the run's dataset."""
+    store.log_params(params.flat())
+    summary = json.loads(DATA_SUMMARY.read_text())
+    store.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
+    store.log_artifacts([DATA_SUMMARY, REJECTS, *sorted(DATA_REPORT.glob("*"))], "data")
+    d = params.data
+    store.log_manifest(MANIFEST, f"{d.source}:{d.raw_dir}" if d.source != "synthetic" else "synthetic")
+
+
+def log_start(result: TrainResult, world: int) -> None:
+    """Where and how it trains, once the model is built: device, precision, weights, classes, placement."""
+    store.set_tags({
+        "kennel.device": result.device, "kennel.amp": amp_name(result.amp_dtype), **result.weights.tags(),
+        "kennel.classes": ",".join(result.model.classes), "kennel.data_placement": result.data_placement,
+        "kennel.processes": world,
+    })
+    if result.resumed_from:
+        store.set_tags({"kennel.resumed_from_epoch": result.resumed_from})
+    if result.weights.warning:
+        store.set_tags({"kennel.weights_warning": result.weights.warning})
+        store.note(f"Warning: {result.weights.warning}")
+
+
+def save_and_log_model(result: TrainResult, params: Params) -> None:
+    """The model file and history (DVC outputs), then the exported model and the servable classifier."""
+    store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.tta": params.evaluate.tta})
+    result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
+    save_model(result.model, MODEL, size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
+    HISTORY.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
+    images, _ = read_split(RESIZED, "train")
+    model_uri = log_model(result.model, example=np.array(images[:2]))
+    serving_uri = store.retry(log_serving_model, MODEL)  # the one the registry and `mlflow models serve` use
+    store.set_tags({"kennel.model_uri": model_uri, "kennel.serving_uri": serving_uri})
+
+
+def train_and_log(params: Params, root: Path, *, resume: dict | None = None, ctx: Dist | None = None) -> TrainResult:
+    """Train per ``params`` inside an MLflow run (the resumed run's own when ``resume`` names one that exists),
+    checkpointing every epoch; write the model files and log them; mark the checkpoint complete."""
+    ctx = ctx or Dist()
+    run_id = resume.get("mlflow_run_id") if resume else None
+    if run_id and not store.run_exists(root, run_id):
+        run_id = None
+    with store.open_run(root, params.mlflow.experiment, run_id=run_id, run_name=store.run_name(params.flat()),
+                  tags=run_tags(params, root), system_metrics=params.mlflow.system_metrics) as run_id:
+        store.write_run_file(RUN_FILE, run_id, root)
+        if resume is None:
+            log_inputs(params)
+        result = train(params, RESIZED, on_epoch=lambda r: store.log_epoch(r.epoch, r.metrics()),
+                       on_start=lambda r: log_start(r, ctx.world), checkpoint=CHECKPOINT, resume=resume,
+                       checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
+        save_and_log_model(result, params)
+    mark_complete(CHECKPOINT)
+    return result

@@ -1,0 +1,46 @@
+"""The train stage's MLflow side as a library call: one run with params, data, per-epoch metrics, tags and models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kennel.core.params import params_from_dict
+from kennel.track.training import train_and_log
+from tests.conftest import project_runs, small_params, write_params
+
+
+@pytest.fixture
+def prepared(tmp_path, monkeypatch):
+    """prepare and resize run in ``tmp_path`` (a git-less folder) with the shrunken params."""
+    from stages.prepare import main as prepare
+    from stages.resize import main as resize
+
+    (tmp_path / ".dvc").mkdir()  # the project root marker
+    monkeypatch.chdir(tmp_path)
+    raw = small_params(**{"train.epochs": 2})
+    write_params(tmp_path / "params.yaml", raw)
+    assert prepare([]) == 0 and resize([]) == 0
+    return tmp_path, params_from_dict(raw)
+
+
+def test_train_and_log_records_one_complete_run(prepared):
+    root, params = prepared
+    result = train_and_log(params, root)
+    client, (run,) = project_runs(root)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == str(params.train.lr) and run.data.params["model.arch"] == "resnet18"
+    assert run.data.metrics["data_kept"] == json.loads((root / "reports/data_summary.json").read_text())["kept"]
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2] and [m.value for m in history] == [
+        r.val_accuracy for r in result.history]
+    tags = run.data.tags
+    assert tags["kennel.selected_epoch"] == str(result.selected_epoch) and tags["kennel.classes"] == "cat,dog"
+    assert tags["kennel.data_versioned"] == "true"  # synthetic: the params are the data
+    assert tags["kennel.model_uri"].startswith("models:/") and tags["kennel.serving_uri"].startswith("models:/")
+    assert json.loads((root / "models/mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert (root / "models/model.pt").is_file()
+    assert len((root / "reports/train_history.csv").read_text().splitlines()) == 1 + len(result.history)
+    assert torch.load(root / "models/checkpoint.pt", weights_only=True)["complete"] is True
