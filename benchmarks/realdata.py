@@ -71,11 +71,10 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict) -> dict:
     params = set_params(json.loads(json.dumps(base)), RECIPES[mode])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     seconds = sh([str(BIN / "dvc"), "repro"], root, env)
-    test = json.loads((root / "reports/metrics.json").read_text())["test"]
-    history = pd.read_csv(root / "reports/train_history.csv")
-    kept = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]
-    return {"mode": mode, "test_accuracy": test["accuracy"], "val_accuracy": float(kept["val_accuracy"]),
-            "epochs": len(history), "seconds": seconds, "recipe": RECIPES[mode]}
+    test = json.loads((root / "reports/metrics.json").read_text())
+    live = json.loads((root / "dvclive/metrics.json").read_text())
+    return {"mode": mode, "test_accuracy": test["test_accuracy"], "val_accuracy": live["selected_val_accuracy"],
+            "epochs": live["step"], "seconds": seconds, "recipe": RECIPES[mode]}
 
 
 def main(argv=None) -> int:

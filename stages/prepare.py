@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from kennel.core.params import Params
-from kennel.core.paths import DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
+from kennel.core.paths import DATA_METRICS, DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
 from kennel.core.stage import run_stage
 from kennel.core.versioning import git_tracked_files
 from kennel.data.manifest import account, check_class_sizes, write_csv
@@ -46,6 +46,8 @@ def prepare(params: Params) -> None:
     # The reports are written before the class-size check so that a failing run still says what was rejected.
     write_csv(acc.rejects, REJECTS)
     DATA_SUMMARY.write_text(json.dumps(acc.summary, indent=2) + "\n")
+    DATA_METRICS.write_text(json.dumps({f"data_{k}": acc.summary[k] for k in ("found", "kept", "rejected")},
+                                       indent=2) + "\n")
     write_data_report(acc.manifest, acc.rejects, acc.summary, Path.cwd(), DATA_REPORT, params.seed, d.max_pixels)
     check_class_sizes(acc, [c.label for c in candidates if c.label], d.min_per_class)
     write_csv(acc.manifest, PREPARED / "manifest.csv")

@@ -59,7 +59,7 @@ def test_readme_own_images_then_reproduce_a_run_an_experiment_and_a_commit(tmp_p
     run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     _, (first,) = project_runs(root)
     assert first.data.tags["kennel.data_versioned"] == "true" and first.data.tags["git.dirty"] == "false"
-    recorded = f"{json.loads((root / 'reports/metrics.json').read_text())['test']['accuracy']:.6f}"
+    recorded = f"{json.loads((root / 'reports/metrics.json').read_text())['test_accuracy']:.6f}"
 
     dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "--name", "own-lr"], root)
     _wait_for_queue(root, "own-lr")

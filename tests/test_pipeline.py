@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -13,7 +16,7 @@ import torch
 import yaml
 
 from kennel.data.shards import read_split
-from tests.conftest import dvc, isolate, make_project, project_runs, run, small_params, write_params
+from tests.conftest import BIN, REPO, dvc, isolate, make_project, project_runs, run, small_params, write_params
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
@@ -34,23 +37,28 @@ def test_repro_writes_metrics_and_plots(project):
     root, out = project
     for stage in ("prepare", "resize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout
-    metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
+    metrics = json.loads((root / "reports/evaluation.json").read_text())["test"]
     assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog"}
+    headline = json.loads((root / "reports/metrics.json").read_text())
+    assert headline["test_accuracy"] == metrics["accuracy"]
     n_test = json.loads((root / "data/resized/classes.json").read_text())["counts"]["test"]
     assert np.array(metrics["confusion_matrix"]).sum() == n_test > 0
     assert 0 <= metrics["roc_auc"] <= 1
     shown = dvc(["metrics", "show", "--json"], root).stdout
     assert json.loads(shown)  # dvc reads the metrics file
-    assert "test.accuracy" in dvc(["metrics", "show"], root).stdout
+    assert "test_accuracy" in dvc(["metrics", "show"], root).stdout
     plots = dvc(["plots", "show", "--json"], root).stdout
-    for title in ("Loss", "Accuracy", "Confusion matrix", "Reliability", "Test loss per image", "reports/roc/dog.csv",
+    for title in ("Training loss", "Validation loss", "Accuracy", "Learning rate", "Confusion matrix", "Reliability",
+                  "Top test losses", "reports/roc/dog.csv",
                   "reports/pr/dog.csv", "reports/figures/top_losses_gradcam.png", "reports/data/samples.png",
                   "reports/data/class_counts.csv"):
         assert title in plots
     html = dvc(["plots", "show", "-o", "plots_html"], root)
     assert (root / "plots_html" / "index.html").stat().st_size > 1000, html.stdout
-    history = (root / "reports/train_history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch,train_loss") and len(history) == 1 + EPOCHS
+    history = (root / "dvclive/plots/metrics/train_loss.tsv").read_text().splitlines()
+    assert history[0] == "step\ttrain_loss" and [line.split("\t")[0] for line in history[1:]] == ["1", "2"]
+    live = json.loads((root / "dvclive/metrics.json").read_text())
+    assert live["step"] == EPOCHS and 1 <= live["selected_epoch"] <= EPOCHS and live["train_seconds"] > 0
     for png in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "top_losses.png",
                 "top_losses_gradcam.png"):
         assert (root / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"
@@ -80,8 +88,9 @@ def test_mlflow_run_holds_everything(project):
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert {k: run.data.metrics[k] for k in metrics} == pytest.approx(metrics)  # the same names in both worlds
     assert "test_roc_auc" in run.data.metrics and "test_f1_cat" in run.data.metrics
     tags = run.data.tags
     assert tags["git.commit"] == run_cmd(root, "git", "rev-parse", "HEAD")
@@ -95,7 +104,8 @@ def test_mlflow_run_holds_everything(project):
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert {"data/samples.png", "data/sizes.png", "data/class_counts.png", "data/rejected.png"} <= data
     note = tags["mlflow.note.content"]
-    assert note.startswith(f"**Test accuracy {metrics['accuracy']:.3f}**") and "of 2 (train.select: best" in note
+    assert note.startswith(f"**Test accuracy {metrics['test_accuracy']:.3f}**")
+    assert "of 2 (train.select: best" in note
     assert f"runs/{run.info.run_id}/artifacts/evaluation/top_losses_gradcam.png" in note
     assert "test_ece" in run.data.metrics
 
@@ -104,7 +114,7 @@ def test_mlflow_run_holds_everything(project):
     logits = model(torch.from_numpy(np.array(x)))
     assert logits.shape == (len(x), 2)
     accuracy = (logits.argmax(1).numpy() == y).mean()
-    assert accuracy == pytest.approx(metrics["accuracy"])  # the logged model is the evaluated model
+    assert accuracy == pytest.approx(metrics["test_accuracy"])  # the logged model is the evaluated model
 
 
 def test_second_repro_is_a_noop(project):
@@ -150,22 +160,64 @@ def test_lr_change_reruns_only_train_and_evaluate(project):
     assert "test_accuracy" in runs[-1].data.metrics
 
 
+def test_compare_names_the_changed_params_metrics_and_images(project):
+    root, _ = project
+    _, runs = project_runs(root)  # the default run and the lr change of the test above
+    first, second = runs[0].info.run_id, runs[1].info.run_id
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    out = run([sys.executable, "-m", "kennel", "compare", first, second, "--top", "3", "--plot", "curves.png"], root,
+              env=env).stdout
+    assert f"A: {first} -> run {first}" in out
+    lr = next(line for line in out.splitlines() if line.startswith("train.lr"))
+    assert lr.split()[1:] == ["0.001", "0.002"]  # the one param that differs, and nothing else
+    rows = out.split("params that differ:")[1].split("metrics:")[0].strip().splitlines()
+    assert [r.split() for r in rows] == [["A", "B"], ["param"], ["train.lr", "0.001", "0.002"]]
+    assert "test_accuracy" in out and "selected_epoch" in out
+    predictions = pd.read_csv(root / "reports/predictions.csv")
+    changed = out.split("most improved from A to B (top 3):")[1]
+    assert any(path in changed for path in predictions["path"])  # test images by name
+    assert (root / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    by_commit = run([sys.executable, "-m", "kennel", "compare", "champion", "HEAD"], root, env=env).stdout
+    assert "A: champion -> run" in by_commit and f"B: HEAD -> run {second}" in by_commit  # the newest at HEAD
+    refused = run([sys.executable, "-m", "kennel", "compare", first, "no-such-run"], root, env=env, check=False)
+    assert refused.returncode == 2 and "'no-such-run': neither a run id" in refused.stderr
+
+
 def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
     root, _ = project
     init = root / "src/kennel/__init__.py"
     original = init.read_text()
     init.write_text(original.replace('__version__ = "0.1.0"', '__version__ = "0.1.0+queued"'))
-    dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "--name", "lr-three"], root)
+    epochs = 30  # a few seconds of training to watch
+    dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "-S", f"train.epochs={epochs}", "--name", "lr-three"],
+        root)
     init.write_text(original)  # the main workspace is back to the committed code
-    dvc(["queue", "start", "-j", "1"], root)
-    deadline = time.time() + 420
+    # not through captured pipes: the worker it starts would hold them open, and the call return only at the end
+    subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", "1"], cwd=root, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    seen_mid_run: list[int] = []  # steps of the experiment's dvclive/metrics.json, read while it trained
+    deadline, next_status, status, asking = time.time() + 420, 0.0, "", None
     while time.time() < deadline:
-        status = dvc(["queue", "status"], root).stdout
-        if "Success" in status or "Failed" in status:
-            if "Queued" not in status and "Running" not in status:
+        try:  # the experiment's workspace: .dvc/tmp/exps/tmp<random>/, made and removed by DVC meanwhile
+            lives = list((root / ".dvc" / "tmp" / "exps").glob("*/dvclive/metrics.json"))
+        except OSError:
+            lives = []
+        for live in lives:
+            try:
+                seen_mid_run.append(json.loads(live.read_text())["step"])
+            except (OSError, ValueError, KeyError):
+                pass  # being written
+        if asking is None and time.time() >= next_status:  # asked in the background: the files are polled meanwhile
+            asking = subprocess.Popen([str(BIN / "dvc"), "queue", "status"], cwd=root, stdout=subprocess.PIPE,
+                                      text=True)
+        if asking is not None and asking.poll() is not None:
+            status, asking, next_status = asking.communicate()[0], None, time.time() + 1
+            if ("Success" in status or "Failed" in status) and "Queued" not in status and "Running" not in status:
                 break
-        time.sleep(3)
+        time.sleep(0.05)
     assert "Success" in status, status + dvc(["queue", "logs", "lr-three"], root, check=False).stdout
+    # DVCLive wrote the metrics after each epoch, in the experiment's own workspace: `dvc exp show` reads them
+    assert any(1 <= step < epochs for step in seen_mid_run), seen_mid_run
 
     _, runs = project_runs(root)
     exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == "lr-three"]
@@ -184,6 +236,30 @@ def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
     shown = json.loads(dvc(["exp", "show", "--json"], root).stdout)
     text = json.dumps(shown)
     assert "lr-three" in text and "0.003" in text
+    exp = next(e for e in _revs(shown) if e.get("name") == "lr-three")["data"]
+    headline = exp["metrics"]["reports/metrics.json"]["data"]
+    assert headline["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    live = exp["metrics"]["dvclive/metrics.json"]["data"]
+    assert live["step"] == epochs and live["val_accuracy"] == pytest.approx(run.data.metrics["val_accuracy"])
+    columns = [key for metrics in exp["metrics"].values() for key in metrics["data"]]
+    assert not any("per_class" in c or isinstance(v, dict) for metrics in exp["metrics"].values()
+                   for c, v in metrics["data"].items()), columns
+
+    # the two experiments' training curves, overlaid by `dvc plots diff` (the workspace holds the lr=0.002 run)
+    diff = json.loads(dvc(["plots", "diff", "lr-three", "--json"], root).stdout)["data"]
+    for title in ("Training loss", "Validation loss", "Accuracy"):
+        (plot,) = diff[title]
+        assert plot["type"] == "vega" and set(plot["revisions"]) == {"workspace", "lr-three"}
+        rows = plot["content"]["data"]["values"]
+        assert {r["rev"] for r in rows} == {"workspace", "lr-three"}
+        assert sorted({int(r["step"]) for r in rows if r["rev"] == "lr-three"}) == list(range(1, epochs + 1))
+
+
+def _revs(shown):
+    for entry in shown:
+        yield entry
+        for exp in entry.get("experiments") or []:
+            yield from exp.get("revs", [])
 
 
 def run_cmd(root, *cmd) -> str:

@@ -194,10 +194,10 @@ def _queue_four_and_check(root: Path, uri: str) -> None:
                     continue
                 run = by_exp[name]
                 params = data["params"]["params.yaml"]["data"]["train"]
-                metrics = data["metrics"]["reports/metrics.json"]["data"]["test"]
+                metrics = data["metrics"]["reports/metrics.json"]["data"]
                 assert str(params["lr"]) == run.data.params["train.lr"]
                 assert str(params["batch_size"]) == run.data.params["train.batch_size"]
-                assert metrics["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+                assert metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
                 assert metrics["macro_f1"] == pytest.approx(run.data.metrics["test_macro_f1"])
                 seen += 1
     assert seen == 4, json.dumps(shown)[:3000]

@@ -50,6 +50,13 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["kennel.resumed_from_epoch"] == str(epoch_at_kill)
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")} == {1, 2, 3, 4}
     assert "test_accuracy" in run.data.metrics
+    for name in ("train_loss", "val_accuracy"):  # DVCLive: each epoch once, the MLflow numbers, the uninterrupted run's
+        rows = [line.split("\t") for line in (killed / f"dvclive/plots/metrics/{name}.tsv").read_text().splitlines()]
+        assert rows[0] == ["step", name] and [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4]
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        assert [float(r[1]) for r in rows[1:]] == pytest.approx([logged[step] for step in (1, 2, 3, 4)])
+        assert (killed / f"dvclive/plots/metrics/{name}.tsv").read_text() == \
+            (straight / f"dvclive/plots/metrics/{name}.tsv").read_text()
     # the finished stage flags its checkpoint: forcing the stage again trains anew instead of resuming
     assert torch.load(checkpoint, weights_only=True)["complete"] is True
     out = dvc(["repro", "--force", "--single-item", "train"], killed)
@@ -61,10 +68,10 @@ def test_two_gloo_processes_train_end_to_end(tmp_path):
     root = make_project(tmp_path / "ddp", small_params(**{"train.nproc": 2, "train.batch_size": 8}))
     out = dvc(["repro"], root)
     assert "launching 2 processes" in out.stdout + out.stderr
-    history = (root / "reports/train_history.csv").read_text().splitlines()
+    history = (root / "dvclive/plots/metrics/val_accuracy.tsv").read_text().splitlines()
     assert len(history) == 3  # header + 2 epochs, written once (rank 0 only)
     assert torch.load(root / "models/model.pt", weights_only=True)["classes"] == ["cat", "dog"]
-    assert "accuracy" in json.loads((root / "reports/metrics.json").read_text())["test"]
+    assert "test_accuracy" in json.loads((root / "reports/metrics.json").read_text())
     _, runs = project_runs(root)
     assert len(runs) == 1 and runs[0].data.tags["kennel.processes"] == "2"
     assert runs[0].data.params["train.nproc"] == "2" and "test_accuracy" in runs[0].data.metrics

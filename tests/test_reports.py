@@ -10,7 +10,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kennel.core.paths import CALIBRATION, CONFUSION, FIGURES, METRICS, PR_DIR, PREDICTIONS, REPORTS, ROC_DIR
+from kennel.core.paths import (
+    CALIBRATION,
+    CONFUSION,
+    EVALUATION,
+    FIGURES,
+    METRICS,
+    PR_DIR,
+    PREDICTIONS,
+    REPORTS,
+    ROC_DIR,
+    TOP_LOSSES,
+)
 from kennel.data.report import DATA_FIGURES
 from kennel.data.shards import read_classes
 from kennel.evaluate import reports
@@ -40,16 +51,23 @@ def written(binary, tmp_path, monkeypatch):
 
 def test_every_report_is_written_where_the_stage_declares_it_and_nothing_else(written, tmp_path):
     assert written.metrics == METRICS
-    assert written.tables == [CONFUSION, PREDICTIONS, CALIBRATION]
+    assert written.tables == [EVALUATION, CONFUSION, PREDICTIONS, TOP_LOSSES, CALIBRATION]
     assert written.curves == [ROC_DIR / "dog.csv", PR_DIR / "dog.csv"]  # binary: the positive class only
     assert written.figures == [FIGURES / name for name in BINARY_FIGURES]
     on_disk = sorted(p.relative_to(tmp_path) for p in (tmp_path / REPORTS).rglob("*") if p.is_file())
     assert on_disk == sorted(written.files)
-    assert len(written.files) == 1 + 3 + 2 + 6
+    assert len(written.files) == 1 + 5 + 2 + 6
 
 
 def test_the_tables_hold_the_evaluation(binary, written):
-    assert json.loads(METRICS.read_text()) == {"test": json.loads(json.dumps(binary.metrics))}
+    assert json.loads(EVALUATION.read_text()) == {"test": json.loads(json.dumps(binary.metrics))}
+    headline = json.loads(METRICS.read_text())
+    n = len(binary.labels)
+    assert headline["test_accuracy"] == binary.metrics["accuracy"] and headline["test_images"] == n
+    assert headline["test_accuracy_low"] <= binary.metrics["accuracy"] <= headline["test_accuracy_high"]
+    assert not any(isinstance(v, dict | list) for v in headline.values())  # one `dvc exp show` column each
+    top = pd.read_csv(TOP_LOSSES)
+    assert len(top) == min(8, n) and list(top["loss"]) == sorted(binary.losses, reverse=True)[:len(top)]
     n = len(binary.labels)
     confusion = pd.read_csv(CONFUSION)
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == n
@@ -98,7 +116,8 @@ def test_binary_scalars_are_the_headline_numbers_and_each_class(binary):
     m = binary.metrics
     scalars = reports.scalar_metrics(m)
     assert list(scalars) == [
-        "test_accuracy", "test_macro_f1", "test_ece", "test_roc_auc", "test_average_precision",
+        "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_macro_f1", "test_roc_auc",
+        "test_average_precision", "test_ece", "test_images",
         "test_precision_cat", "test_recall_cat", "test_f1_cat", "test_precision_dog", "test_recall_dog", "test_f1_dog",
     ]
     assert scalars["test_accuracy"] == m["accuracy"] and scalars["test_macro_f1"] == m["macro_f1"]
@@ -107,7 +126,8 @@ def test_binary_scalars_are_the_headline_numbers_and_each_class(binary):
     for name in ("cat", "dog"):
         for k in ("precision", "recall", "f1"):
             assert scalars[f"test_{k}_{name}"] == m["per_class"][name][k]
-    assert all(isinstance(v, float) for v in scalars.values())
+    assert all(isinstance(v, float) for k, v in scalars.items() if k != "test_images")
+    assert scalars["test_images"] == len(binary.labels)
 
 
 def test_more_classes_log_each_one_vs_rest_score():
@@ -121,7 +141,7 @@ def test_more_classes_log_each_one_vs_rest_score():
         assert scalars[f"test_roc_auc_{name}"] == m["one_vs_rest"][name]["roc_auc"]
         assert scalars[f"test_average_precision_{name}"] == m["one_vs_rest"][name]["average_precision"]
         assert scalars[f"test_f1_{name}"] == m["per_class"][name]["f1"]
-    assert len(scalars) == 3 + 3 * 3 + 3 * 2
+    assert len(scalars) == 6 + 3 * 3 + 3 * 2
 
 
 def test_figure_links_title_each_figure_then_the_data_figures(written):
@@ -135,10 +155,12 @@ def test_figure_links_title_each_figure_then_the_data_figures(written):
 
 
 def test_the_summary_line():
-    m = {"accuracy": 0.9375, "macro_f1": 0.93, "roc_auc": 0.981, "ece": 0.0412}
-    assert reports.summary_line(m) == "test accuracy 0.9375  macro F1 0.9300  ROC AUC 0.9810  ECE 0.0412"
+    m = {"accuracy": 0.9375, "macro_f1": 0.93, "roc_auc": 0.981, "ece": 0.0412,
+         "per_class": {"cat": {"support": 8}, "dog": {"support": 8}}}  # 15 of 16 right
+    interval = "(95 % interval 0.717-0.989, 16 images)"
+    assert reports.summary_line(m) == f"test accuracy 0.9375 {interval}  macro F1 0.9300  ROC AUC 0.9810  ECE 0.0412"
     del m["roc_auc"]
-    assert reports.summary_line(m) == "test accuracy 0.9375  macro F1 0.9300  ECE 0.0412"
+    assert reports.summary_line(m) == f"test accuracy 0.9375 {interval}  macro F1 0.9300  ECE 0.0412"
 
 
 def test_the_evaluate_library_does_not_load_mlflow_or_the_tracking_package():

@@ -42,5 +42,11 @@ def test_train_and_log_records_one_complete_run(prepared):
     assert tags["kennel.model_uri"].startswith("models:/") and tags["kennel.serving_uri"].startswith("models:/")
     assert json.loads((root / "models/mlflow_run.json").read_text())["run_id"] == run.info.run_id
     assert (root / "models/model.pt").is_file()
-    assert len((root / "reports/train_history.csv").read_text().splitlines()) == 1 + len(result.history)
+    for name in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "images_per_second"):
+        rows = (root / f"dvclive/plots/metrics/{name}.tsv").read_text().splitlines()
+        assert rows[0] == f"step\t{name}" and len(rows) == 1 + len(result.history)
+    live = json.loads((root / "dvclive/metrics.json").read_text())
+    assert live["val_accuracy"] == result.history[-1].val_accuracy and live["step"] == result.history[-1].epoch
+    assert live["selected_epoch"] == result.selected_epoch  # DVCLive and MLflow: the same numbers
+    assert not (root / "dvclive" / "dvc.yaml").exists() and not (root / "dvc.yaml").exists()
     assert torch.load(root / "models/checkpoint.pt", weights_only=True)["complete"] is True

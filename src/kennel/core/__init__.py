@@ -1,1 +1,3 @@
-"""core"""
+"""What every stage needs and nothing heavier: params, paths, errors, device choice, git, figure helpers.
+
+Imports no other kennel folder."""

@@ -16,11 +16,14 @@ CHECKPOINT = Path("models/checkpoint.pt")  # persisted across runs: a killed tra
 
 REPORTS = Path("reports")
 REJECTS = REPORTS / "rejects.csv"
-DATA_SUMMARY = REPORTS / "data_summary.json"
-HISTORY = REPORTS / "train_history.csv"
-METRICS = REPORTS / "metrics.json"
+DATA_SUMMARY = REPORTS / "data_summary.json"  # found / kept / rejected by reason and per class, with split counts
+DATA_METRICS = REPORTS / "data_metrics.json"  # the headline of the summary: what `dvc exp show` compares
+LIVE = Path("dvclive")  # DVCLive: the training curves (one row per epoch, step = epoch) and the train metrics
+METRICS = REPORTS / "metrics.json"  # the test headline: what `dvc exp show` compares
+EVALUATION = REPORTS / "evaluation.json"  # every number of the test evaluation (per class, confusion matrix)
 CONFUSION = REPORTS / "confusion.csv"
 PREDICTIONS = REPORTS / "predictions.csv"  # one row per test image
+TOP_LOSSES = REPORTS / "top_losses.csv"  # the evaluate.top_losses rows of it with the highest loss
 CALIBRATION = REPORTS / "calibration.csv"
 ROC_DIR = REPORTS / "roc"  # one table per class (binary: the positive class)
 PR_DIR = REPORTS / "pr"

@@ -1,6 +1,6 @@
-"""The evaluation's reports: metrics.json, the tables, the ROC/PR curve tables and the figures the evaluate stage
-declares, the flat metric names it logs, and the titles its run note links the figures by. No MLflow here: the
-stage logs what these write."""
+"""The evaluation's reports: metrics.json (the headline) and evaluation.json (every number), the tables, the
+ROC/PR curve tables and the figures the evaluate stage declares, the metric names it logs, and the titles its run
+note links the figures by. No MLflow here: the stage logs what these write."""
 
 from __future__ import annotations
 
@@ -12,11 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from kennel.core.paths import CALIBRATION, CONFUSION, FIGURES, METRICS, PR_DIR, PREDICTIONS, ROC_DIR
+from kennel.core.paths import (
+    CALIBRATION,
+    CONFUSION,
+    EVALUATION,
+    FIGURES,
+    METRICS,
+    PR_DIR,
+    PREDICTIONS,
+    ROC_DIR,
+    TOP_LOSSES,
+)
 from kennel.core.plots import image_grid
 from kennel.data.report import DATA_FIGURES
 from kennel.evaluate.evaluation import Evaluation, file_name
 from kennel.evaluate.figures import confusion_png, pr_png, reliability_png, roc_png
+from kennel.evaluate.metrics import wilson_interval
 
 FIGURE_TITLES = {
     "top_losses.png": "top losses", "top_losses_gradcam.png": "top losses, Grad-CAM",
@@ -27,8 +38,9 @@ FIGURE_TITLES = {
 
 @dataclass(frozen=True)
 class Reports:
-    """The files ``write_reports`` wrote, by kind: ``metrics`` (metrics.json), ``tables`` (confusion,
-    predictions, calibration), ``curves`` (one ROC and one PR table per curve) and ``figures`` (PNGs)."""
+    """The files ``write_reports`` wrote, by kind: ``metrics`` (metrics.json: the headline DVC compares),
+    ``tables`` (evaluation.json with every number, confusion, predictions, calibration), ``curves`` (one ROC and one
+    PR table per curve) and ``figures`` (PNGs)."""
 
     metrics: Path
     tables: list[Path]
@@ -43,31 +55,44 @@ class Reports:
 def write_reports(result: Evaluation, *, top_losses: int, calibration_bins: int) -> Reports:
     """Write every report of ``result`` at its place under reports/ (kennel.core.paths), relative to the cwd."""
     METRICS.parent.mkdir(parents=True, exist_ok=True)
-    METRICS.write_text(json.dumps({"test": result.metrics}, indent=2) + "\n")
+    METRICS.write_text(json.dumps(headline_metrics(result.metrics), indent=2) + "\n")
+    EVALUATION.write_text(json.dumps({"test": result.metrics}, indent=2) + "\n")
     result.confusion_rows().to_csv(CONFUSION, index=False)
-    result.predictions().to_csv(PREDICTIONS, index=False)
+    predictions = result.predictions()
+    predictions.to_csv(PREDICTIONS, index=False)
+    predictions.iloc[result.top_losses(top_losses)][["path", "true", "predicted", "loss"]].to_csv(TOP_LOSSES,
+                                                                                                   index=False)
     result.reliability.to_csv(CALIBRATION, index=False)
     curves = write_curves(result)
     figures = write_figures(result, top_losses=top_losses, calibration_bins=calibration_bins)
-    return Reports(METRICS, [CONFUSION, PREDICTIONS, CALIBRATION], curves, figures)
+    return Reports(METRICS, [EVALUATION, CONFUSION, PREDICTIONS, TOP_LOSSES, CALIBRATION], curves, figures)
 
 
-def scalar_metrics(metrics: Mapping) -> dict[str, float]:
-    """``metrics`` (as in metrics.json) flattened to the run's metric names: test_accuracy, test_macro_f1,
-    test_ece, test_roc_auc and test_average_precision where defined, test_{precision,recall,f1}_<class>, and each
-    one-vs-rest score as test_<score>_<class>."""
+def headline_metrics(metrics: Mapping) -> dict[str, float]:
+    """The numbers a person compares runs by, under the names the MLflow run has too: test_accuracy with its 95 %
+    interval (test_accuracy_low/high), test_macro_f1, test_roc_auc and test_average_precision where defined,
+    test_ece and test_images (how many the accuracy is over)."""
     m = metrics
-    scalars = {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_ece": m["ece"]}
+    n = int(sum(r["support"] for r in m["per_class"].values()))
+    low, high = wilson_interval(round(m["accuracy"] * n), n)
+    scalars = {"test_accuracy": m["accuracy"], "test_accuracy_low": low, "test_accuracy_high": high,
+               "test_macro_f1": m["macro_f1"]}
     for key in ("roc_auc", "average_precision"):
         if key in m:
             scalars[f"test_{key}"] = m[key]
+    return {**scalars, "test_ece": m["ece"], "test_images": n}
+
+
+def scalar_metrics(metrics: Mapping) -> dict[str, float]:
+    """Everything the MLflow run records of ``metrics`` (as in evaluation.json): the headline, then
+    test_{precision,recall,f1}_<class> and each one-vs-rest score as test_<score>_<class>."""
+    m = metrics
+    scalars = headline_metrics(m)
     for name, r in m["per_class"].items():
         scalars.update({f"test_{k}_{name}": r[k] for k in ("precision", "recall", "f1")})
     for name, r in m.get("one_vs_rest", {}).items():
         scalars.update({f"test_{k}_{name}": v for k, v in r.items()})
     return scalars
-
-
 
 
 def figure_links(figures: Sequence[Path]) -> list[tuple[str, str]]:
@@ -78,9 +103,10 @@ def figure_links(figures: Sequence[Path]) -> list[tuple[str, str]]:
 
 
 def summary_line(metrics: Mapping) -> str:
-    """The line the stage prints: test accuracy, macro F1, ROC AUC where defined, ECE."""
-    m = metrics
-    return (f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
+    """The line the stage prints: test accuracy with its interval, macro F1, ROC AUC where defined, ECE."""
+    m, h = metrics, headline_metrics(metrics)
+    return (f"test accuracy {m['accuracy']:.4f} (95 % interval {h['test_accuracy_low']:.3f}-"
+            f"{h['test_accuracy_high']:.3f}, {h['test_images']} images)  macro F1 {m['macro_f1']:.4f}"
             + (f"  ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else "") + f"  ECE {m['ece']:.4f}")
 
 

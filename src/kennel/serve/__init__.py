@@ -1,1 +1,1 @@
-"""serve"""
+"""The commands around the pipeline: ``kennel predict``, ``reproduce``, ``ui`` and ``lr-find``."""

@@ -15,10 +15,11 @@ import yaml
 
 from kennel.core.paths import project_root, tracking_uri
 
-USAGE = """usage: python -m kennel {ui,predict,reproduce,lr-find} ...
+USAGE = """usage: python -m kennel {ui,predict,compare,reproduce,lr-find} ...
 
   ui          the MLflow UI on this project's runs, bound to 127.0.0.1
   predict     classify image files or folders with a trained model
+  compare     runs side by side: params that differ, metrics, the test images whose predictions changed
   reproduce   rerun a past run, commit or DVC experiment and compare its metrics
   lr-find     learning-rate range test on the train split: plot, suggested train.lr, an MLflow run
 
@@ -51,10 +52,20 @@ def ui_url(host: str, port: int, experiment_id: str | None = None) -> str:
 
 
 def experiment_name(root: Path) -> str:
+    """``mlflow.experiment`` of the project's params.yaml (``kennel`` when it cannot be read)."""
+    return _mlflow_param(root, "experiment", "kennel")
+
+
+def registered_model_name(root: Path) -> str:
+    """``mlflow.registered_model`` of the project's params.yaml (``kennel`` when it cannot be read)."""
+    return _mlflow_param(root, "registered_model", "kennel")
+
+
+def _mlflow_param(root: Path, key: str, default: str) -> str:
     try:
-        return str(yaml.safe_load((root / "params.yaml").read_text())["mlflow"]["experiment"])
+        return str(yaml.safe_load((root / "params.yaml").read_text())["mlflow"][key])
     except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return "kennel"
+        return default
 
 
 def open_when_up(url: str, timeout: float = 120) -> None:
@@ -104,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kennel.serve.predict import predict_cli
 
         return predict_cli(rest)
+    if command == "compare":
+        from kennel.serve.compare import compare_cli
+
+        return compare_cli(rest)
     if command == "reproduce":
         from kennel.serve.reproduce import reproduce_cli
 

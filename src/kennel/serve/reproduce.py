@@ -40,7 +40,13 @@ class Target:
 
 def _metrics_at(commit: str, root: Path) -> dict[str, float]:
     text = git(["show", f"{commit}:reports/metrics.json"], root)
-    test = json.loads(text).get("test", {}) if text else {}
+    return compared_metrics(json.loads(text)) if text else {}
+
+
+def compared_metrics(metrics_json: dict) -> dict[str, float]:
+    """The compared metrics from a reports/metrics.json: flat ``test_<name>`` keys, or the ``{"test": {...}}`` that
+    commits made before the headline file wrote."""
+    test = metrics_json.get("test") or {k.removeprefix("test_"): v for k, v in metrics_json.items()}
     return {k: float(test[k]) for k in METRICS if k in test}
 
 
@@ -161,8 +167,7 @@ def reproduce(target: Target, root: Path) -> dict[str, float]:
         _dvc(["repro", "resize"], tree, env)
         for stage in ("train", "evaluate"):  # the result itself is always recomputed
             _dvc(["repro", "--force", "--single-item", "--no-run-cache", stage], tree, env)
-        test = json.loads((tree / "reports" / "metrics.json").read_text())["test"]
-        return {k: float(test[k]) for k in METRICS if k in test}
+        return compared_metrics(json.loads((tree / "reports" / "metrics.json").read_text()))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,8 +8,6 @@ import os
 
 # Before mlflow is imported: no "Downloading artifacts" bars in stage output (logging a model reads files back).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# MLflow's own INFO lines (table creation, system metrics monitor start/stop) would drown kennel's; its warnings stay.
-logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 from kennel.core.errors import TrackingUnavailable  # noqa: E402
 from kennel.core.paths import tracking_uri  # noqa: E402
@@ -37,6 +35,10 @@ from kennel.track.store import (  # noqa: E402
     store_lock,
     write_run_file,
 )
+
+# MLflow's own INFO lines (table creation, system metrics monitor start/stop) would drown kennel's; its warnings stay.
+# After the import: importing mlflow sets its logger to INFO.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 __all__ = [
     "CHAMPION", "Registration", "TrackingUnavailable", "check_reachable", "data_fingerprint", "experiment_id",

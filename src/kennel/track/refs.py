@@ -14,7 +14,8 @@ from kennel.track.store import check_reachable, tracking_uri
 from kennel.train.inference import DEFAULT_MODE, LoadedModel
 
 
-def _client(root: Path, ref: str):
+def client(root: Path, ref: str) -> mlflow.MlflowClient:
+    """The project store's client; a missing sqlite store or a server that is down is a ModelRefError naming ``ref``."""
     uri = tracking_uri(root)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         # sqlite would silently create an empty store and then report the run as missing
@@ -29,17 +30,17 @@ def _client(root: Path, ref: str):
 
 def registered_run_id(ref: str, root: Path) -> str:
     """The run behind ``models:/name@alias``, ``models:/name/<version>`` or a logged model ``models:/m-...``."""
-    client = _client(root, ref)
+    store = client(root, ref)
     target = ref.removeprefix("models:/")
     name, _, version = target.partition("/")
     try:
         if "@" in target and not version:
             name, _, alias = target.partition("@")
-            run_id = client.get_model_version_by_alias(name, alias).run_id
+            run_id = store.get_model_version_by_alias(name, alias).run_id
         elif version:
-            run_id = client.get_model_version(name, version).run_id
+            run_id = store.get_model_version(name, version).run_id
         elif target.startswith("m-"):
-            run_id = client.get_logged_model(target).source_run_id
+            run_id = store.get_logged_model(target).source_run_id
         else:
             raise ModelRefError(f"{ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
     except MlflowException as err:
@@ -51,9 +52,9 @@ def registered_run_id(ref: str, root: Path) -> str:
 
 def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
     """The model a kennel train run logged; its tags and params say the classes, size and resize mode."""
-    client = _client(root, ref)
+    store = client(root, ref)
     try:
-        run = client.get_run(run_id)
+        run = store.get_run(run_id)
     except MlflowException as err:
         raise ModelRefError(f"{ref!r}: no such MLflow run {run_id} ({err.message})") from None
     tags, params = run.data.tags, run.data.params

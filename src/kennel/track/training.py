@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from kennel.core.device import amp_name
 from kennel.core.params import Params
@@ -17,7 +15,7 @@ from kennel.core.paths import (
     CHECKPOINT,
     DATA_REPORT,
     DATA_SUMMARY,
-    HISTORY,
+    LIVE,
     MANIFEST,
     MODEL,
     REJECTS,
@@ -27,12 +25,14 @@ from kennel.core.paths import (
 from kennel.core.versioning import workspace_unversioned_reason
 from kennel.data.shards import read_split
 from kennel.track import store
+from kennel.track.live import LiveLog
 from kennel.track.models import log_model
 from kennel.track.provenance import provenance_tags
 from kennel.track.serving import log_serving_model
 from kennel.train.checkpoint import mark_complete
 from kennel.train.distributed import Dist
 from kennel.train.fine_tune import TrainResult, train
+from kennel.train.loop import EpochResult
 from kennel.train.model import save_model
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,10 @@ def log_start(result: TrainResult, world: int) -> None:
 
 
 def save_and_log_model(result: TrainResult, params: Params) -> None:
-    """The model file and history (DVC outputs), then the exported model and the servable classifier."""
+    """The model file (a DVC output), then the exported model and the servable classifier."""
     store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.tta": params.evaluate.tta})
     result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
     save_model(result.model, MODEL, size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
-    HISTORY.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([asdict(r) for r in result.history]).to_csv(HISTORY, index=False)
     images, _ = read_split(RESIZED, "train")
     model_uri = log_model(result.model, example=np.array(images[:2]))
     serving_uri = store.retry(log_serving_model, MODEL)  # the one the registry and `mlflow models serve` use
@@ -88,7 +86,8 @@ def save_and_log_model(result: TrainResult, params: Params) -> None:
 
 def train_and_log(params: Params, root: Path, *, resume: dict | None = None, ctx: Dist | None = None) -> TrainResult:
     """Train per ``params`` inside an MLflow run (the resumed run's own when ``resume`` names one that exists),
-    checkpointing every epoch; write the model files and log them; mark the checkpoint complete."""
+    checkpointing every epoch and logging each to MLflow and DVCLive (same numbers, step = epoch); write the
+    model files and log them; mark the checkpoint complete."""
     ctx = ctx or Dist()
     run_id = resume.get("mlflow_run_id") if resume else None
     if run_id and not store.run_exists(root, run_id):
@@ -98,9 +97,16 @@ def train_and_log(params: Params, root: Path, *, resume: dict | None = None, ctx
         store.write_run_file(RUN_FILE, run_id, root)
         if resume is None:
             log_inputs(params)
-        result = train(params, RESIZED, on_epoch=lambda r: store.log_epoch(r.epoch, r.metrics()),
+        live = LiveLog(LIVE, resume["epoch"] if resume else None)
+
+        def on_epoch(r: EpochResult) -> None:
+            store.log_epoch(r.epoch, r.metrics())
+            live.log_epoch(r)
+
+        result = train(params, RESIZED, on_epoch=on_epoch,
                        on_start=lambda r: log_start(r, ctx.world), checkpoint=CHECKPOINT, resume=resume,
                        checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
+        live.finish(result)
         save_and_log_model(result, params)
     mark_complete(CHECKPOINT)
     return result
