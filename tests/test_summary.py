@@ -12,7 +12,8 @@ DATA = {"found": 70, "kept": 66, "rejected": 4, "rejected_by_reason": {"duplicat
 def test_the_note_says_how_good_on_what_and_links_the_figures():
     note = run_note(METRICS, DATA, experiment_id="7", run_id="abc123", selected_epoch="3", epochs=4, select="best",
                     figures=[("top losses", "evaluation/top losses.png")])
-    assert note.startswith("**Test accuracy 0.938** on 16 test images (macro F1 0.930, ROC AUC 0.981, ECE 0.041)")
+    assert note.startswith("**Test accuracy 0.938** (95 % interval 0.717-0.989) on 16 test images (macro F1 0.930, "
+                           "ROC AUC 0.981, ECE 0.041)")
     assert "epoch 3 of 4 (train.select: best" in note
     assert "70 files found, 66 kept, 4 rejected (duplicate: 1, empty file: 3); train/val/test 44/6/16" in note
     assert "classes cat (34), dog (32)" in note

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
+from kennel.evaluate.metrics import wilson_interval
+
 SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
 
 
@@ -12,8 +14,9 @@ def run_note(
     metrics: Mapping, data: Mapping, *, experiment_id: str, run_id: str, selected_epoch: str, epochs: int,
     select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (),
 ) -> str:
-    """``metrics`` as in metrics.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
+    """``metrics`` as in evaluation.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
     n_test = sum(r["support"] for r in metrics["per_class"].values())
+    low, high = wilson_interval(round(metrics["accuracy"] * n_test), n_test)
     scores = [f"macro F1 {metrics['macro_f1']:.3f}"]
     if "roc_auc" in metrics:
         scores.append(f"ROC AUC {metrics['roc_auc']:.3f}")
@@ -22,7 +25,8 @@ def run_note(
     splits = "/".join(str(sum(c[s] for c in per_class.values())) for s in ("train", "val", "test"))
     reasons = ", ".join(f"{k}: {v}" for k, v in data.get("rejected_by_reason", {}).items())
     lines = [
-        f"**Test accuracy {metrics['accuracy']:.3f}** on {n_test} test images ({', '.join(scores)}); model weights "
+        f"**Test accuracy {metrics['accuracy']:.3f}** (95 % interval {low:.3f}-{high:.3f}) on {n_test} test images "
+        f"({', '.join(scores)}); model weights "
         f"of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, {SELECT.get(select, select)}).",
         "",
         "Figures: " + " · ".join(f"[{title}]({artifact_link(experiment_id, run_id, path)})" for title, path in figures),

@@ -74,7 +74,7 @@ def headline_metrics(metrics: Mapping) -> dict[str, float]:
     test_ece and test_images (how many the accuracy is over)."""
     m = metrics
     n = int(sum(r["support"] for r in m["per_class"].values()))
-    low, high = wilson_interval(round(m["accuracy"] * n), n)
+    low, high = wilson_interval(round(m["accuracy"] * n), n)  # accuracy is a share of n: correct images
     scalars = {"test_accuracy": m["accuracy"], "test_accuracy_low": low, "test_accuracy_high": high,
                "test_macro_f1": m["macro_f1"]}
     for key in ("roc_auc", "average_precision"):
