@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,11 +23,11 @@ from kennel.data.manifest import SPLITS, account
 from kennel.data.shards import read_split
 from kennel.data.sources import find_images
 from kennel.data.validate import inspect_all
-from kennel.serve.predict import predict_cli, predict_files, resolve_model
+from kennel.serve.predict import expand, predict_cli, predict_files, resolve_model
 from kennel.train.fine_tune import train
 from kennel.train.inference import LoadedModel, load_model_file, preprocess, softmax
 from kennel.train.model import Classifier, save_model
-from tests.conftest import build_dataset, isolate, small_params
+from tests.conftest import REPO, build_dataset, isolate, small_params
 
 SIZE = 32
 MODE = "squash"  # what build_dataset resizes with (load_array's default)
@@ -148,7 +151,7 @@ def test_cli_prints_a_table_for_the_default_model(trained, batch, monkeypatch, c
 def test_cli_writes_csv(trained, batch, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained.root)
     out_csv = tmp_path / "out" / "predictions.csv"
-    assert predict_cli([str(batch), "--output", str(out_csv), "--batch-size", "3"]) == 0
+    assert predict_cli([str(batch), "--output", str(out_csv), "--batch-size", "3", "--amp", "off"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and str(out_csv) in printed[0]
     written = pd.read_csv(out_csv, keep_default_na=False, na_values=[""])
@@ -156,6 +159,73 @@ def test_cli_writes_csv(trained, batch, tmp_path, monkeypatch, capsys):
     assert list(written["path"]) == list(expected["path"])
     np.testing.assert_allclose(_probabilities(written, trained.loaded.classes),
                                _probabilities(expected, trained.loaded.classes), atol=1e-6, equal_nan=True)
+
+
+def test_worker_processes_keep_order_and_error_rows(trained, batch, tmp_path):
+    many = expand([batch]) * 7  # bad files among good, repeated
+    one = predict_files(many, trained.loaded, batch_size=4, workers=0)
+    two = predict_files(many, trained.loaded, batch_size=4, workers=2)
+    assert list(two["path"]) == [str(p) for p in many] and list(two["error"]) == list(one["error"])
+    assert (two["error"] != "").sum() == 2 * 7
+    np.testing.assert_allclose(_probabilities(two, trained.loaded.classes),
+                               _probabilities(one, trained.loaded.classes), atol=1e-6, equal_nan=True)
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_csv(trained, batch, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained.root)
+    files = tmp_path / "files"
+    for i in range(6):  # 30 files: 18 good, 12 broken
+        shutil.copytree(batch, files / str(i))
+    whole, resumed = tmp_path / "whole.csv", tmp_path / "resumed.csv"
+    argv = [str(files), "--batch-size", "4", "--amp", "off", "--workers", "0"]
+    assert predict_cli([*argv, "--output", str(whole)]) == 0
+    lines = whole.read_text().splitlines(keepends=True)
+    resumed.write_text("".join(lines[:13]) + lines[13][:20])  # killed mid-row, 12 rows in
+    assert predict_cli([*argv, "--output", str(resumed), "--resume"]) == 0
+    assert "12 kept from the earlier run" in capsys.readouterr().out
+    assert resumed.read_text() == whole.read_text()
+    assert predict_cli([*argv, "--output", str(resumed), "--resume"]) == 0  # nothing left: nothing added
+    assert resumed.read_text() == whole.read_text()
+
+
+def test_device_and_mixed_precision_flags(trained, batch, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained.root)
+    exact, bf16 = tmp_path / "exact.csv", tmp_path / "bf16.csv"
+    assert predict_cli([str(batch), "--device", "cpu", "--amp", "off", "--output", str(exact)]) == 0
+    assert predict_cli([str(batch), "--device", "cpu", "--amp", "bf16", "--output", str(bf16)]) == 0
+    a, b = (pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in (exact, bf16))
+    np.testing.assert_allclose(_probabilities(a, trained.loaded.classes), _probabilities(b, trained.loaded.classes),
+                               atol=0.05, equal_nan=True)  # bf16 rounds, it does not change the answer
+    if not torch.cuda.is_available():
+        assert predict_cli([str(batch), "--device", "cuda"]) == 2
+        assert "no cuda device is available" in capsys.readouterr().err
+
+
+def test_the_progress_bar_shows_on_a_terminal_only(trained, batch, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "kennel", "predict", str(batch), "--workers", "0"]
+    piped = subprocess.run(cmd, cwd=trained.root, env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "predict:" not in piped.stderr and "img/s" not in piped.stderr
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
+    proc = subprocess.Popen(cmd, cwd=trained.root, env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    assert b"predict:   0%" in seen and b"/5 [" in seen  # the bar, counting the 5 files
 
 
 @pytest.mark.parametrize("ref, says", [
@@ -205,7 +275,8 @@ def test_cli_loads_mlflow_references(trained, registered, batch, tmp_path, monke
     expected = predict_files([batch], trained.loaded)
     for ref in (run_id, "models:/kennel-predict-test@champion", f"models:/kennel-predict-test/{version}"):
         out_csv = tmp_path / "predictions.csv"
-        assert predict_cli([str(batch), "--model", ref, "--output", str(out_csv)]) == 0, capsys.readouterr().err
+        argv = [str(batch), "--model", ref, "--output", str(out_csv), "--amp", "off"]
+        assert predict_cli(argv) == 0, capsys.readouterr().err
         assert ref in capsys.readouterr().out
         written = pd.read_csv(out_csv, keep_default_na=False, na_values=[""])
         assert list(written["class"].fillna("")) == list(expected["class"])

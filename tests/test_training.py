@@ -229,6 +229,18 @@ def test_batch_order_shards_equally_and_covers_everything():
     assert [len(b) for b in batch_order(9, 4, False, None)] == [4, 4, 1]  # never when evaluating
 
 
+def test_evaluation_shards_cover_every_image_once():
+    """DDP validation: each process evaluates its share; together they see every image exactly once."""
+    from kennel.train.batches import BatchSampler
+
+    for n, world in ((10, 3), (2, 4), (9, 1)):
+        shards = [torch.cat(batch_order(n, 4, False, None, rank, world) or [torch.empty(0, dtype=torch.long)])
+                  for rank in range(world)]
+        assert sorted(torch.cat(shards).tolist()) == list(range(n))
+        assert [len(BatchSampler(n, 4, False, None, rank, world)) for rank in range(world)] == [
+            len(batch_order(n, 4, False, None, rank, world)) for rank in range(world)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_resident_bf16_training(resized):

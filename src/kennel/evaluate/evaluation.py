@@ -85,7 +85,7 @@ def evaluate_model(
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split} split is empty; raise data.test_fraction")
     batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
-    logits, labels = predict(model, batches, dev, resolve_amp(amp, dev))
+    logits, labels = predict(model, batches, dev, resolve_amp(amp, dev), desc=f"evaluate {split}")
     logits, labels = logits.numpy().astype(np.float64), labels.numpy()
     probs = softmax(logits)
     log_probs = logits - logits.max(axis=1, keepdims=True)

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.errors import ModelRefError
 from kennel.core.paths import MODEL
 from kennel.core.versioning import RUN_ID
-from kennel.train.inference import LoadedModel, load_model_file, predict_arrays, preprocess, result_frame
+from kennel.data.images import load_array
+from kennel.data.parallel import resolve_workers
+from kennel.train.inference import CPU, LoadedModel, load_model_file, place, predict_arrays, result_frame
 
 
 def resolve_model(ref: str | None, root: Path) -> LoadedModel:
@@ -57,32 +63,77 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def predict_files(paths: Sequence[str | Path], model: LoadedModel, batch_size: int = 32) -> pd.DataFrame:
+class FileImages(Dataset):
+    """Files decoded as the resize stage decodes them (the model's size and resize mode), one per item, in the
+    DataLoader's worker processes. A file that fails gives its error instead of pixels: it never stops the rest."""
+
+    def __init__(self, paths: Sequence[Path], size: int, mode: str):
+        self.paths, self.size, self.mode = list(paths), size, mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return i, load_array(self.paths[i], self.size, mode=self.mode), ""
+        except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
+            return i, None, f"{type(err).__name__}: {err}"
+
+
+def _collate(items: list) -> tuple[list[int], np.ndarray, list[str]]:
+    arrays = [a for _, a, _ in items if a is not None]
+    return [i for i, _, _ in items], np.stack(arrays) if arrays else np.empty((0, 0)), [e for _, _, e in items]
+
+
+def predict_batches(files: Sequence[Path], model: LoadedModel, *, batch_size: int = 32, workers: int | str = "auto",
+                    device: torch.device = CPU, amp_dtype: torch.dtype | None = None) -> Iterator[pd.DataFrame]:
+    """``path, class, error, p_<class>`` for ``files``, a frame per batch, in order.
+
+    Worker processes decode the next batches while the model runs this one (``workers`` = 0: decode here); the
+    model runs on ``device`` in ``amp_dtype``. A progress bar counts files when stderr is a terminal.
+    """
+    n_workers = 0 if workers == 0 else min(resolve_workers(workers), max(1, len(files) // batch_size))
+    loader = DataLoader(FileImages(files, model.size, model.mode), batch_size=batch_size, num_workers=n_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if n_workers else None)
+    with tqdm(total=len(files), desc="predict", unit="img", disable=None, leave=False) as bar:
+        for indices, arrays, errors in loader:
+            probs = predict_arrays(arrays, model, batch_size, device=device, amp_dtype=amp_dtype) if len(arrays) \
+                else np.empty((0, len(model.classes)))
+            frame = result_frame(probs, errors, model.classes)
+            frame.insert(0, "path", [str(files[i]) for i in indices])
+            bar.update(len(indices))
+            yield frame
+
+
+def predict_files(paths: Sequence[str | Path], model: LoadedModel, batch_size: int = 32, *,
+                  workers: int | str = 0, device: torch.device = CPU,
+                  amp_dtype: torch.dtype | None = None) -> pd.DataFrame:
     """One row per file (folders expanded): ``path, class, error, p_<class>``.
 
     A file that cannot be read gets its error (type and message) and NaN probabilities; the others still run.
     """
     files = expand(paths)
-    errors = [""] * len(files)
-    probs = []
-    for chunk in _chunks(list(enumerate(files)), batch_size):
-        arrays = []
-        for i, path in chunk:
-            try:
-                arrays.append(preprocess(path, model))
-            except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
-                errors[i] = f"{type(err).__name__}: {err}"
-        if arrays:
-            probs.append(predict_arrays(np.stack(arrays), model, batch_size))
-    stacked = np.concatenate(probs) if probs else np.empty((0, len(model.classes)))
-    frame = result_frame(stacked, errors, model.classes)
-    frame.insert(0, "path", [str(f) for f in files])
-    return frame
+    frames = list(predict_batches(files, model, batch_size=batch_size, workers=workers, device=device,
+                                  amp_dtype=amp_dtype))
+    if not frames:
+        frame = result_frame(np.empty((0, len(model.classes))), [], model.classes)
+        frame.insert(0, "path", [])
+        return frame
+    return pd.concat(frames, ignore_index=True)
 
 
-def _chunks(items: list, n: int) -> Iterator[list]:
-    for start in range(0, len(items), n):
-        yield items[start:start + n]
+def done_paths(output: Path) -> set[str]:
+    """The paths an earlier, interrupted ``--output`` run already wrote (a torn last line is dropped)."""
+    if not output.is_file() or output.stat().st_size == 0:
+        return set()
+    lines = output.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        output.write_text("".join(lines[:-1]))  # the row a kill cut short is predicted again
+    try:
+        return set(pd.read_csv(output, usecols=["path"], dtype=str, keep_default_na=False)["path"])
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return set()
 
 
 def _positive(text: str) -> int:
@@ -96,38 +147,69 @@ def _positive(text: str) -> int:
 
 
 def predict_cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m kennel predict PATH... [--model REF] [--output CSV] [--batch-size N]``."""
+    """``python -m kennel predict PATH... [--model REF] [--output CSV [--resume]] [--device D] [--amp A] ...``."""
     from kennel.serve.cli import command_parser
 
     parser = command_parser("predict", "Predict the class of image files (folders: every file).")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--model", metavar="REF", help="model file, MLflow run id, models:/<name>@<alias> or "
                         "models:/<name>/<version> (default: models/model.pt)")
-    parser.add_argument("--output", metavar="CSV", type=Path, help="write the predictions here instead of a table")
+    parser.add_argument("--output", metavar="CSV", type=Path,
+                        help="write the predictions here, batch by batch, instead of a table at the end")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --output: keep the rows it already has and predict only the other files")
     parser.add_argument("--batch-size", type=_positive, default=32, metavar="N")
+    parser.add_argument("--workers", default="auto", metavar="N",
+                        help="processes that decode files while the model runs (auto: all CPUs; 0: none)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision (auto: bf16 where the hardware runs it natively)")
     args = parser.parse_args(argv)
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if len(missing) == len(args.paths):
         _error(f"no such file or folder: {', '.join(missing)}")
         return 2
+    if args.resume and not args.output:
+        _error("--resume needs --output (the file whose rows are kept)")
+        return 2
+    try:
+        workers = "auto" if args.workers == "auto" else int(args.workers)
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        _error(str(err) if isinstance(err, RuntimeError) else f"--workers {args.workers!r}: auto or a number")
+        return 2
     from kennel.core.paths import project_root
 
     try:
-        model = resolve_model(args.model, project_root())
+        model = place(resolve_model(args.model, project_root()), device)
     except ModelRefError as err:
         _error(f"cannot load model: {err}")
         return 2
-    frame = predict_files(args.paths, model, args.batch_size)
-    failed = int((frame["error"] != "").sum())
-    summary = f"kennel predict: {len(frame)} file(s), {len(frame) - failed} predicted, {failed} failed"
+    files = expand(args.paths)
+    done = done_paths(args.output) if args.resume else set()
+    todo = [f for f in files if str(f) not in done]
+    batches = predict_batches(todo, model, batch_size=args.batch_size, workers=workers, device=device,
+                              amp_dtype=resolve_amp(args.amp, device))
+    total = failed = 0
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(args.output, index=False)
-        print(f"{summary}; written to {args.output} (model {model.source})")
+        header = not done
+        with open(args.output, "a" if done else "w", newline="") as out:
+            for frame in batches:  # each batch reaches the disk as it is done: a crash keeps what was predicted
+                frame.to_csv(out, index=False, header=header)
+                out.flush()
+                header, total, failed = False, total + len(frame), failed + int((frame["error"] != "").sum())
+        kept = f", {len(done)} kept from the earlier run" if done else ""
+        print(f"kennel predict: {total} file(s), {total - failed} predicted, {failed} failed{kept}; written to "
+              f"{args.output} (model {model.source})")
     else:
+        frames = list(batches)
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "class", "error"])
+        failed = int((frame["error"] != "").sum())
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
-        print(f"{summary} (model {model.source})")
+        print(f"kennel predict: {len(frame)} file(s), {len(frame) - failed} predicted, {failed} failed "
+              f"(model {model.source})")
     return 0
 
 

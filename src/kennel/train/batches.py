@@ -25,15 +25,18 @@ def batch_order(
     the order is cut to a multiple of ``world`` so that all ranks run the same number of steps. A lone last
     sample is dropped when shuffling (BatchNorm cannot train on a batch of one).
     """
-    return list(epoch_order(n, batch_size, shuffle, generator, rank, world).split(batch_size))
+    order = epoch_order(n, batch_size, shuffle, generator, rank, world)
+    return list(order.split(batch_size)) if len(order) else []  # a rank with no share has no batch at all
 
 
 def epoch_order(
     n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world: int = 1
 ) -> torch.Tensor:
-    """``batch_order`` before it is cut into batches: this rank's indices for one epoch, in order."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    order = order[: n - n % world][rank::world]
+    """``batch_order`` before it is cut into batches: this rank's indices for one epoch, in order. Unshuffled
+    (evaluation), every index goes to exactly one rank and the shares may differ by one: no step to keep in line."""
+    if not shuffle:
+        return torch.arange(n)[rank::world]
+    order = torch.randperm(n, generator=generator)[: n - n % world][rank::world]
     if shuffle and len(order) > 1 and len(order) % batch_size == 1:
         order = order[:-1]
     return order
@@ -49,7 +52,9 @@ class BatchSampler:
         return (b.tolist() for b in batch_order(*self.args))
 
     def __len__(self) -> int:
-        n, batch_size, shuffle, _, _, world = self.args
+        n, batch_size, shuffle, _, rank, world = self.args
+        if not shuffle:
+            return math.ceil(len(range(rank, n, world)) / batch_size)
         per_rank = (n - n % world) // world
         per_rank -= shuffle and per_rank > 1 and per_rank % batch_size == 1
         return math.ceil(per_rank / batch_size)
@@ -72,7 +77,7 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The epoch's whole order crosses to the device in one copy, not one blocking copy per batch.
         order = send(epoch_order(*self.sampler.args), self.images.device)
-        for idx in order.split(self.sampler.args[1]):
+        for idx in order.split(self.sampler.args[1]) if len(order) else ():
             yield self.images[idx], self.labels[idx]
 
 
@@ -90,9 +95,8 @@ def make_batches(
     data_dir: Path, split: str, *, resident: bool, batch_size: int, device: torch.device, num_workers: int = 0,
     shuffle: bool = False, generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
 ) -> Batches | DataLoader:
-    """``split``'s batches: drawn from one copy on ``device`` when ``resident``, else streamed from the shards.
-    Shuffled batches are this rank's share of one order; unshuffled ones cover the whole split on every rank."""
-    rank, world = (rank, world) if shuffle else (0, 1)
+    """``split``'s batches: drawn from one copy on ``device`` when ``resident``, else streamed from the shards;
+    this rank's share of one shuffled order, or unshuffled its share of the split (``world`` 1: all of it)."""
     if resident:
         images, labels = read_split(data_dir, split)
         x = torch.from_numpy(np.array(images)).to(device)  # a real copy in RAM or on the GPU, not the map

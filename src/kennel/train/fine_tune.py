@@ -78,7 +78,7 @@ def extract_features(model: Classifier, batches: Iterable, device: torch.device,
                      amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (the head's input) for every image, computed once."""
     with model.without_head():
-        return predict(model, batches, device, amp_dtype)
+        return predict(model, batches, device, amp_dtype, desc="features")
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,14 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
             (f.to(device), y) for f, y in (extract_features(model, make_batches(data_dir, split, **batches), device,
                                                             amp_dtype) for split in ("train", "val"))]
         train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
-        val_batches: Iterable = Batches(fval, yval, batch_size)
+        val_batches: Iterable = Batches(fval, yval, batch_size, rank=ctx.rank, world=ctx.world)
         module, groups, augment = model.head, list(model.head.parameters()), None
     else:
         if phase.index > 1:
             log.info("epochs %d-%d: all layers, backbone lr x %g", phase.first, phase.last, t.backbone_lr_mult)
         train_batches = make_batches(data_dir, "train", **batches, shuffle=True, generator=generator, rank=ctx.rank,
                                      world=ctx.world)
-        val_batches = make_batches(data_dir, "val", **batches)
+        val_batches = make_batches(data_dir, "val", **batches, rank=ctx.rank, world=ctx.world)
         module = model
         groups = param_groups(model, t.lr, t.backbone_lr_mult) if phase.index > 1 else list(model.parameters())
         augment = Augment.from_params(t.augment)

@@ -5,6 +5,7 @@ the resize stage makes, so a file gives the model exactly the tensor it would ha
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kennel.core.device import to_device
 from kennel.data.images import load_array
-from kennel.train.model import load_model
+from kennel.train.model import Classifier, load_model
 
+CPU = torch.device("cpu")
 DEFAULT_MODE = "center_crop"  # model files written before the mode was stored were made with the default
 
 
@@ -44,16 +47,27 @@ def preprocess(path: str | Path, model: LoadedModel) -> np.ndarray:
     return load_array(path, model.size, mode=model.mode)
 
 
-def predict_arrays(images: np.ndarray, model: LoadedModel, batch_size: int = 32) -> np.ndarray:
-    """uint8 N x 3 x S x S -> class probabilities N x C (float64)."""
+def predict_arrays(images: np.ndarray, model: LoadedModel, batch_size: int = 32, *,
+                   device: torch.device = CPU, amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """uint8 N x 3 x S x S -> class probabilities N x C (float64), computed on ``device`` (where the model is:
+    see :func:`place`) in ``amp_dtype`` autocast when given."""
     logits = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            logits.append(model.module(batch).float().numpy())
+            batch = to_device(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])), device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits.append(model.module(batch).float().cpu().numpy())
     if not logits:
         return np.empty((0, len(model.classes)))
     return softmax(np.concatenate(logits).astype(np.float64))
+
+
+def place(model: LoadedModel, device: torch.device) -> LoadedModel:
+    """``model`` on ``device`` in channels_last. An exported program (a model from MLflow) stays on the CPU it was
+    exported for."""
+    if device.type == "cpu" or not isinstance(model.module, Classifier):
+        return model
+    return dataclasses.replace(model, module=model.module.to(device, memory_format=torch.channels_last))
 
 
 def result_frame(probs: np.ndarray, errors: Sequence[str], classes: Sequence[str]) -> pd.DataFrame:

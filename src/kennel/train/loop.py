@@ -78,6 +78,7 @@ def train_one_epoch(
     device: torch.device,
     step: StepConfig = StepConfig(),
     desc: str = "train",
+    progress: bool = True,
 ) -> tuple[float, float, int]:
     """One pass: zero_grad -> forward -> loss -> backward -> step. Returns (mean loss, accuracy, images).
 
@@ -92,7 +93,7 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0  # batch sizes are known on the host
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
+    bar = tqdm(batches, desc=desc, leave=False, unit="batch", disable=None if progress and first_process() else True)
     progress = _Progress(bar, device)
     for i, (images, labels) in enumerate(bar, 1):
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
@@ -164,14 +165,22 @@ class _Progress:
                              img_s=f"{seen / max(seconds, 1e-9):.0f}", refresh=False)
 
 
+def first_process() -> bool:
+    """Progress bars are drawn by one process only: the first under DDP. (Where stderr is no terminal, as in the
+    log of a queued experiment, tqdm draws none at all.)"""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 @torch.inference_mode()
 def predict(
-    model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None,
+    desc: str = "predict",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs as float32 on the CPU, labels) over all batches."""
     model.eval()
     outputs, all_labels = [], []
-    for images, labels in batches:
+    bar = tqdm(batches, desc=desc, leave=False, unit="batch", disable=None if first_process() else True)
+    for images, labels in bar:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(to_device(images, device))
         outputs.append(out.float())  # gathered where computed: one copy to the CPU at the end, not one per batch
@@ -184,8 +193,16 @@ def predict(
 def evaluate(
     model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy); NaN for both when there is nothing to evaluate."""
-    logits, labels = predict(model, batches, device, amp_dtype)
+    """(mean cross-entropy, accuracy); NaN for both when there is nothing to evaluate. Under DDP each process
+    evaluates its share of the split and the sums are added up, so every process gets the whole split's numbers."""
+    logits, labels = predict(model, batches, device, amp_dtype, desc="validate")
+    if dist.is_available() and dist.is_initialized():
+        sums = torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
+                             float((logits.argmax(1) == labels).sum()) if len(labels) else 0.0, float(len(labels))],
+                            dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(sums)
+        loss_sum, correct, n = sums.tolist()
+        return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
     if len(labels) == 0:
         return float("nan"), float("nan")
     loss = F.cross_entropy(logits, labels).item()

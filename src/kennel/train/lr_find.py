@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from torch import nn
+from tqdm import tqdm
 
 from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.params import Params
@@ -66,11 +67,13 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
 
     lrs, smoothed, average, best = [], [], 0.0, math.inf
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # as many epochs as the steps need
+    bar = tqdm(total=steps, desc="lr-find", unit="step", leave=False, disable=None)  # one bar over every step
     for i, batch in zip(range(steps), stream, strict=False):
+        bar.update()
         lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, _, _ = train_one_epoch(module, [batch], optimizer, device, step, desc="lr-find")
+        loss, _, _ = train_one_epoch(module, [batch], optimizer, device, step, progress=False)
         if not math.isfinite(loss):
             break
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
@@ -80,6 +83,7 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
         best = min(best, value)
         if value > DIVERGED * best:
             break
+    bar.close()
     return LRFind(lrs, smoothed, suggest(lrs, smoothed))
 
 
