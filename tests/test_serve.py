@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -156,6 +157,19 @@ def test_served_model_classifies_images_and_pixels(tmp_path, images):
         assert len(answers[0]) == 2 and (answers[0]["error"] == "").all()
         np.testing.assert_allclose(answers[0][["p_cat", "p_dog"]].sum(axis=1), 1.0, rtol=1e-6)
         pd.testing.assert_frame_equal(answers[0], answers[1])
+
+        # 8 requests at once, 32 images each (every fourth one broken): every answer right, none mixed up
+        many = [encoded[i % 2] if i % 4 else broken for i in range(32)]
+        expected = predict_files([images[i % 2] for i in range(32) if i % 4], load_model_file(tmp_path / "model.pt"))
+        body = {"dataframe_split": {"columns": ["image"], "data": [[v] for v in many]}}
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: _post(f"{base}/invocations", body), range(8)))
+        for status, reply in replies:
+            assert status == 200, reply
+            frame = pd.DataFrame(reply["predictions"])
+            assert len(frame) == 32 and list(frame["error"] != "") == [i % 4 == 0 for i in range(32)]
+            np.testing.assert_allclose(frame.loc[frame["error"] == "", ["p_cat", "p_dog"]].to_numpy(dtype=float),
+                                       expected[["p_cat", "p_dog"]].to_numpy(), atol=1e-6)
 
         # a wrong shape is the client's error, and says what is expected
         status, reply = _post(f"{base}/invocations", {"inputs": np.zeros((1, 3, 16, 16), int).tolist()})

@@ -92,7 +92,7 @@ def predict_batches(files: Sequence[Path], model: LoadedModel, *, batch_size: in
     Worker processes decode the next batches while the model runs this one (``workers`` = 0: decode here); the
     model runs on ``device`` in ``amp_dtype``. A progress bar counts files when stderr is a terminal.
     """
-    n_workers = 0 if workers == 0 else min(resolve_workers(workers), max(1, len(files) // batch_size))
+    n_workers = decode_workers(workers, device, len(files) // batch_size)
     loader = DataLoader(FileImages(files, model.size, model.mode), batch_size=batch_size, num_workers=n_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if n_workers else None)
@@ -104,6 +104,16 @@ def predict_batches(files: Sequence[Path], model: LoadedModel, *, batch_size: in
             frame.insert(0, "path", [str(files[i]) for i in indices])
             bar.update(len(indices))
             yield frame
+
+
+def decode_workers(workers: int | str, device: torch.device, batches: int) -> int:
+    """Processes decoding while the model runs. ``auto``: every CPU when the model runs on an accelerator; on the
+    CPU, where the model needs the cores itself, one per four (none below four cores). Measured on 2 cores
+    (benchmarks/predict.py): decode workers took the model's cores and predict fell to 0.91x a serial decode."""
+    if workers == "auto":
+        cores = resolve_workers("auto")
+        workers = cores if device.type != "cpu" else cores // 4
+    return max(0, min(int(workers), batches))
 
 
 def predict_files(paths: Sequence[str | Path], model: LoadedModel, batch_size: int = 32, *,
@@ -160,7 +170,8 @@ def predict_cli(argv: Sequence[str] | None = None) -> int:
                         help="with --output: keep the rows it already has and predict only the other files")
     parser.add_argument("--batch-size", type=_positive, default=32, metavar="N")
     parser.add_argument("--workers", default="auto", metavar="N",
-                        help="processes that decode files while the model runs (auto: all CPUs; 0: none)")
+                        help="processes that decode files while the model runs (auto: all CPUs with a GPU, one "
+                             "per four on a CPU; 0: none)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="mixed precision (auto: bf16 where the hardware runs it natively)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -25,6 +27,8 @@ from kennel.track.models import pinned
 from kennel.train.inference import LoadedModel, load_model_file, predict_arrays, result_frame
 
 IMAGE_COLUMN = "image"
+# Shared by the server's request threads: a request's images decode side by side, without a pool per request.
+DECODERS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kennel-decode")
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -50,19 +54,22 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return self._predict_pixels(np.asarray(model_input))
 
     def _predict_encoded(self, values: list) -> pd.DataFrame:
-        """One row per value; a value that does not decode to an image gets its error, the others still run."""
-        arrays, errors = [], []
-        for value in values:
-            try:
-                arrays.append(load_array(io.BytesIO(_image_bytes(value)), self.model.size, mode=self.model.mode))
-                errors.append("")
-            except UnidentifiedImageError:
-                errors.append("UnidentifiedImageError: not an image file PIL can read")
-            except Exception as err:  # noqa: BLE001 - one bad image must not fail the whole request
-                errors.append(f"{type(err).__name__}: {err}")
+        """One row per value; a value that does not decode to an image gets its error, the others still run.
+        The values decode in a thread pool: PIL releases the GIL while it decodes and resizes."""
+        decoded = list(DECODERS.map(self._decode, values))
+        arrays = [a for a, _ in decoded if a is not None]
+        errors = [e for _, e in decoded]
         size = self.model.size
         images = np.stack(arrays) if arrays else np.empty((0, 3, size, size), dtype=np.uint8)
         return result_frame(predict_arrays(images, self.model), errors, self.model.classes)
+
+    def _decode(self, value: object) -> tuple[np.ndarray | None, str]:
+        try:
+            return load_array(io.BytesIO(_image_bytes(value)), self.model.size, mode=self.model.mode), ""
+        except UnidentifiedImageError:
+            return None, "UnidentifiedImageError: not an image file PIL can read"
+        except Exception as err:  # noqa: BLE001 - one bad image must not fail the whole request
+            return None, f"{type(err).__name__}: {err}"
 
     def _predict_pixels(self, x: np.ndarray) -> pd.DataFrame:
         size = self.model.size

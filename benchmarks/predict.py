@@ -1,0 +1,144 @@
+"""Predict benchmark: `kennel predict` against its two floors, on the same real photos and model, in one run.
+
+    python benchmarks/predict.py [--photos ../shared/realdata] [--n 2000] [--weights FILE]
+
+The photos are the real ones of ../shared/realdata (photos/ and photos_other/, repeated up to N paths); the model is
+a MobileNetV2 with its real ImageNet features and a new 2-class head (predictions are not scored: speed only).
+Each measurement runs in its own process on warm files:
+  decode   the resize stage's own decode + resize (kennel.data.shards.write_split, workers=auto): the decode floor
+  model    the model alone on ready uint8 tensors, batch 32, mixed precision as `--amp auto` picks it
+  before   every file decoded in the main process, then the model in fp32: what `kennel predict` did before
+  serial   the same with mixed precision (workers 0)
+  predict  kennel.serve.predict.predict_batches as the CLI runs it (workers auto, amp auto), after start-up
+and prints images/s, predict / min(decode, model) (the goal: >= 0.85), and the peak RSS at N/20 and N files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import psutil
+from hostinfo import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+SHARED = ROOT.parent / "shared" / "realdata"
+
+
+def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
+    sys.path.insert(0, str(SRC))
+    import numpy as np
+    import torch
+
+    from kennel.core.device import resolve_amp
+    from kennel.data.images import load_array
+    from kennel.data.shards import read_split, write_split
+    from kennel.serve.predict import predict_batches
+    from kennel.train.inference import load_model_file, predict_arrays
+
+    paths = [Path(p) for p in listing.read_text().split("\n")]
+    model = load_model_file(model_file)
+    amp = resolve_amp("auto", torch.device("cpu"))
+    start = time.perf_counter()
+    if method == "decode":
+        write_split(work / f"decoded-{len(paths)}", "bench", paths, [0] * len(paths), model.size,
+                    partial(load_array, mode=model.mode), "auto")
+    elif method == "model":
+        out = work / f"ready-{len(paths)}"
+        if not (out / "bench_x.npy").exists():
+            write_split(out, "bench", paths, [0] * len(paths), model.size, partial(load_array, mode=model.mode), "auto")
+        images = np.array(read_split(out, "bench")[0])
+        start = time.perf_counter()
+        predict_arrays(images, model, 32, amp_dtype=amp)
+    else:  # before: what `kennel predict` did until now (serial decode, fp32)
+        for _ in predict_batches(paths, model, batch_size=32, workers="auto" if method == "predict" else 0,
+                                 amp_dtype=None if method == "before" else amp):
+            pass
+    return time.perf_counter() - start
+
+
+def measure(method: str, paths: list[str], model_file: Path, work: Path) -> tuple[float, float]:
+    """(seconds inside the child after its start-up, peak RSS in MiB of the child and its workers)."""
+    listing = work / f"{method}-{len(paths)}.txt"
+    listing.write_text("\n".join(paths))
+    cmd = [sys.executable, __file__, "--child", method, "--list", str(listing), "--model", str(model_file),
+           "--work", str(work)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{method} failed with exit code {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), peak / 2**20
+
+
+def build_model(weights: Path, out: Path) -> Path:
+    sys.path.insert(0, str(SRC))
+    from kennel.train.model import build_model as build
+    from kennel.train.model import save_model
+
+    model, _ = build("mobilenet_v2", ["cat", "dog"], weights=str(weights), finetune="head")
+    save_model(model.eval(), out, size=224, arch="mobilenet_v2", mode="center_crop")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=Path, default=SHARED)
+    parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pth")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--child", choices=["decode", "model", "before", "serial", "predict"], help=argparse.SUPPRESS)
+    parser.add_argument("--list", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.list, args.model, args.work)))
+        return
+
+    found = sorted(str(p) for p in args.photos.rglob("*.jpg") if "weights" not in p.parts)
+    if not found:
+        raise SystemExit(f"{args.photos}: no photos (see ../shared/realdata/README)")
+    paths = [found[i % len(found)] for i in range(args.n)]
+    with tempfile.TemporaryDirectory(prefix="kennel-predict-bench-") as tmp:
+        work = Path(tmp)
+        model_file = build_model(args.weights, work / "model.pt")
+        print(f"machine: {machine()}")
+        print(f"{len(paths)} paths over {len(found)} real photos in {args.photos}; mobilenet_v2, 224 px center_crop\n")
+        rows = {}
+        for n in (len(paths) // 20, len(paths)):
+            for method in ("decode", "model", "before", "serial", "predict"):
+                if method in ("before", "serial") and n != len(paths):
+                    continue
+                seconds, rss = measure(method, paths[:n], model_file, work)
+                rows[method, n] = (seconds, n / seconds, rss)
+        print("| method | files | seconds | images/s | peak RSS (MiB) |")
+        print("|---|---|---|---|---|")
+        for (method, n), (seconds, rate, rss) in rows.items():
+            print(f"| {method} | {n} | {seconds:.1f} | {rate:.0f} | {rss:.0f} |")
+        full = len(paths)
+        floor = min(rows["decode", full][1], rows["model", full][1])
+        print(f"\npredict / min(decode, model) at {full} files: {rows['predict', full][1] / floor:.2f} "
+              f"(goal >= 0.85); predict / serial: {rows['predict', full][1] / rows['serial', full][1]:.2f}x; "
+              f"predict / before: {rows['predict', full][1] / rows['before', full][1]:.2f}x")
+        small = len(paths) // 20
+        rss = rows["predict", small][2], rows["predict", full][2]
+        print(f"predict peak RSS: {rss[0]:.0f} MiB at {small} files -> {rss[1]:.0f} MiB at {full} "
+              f"({rss[1] / rss[0]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
