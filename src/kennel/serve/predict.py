@@ -156,8 +156,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def predict_cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m kennel predict PATH... [--model REF] [--output CSV [--resume]] [--device D] [--amp A] ...``."""
+def _parser() -> argparse.ArgumentParser:
     from kennel.serve.cli import command_parser
 
     parser = command_parser("predict", "Predict the class of image files (folders: every file).")
@@ -175,7 +174,12 @@ def predict_cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="mixed precision (auto: bf16 where the hardware runs it natively)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def predict_cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m kennel predict PATH... [--model REF] [--output CSV [--resume]] [--device D] [--amp A] ...``."""
+    args = _parser().parse_args(argv)
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if len(missing) == len(args.paths):
