@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-import psutil
-from hostinfo import machine
+from hostinfo import machine, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -70,19 +68,8 @@ def measure(method: str, paths: list[str], model_file: Path, work: Path) -> tupl
     listing.write_text("\n".join(paths))
     cmd = [sys.executable, __file__, "--child", method, "--list", str(listing), "--model", str(model_file),
            "--work", str(work)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.01)
-    out, _ = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"{method} failed with exit code {proc.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), peak / 2**20
+    last, rss = run_child(cmd, method)
+    return json.loads(last), rss
 
 
 def build_model(weights: Path, out: Path) -> Path:

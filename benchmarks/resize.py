@@ -14,7 +14,6 @@ at N/2 and N images, and prints images/s, the speed ratio, and the peak RSS of e
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import psutil
-from hostinfo import machine
+from hostinfo import machine, run_child
 from PIL import Image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -71,19 +69,8 @@ def measure(method: str, paths: list[str], size: int, work: Path) -> tuple[float
     listing.write_text("\n".join(paths))
     cmd = [sys.executable, __file__, "--child", method, "--list", str(listing), "--size", str(size),
            "--out", str(work / f"out-{method}-{len(paths)}")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.01)
-    out, _ = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"{method} failed with exit code {proc.returncode}")
-    return float(out.strip().splitlines()[-1]), peak / 2**20
+    last, rss = run_child(cmd, method)
+    return float(last), rss
 
 
 def main() -> None:

@@ -50,13 +50,17 @@ def registered_run_id(ref: str, root: Path) -> str:
     return run_id
 
 
-def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
-    """The model a kennel train run logged; its tags and params say the classes, size and resize mode."""
-    store = client(root, ref)
+def get_run(run_id: str, root: Path, ref: str) -> mlflow.entities.Run:
+    """The run ``run_id`` of the project's store; a ModelRefError naming ``ref`` when there is none."""
     try:
-        run = store.get_run(run_id)
+        return client(root, ref).get_run(run_id)
     except MlflowException as err:
         raise ModelRefError(f"{ref!r}: no such MLflow run {run_id} ({err.message})") from None
+
+
+def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
+    """The model a kennel train run logged; its tags and params say the classes, size and resize mode."""
+    run = get_run(run_id, root, ref)
     tags, params = run.data.tags, run.data.params
     missing = [f"tag {k}" for k in ("kennel.model_uri", "kennel.classes") if not tags.get(k)]
     missing += [] if params.get("resize.size") else ["param resize.size"]

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from kennel.core.errors import ModelRefError
 from kennel.core.versioning import RUN_ID, git
 from kennel.track.models import CHAMPION
-from kennel.track.refs import client
+from kennel.track.refs import client, get_run
 
 CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
@@ -65,11 +65,7 @@ def find_train_run(ref: str, root: Path, experiment: str, registered_model: str)
 
 def load_run(ref: str, run_id: str, root: Path) -> RunView:
     """Params, metrics, tags, the per-epoch curves and the test predictions of ``run_id``."""
-    store = client(root, ref)
-    try:
-        run = store.get_run(run_id)
-    except MlflowException as err:
-        raise ModelRefError(f"{ref!r}: no such MLflow run {run_id} ({err.message})") from None
+    run, store = get_run(run_id, root, ref), client(root, ref)
     history = {key: [(m.step, m.value) for m in store.get_metric_history(run_id, key)] for key in CURVES}
     view = RunView(ref, run_id, run.data.tags.get("mlflow.runName", run_id[:8]), dict(run.data.params),
                    dict(run.data.metrics), dict(run.data.tags), history)
