@@ -33,7 +33,7 @@ def test_folder_source_end_to_end(tmp_path):
     assert "data/raw/blue/broken.jpg,blue,truncated or corrupt" in rejects
     assert "data/raw/.gitkeep,,not in a class folder" in rejects
     assert json.loads((root / "data/resized/classes.json").read_text())["classes"] == ["blue", "red"]
-    metrics = json.loads((root / "reports/metrics.json").read_text())["test"]
+    metrics = json.loads((root / "reports/evaluation.json").read_text())["test"]
     assert set(metrics["per_class"]) == {"blue", "red"}
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

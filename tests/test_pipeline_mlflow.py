@@ -198,7 +198,7 @@ def _queue_four_and_check(root: Path, uri: str) -> None:
                 assert str(params["lr"]) == run.data.params["train.lr"]
                 assert str(params["batch_size"]) == run.data.params["train.batch_size"]
                 assert metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
-                assert metrics["macro_f1"] == pytest.approx(run.data.metrics["test_macro_f1"])
+                assert metrics["test_macro_f1"] == pytest.approx(run.data.metrics["test_macro_f1"])
                 seen += 1
     assert seen == 4, json.dumps(shown)[:3000]
     versions = client.search_model_versions("name='kennel'")

@@ -55,7 +55,7 @@ def test_reproduce_a_commit_and_an_experiment(project):
     out = _reproduce(project, "faster")
     assert out.returncode == 0, out.stdout + out.stderr
     recorded = json.loads(run(["git", "show", "refs/exps/" + _exp_ref(project, "faster") + ":reports/metrics.json"],
-                              project).stdout)["test"]["accuracy"]
+                              project).stdout)["test_accuracy"]
     assert f"{recorded:.6f}" in out.stdout
 
 
