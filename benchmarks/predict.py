@@ -7,6 +7,8 @@ a MobileNetV2 with its real ImageNet features and a new 2-class head (prediction
 Each measurement runs in its own process on warm files:
   decode   the resize stage's own decode + resize (kennel.data.shards.write_split, workers=auto): the decode floor
   model    the model alone on ready uint8 tensors, batch 32, mixed precision as `--amp auto` picks it
+  evaluate the evaluate stage's pass (kennel.train.loop.predict over the decoded split)
+  features feature extraction for head / staged (kennel.train.fine_tune.extract_features, the backbone only)
   before   every file decoded in the main process, then the model in fp32: what `kennel predict` did before
   serial   the same with mixed precision (workers 0)
   predict  kennel.serve.predict.predict_batches as the CLI runs it (workers auto, amp auto), after start-up
@@ -36,25 +38,36 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     import torch
 
     from kennel.core.device import resolve_amp
+    from kennel.data.dataset import ImageArrayDataset
     from kennel.data.images import load_array
     from kennel.data.shards import read_split, write_split
     from kennel.serve.predict import predict_batches
+    from kennel.train.batches import make_loader
+    from kennel.train.fine_tune import extract_features
     from kennel.train.inference import load_model_file, predict_arrays
+    from kennel.train.loop import predict
 
     paths = [Path(p) for p in listing.read_text().split("\n")]
     model = load_model_file(model_file)
-    amp = resolve_amp("auto", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    amp = resolve_amp("auto", cpu)
     start = time.perf_counter()
     if method == "decode":
         write_split(work / f"decoded-{len(paths)}", "bench", paths, [0] * len(paths), model.size,
                     partial(load_array, mode=model.mode), "auto")
-    elif method == "model":
+    elif method in ("model", "evaluate", "features"):
         out = work / f"ready-{len(paths)}"
         if not (out / "bench_x.npy").exists():
             write_split(out, "bench", paths, [0] * len(paths), model.size, partial(load_array, mode=model.mode), "auto")
         images = np.array(read_split(out, "bench")[0])
+        loader = make_loader(ImageArrayDataset(out, "bench"), batch_size=32, num_workers=0, device=cpu)
         start = time.perf_counter()
-        predict_arrays(images, model, 32, amp_dtype=amp)
+        if method == "model":
+            predict_arrays(images, model, 32, amp_dtype=amp)
+        elif method == "evaluate":  # the evaluate stage's pass over the decoded split
+            predict(model.module, loader, cpu, amp)
+        else:  # head and staged: the backbone's features of every image, once
+            extract_features(model.module, loader, cpu, amp)
     else:  # before: what `kennel predict` did until now (serial decode, fp32)
         for _ in predict_batches(paths, model, batch_size=32, workers="auto" if method == "predict" else 0,
                                  amp_dtype=None if method == "before" else amp):
@@ -87,7 +100,8 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, default=SHARED)
     parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pth")
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--child", choices=["decode", "model", "before", "serial", "predict"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["decode", "model", "evaluate", "features", "before", "serial", "predict"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--list", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -107,8 +121,8 @@ def main() -> None:
         print(f"{len(paths)} paths over {len(found)} real photos in {args.photos}; mobilenet_v2, 224 px center_crop\n")
         rows = {}
         for n in (len(paths) // 20, len(paths)):
-            for method in ("decode", "model", "before", "serial", "predict"):
-                if method in ("before", "serial") and n != len(paths):
+            for method in ("decode", "model", "evaluate", "features", "before", "serial", "predict"):
+                if method in ("evaluate", "features", "before", "serial") and n != len(paths):
                     continue
                 seconds, rss = measure(method, paths[:n], model_file, work)
                 rows[method, n] = (seconds, n / seconds, rss)
@@ -121,6 +135,8 @@ def main() -> None:
         print(f"\npredict / min(decode, model) at {full} files: {rows['predict', full][1] / floor:.2f} "
               f"(goal >= 0.85); predict / serial: {rows['predict', full][1] / rows['serial', full][1]:.2f}x; "
               f"predict / before: {rows['predict', full][1] / rows['before', full][1]:.2f}x")
+        for method in ("evaluate", "features"):
+            print(f"{method} / model at {full} files: {rows[method, full][1] / rows['model', full][1]:.2f}")
         small = len(paths) // 20
         rss = rows["predict", small][2], rows["predict", full][2]
         print(f"predict peak RSS: {rss[0]:.0f} MiB at {small} files -> {rss[1]:.0f} MiB at {full} "

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -186,6 +187,30 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_csv(trained, batch, tmp
     assert resumed.read_text() == whole.read_text()
     assert predict_cli([*argv, "--output", str(resumed), "--resume"]) == 0  # nothing left: nothing added
     assert resumed.read_text() == whole.read_text()
+
+
+def test_resume_after_killing_the_process(trained, batch, tmp_path):
+    """A real kill -9 mid-run: the rows written so far stay, --resume adds the rest, the file equals a whole run's."""
+    files = tmp_path / "many"
+    for i in range(200):  # 1,000 files: a few seconds of predicting to kill in
+        shutil.copytree(batch, files / f"{i:03d}")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "kennel", "predict", str(files), "--batch-size", "4", "--amp", "off",
+           "--workers", "0"]
+    whole, killed = tmp_path / "whole.csv", tmp_path / "killed.csv"
+    subprocess.run([*cmd, "--output", str(whole)], cwd=trained.root, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--output", str(killed)], cwd=trained.root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not killed.exists() or killed.read_text().count("\n") < 20):
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    written = killed.read_text().count("\n")
+    assert 20 <= written < 1001, written  # killed part way
+    subprocess.run([*cmd, "--output", str(killed), "--resume"], cwd=trained.root, env=env, check=True,
+                   capture_output=True)
+    assert killed.read_text() == whole.read_text()
 
 
 def test_device_and_mixed_precision_flags(trained, batch, tmp_path, monkeypatch, capsys):
