@@ -64,8 +64,8 @@ def unversioned_reason(source: str, raw_dir: str, tracked: Collection[str], chan
         if dvc_file in changed:
             return f"{dvc_file} differs from the commit: `git add {dvc_file} && git commit`"
         return ""
-    inside = [f for f in tracked if f.startswith(f"{raw_dir}/") or f == raw_dir]
-    if inside and not untracked and not any(f.startswith(f"{raw_dir}/") or f == raw_dir for f in changed):
+    under = lambda f: f == raw_dir or f.startswith(f"{raw_dir}/")
+    if any(map(under, tracked)) and not untracked and not any(map(under, changed)):
         return ""  # every file committed to git, unchanged
     return f"{raw_dir} is not versioned: `dvc add {raw_dir}`, then commit {raw_dir}.dvc"
 
@@ -77,7 +77,7 @@ def workspace_unversioned_reason(root: Path, source: str, raw_dir: str) -> str:
     commit = base_commit(root)
     if not commit:
         return f"{root} is not a git repository with a commit: `git init`, `dvc add {raw_dir}` and commit"
-    tracked = set(git(["ls-tree", "-r", "--name-only", commit], root).splitlines())
+    tracked = committed_files(root, commit)
     changed = set(git(["diff", "--name-only", commit], root).splitlines())
     untracked: list[str] = []
     if not PurePosixPath(raw_dir).is_absolute() and covering_dvc_file(raw_dir, tracked) is None:
@@ -87,8 +87,12 @@ def workspace_unversioned_reason(root: Path, source: str, raw_dir: str) -> str:
 
 def commit_unversioned_reason(root: Path, commit: str, source: str, raw_dir: str) -> str:
     """:func:`unversioned_reason` for ``commit`` of the repository at ``root``."""
-    tracked = set(git(["ls-tree", "-r", "--name-only", commit], root).splitlines())
-    return unversioned_reason(source, raw_dir, tracked)
+    return unversioned_reason(source, raw_dir, committed_files(root, commit))
+
+
+def committed_files(root: Path, commit: str) -> set[str]:
+    """Every file path in ``commit`` (repository-relative)."""
+    return set(git(["ls-tree", "-r", "--name-only", commit], root).splitlines())
 
 
 def git_tracked_files(root: Path, folder: str) -> list[str]:

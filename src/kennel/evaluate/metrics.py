@@ -23,6 +23,13 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
+def accuracy_interval(metrics) -> tuple[int, float, float]:
+    """(test images, 95 % interval low, high) of the accuracy in ``metrics`` (as classification_metrics gives it):
+    the accuracy is a share of the per-class supports, so it gives back the number of correct images."""
+    n = int(sum(r["support"] for r in metrics["per_class"].values()))
+    return (n, *wilson_interval(round(metrics["accuracy"] * n), n))
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
     return skm.confusion_matrix(y_true, y_pred, labels=range(num_classes)).astype(np.int64)

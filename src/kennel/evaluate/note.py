@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
-from kennel.evaluate.metrics import wilson_interval
+from kennel.evaluate.metrics import accuracy_interval
 
 SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
 
@@ -15,8 +15,7 @@ def run_note(
     select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (),
 ) -> str:
     """``metrics`` as in evaluation.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
-    n_test = sum(r["support"] for r in metrics["per_class"].values())
-    low, high = wilson_interval(round(metrics["accuracy"] * n_test), n_test)
+    n_test, low, high = accuracy_interval(metrics)
     scores = [f"macro F1 {metrics['macro_f1']:.3f}"]
     if "roc_auc" in metrics:
         scores.append(f"ROC AUC {metrics['roc_auc']:.3f}")

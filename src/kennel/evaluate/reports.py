@@ -27,7 +27,7 @@ from kennel.core.plots import image_grid
 from kennel.data.report import DATA_FIGURES
 from kennel.evaluate.evaluation import Evaluation, file_name
 from kennel.evaluate.figures import confusion_png, pr_png, reliability_png, roc_png
-from kennel.evaluate.metrics import wilson_interval
+from kennel.evaluate.metrics import accuracy_interval
 
 FIGURE_TITLES = {
     "top_losses.png": "top losses", "top_losses_gradcam.png": "top losses, Grad-CAM",
@@ -73,8 +73,7 @@ def headline_metrics(metrics: Mapping) -> dict[str, float]:
     interval (test_accuracy_low/high), test_macro_f1, test_roc_auc and test_average_precision where defined,
     test_ece and test_images (how many the accuracy is over)."""
     m = metrics
-    n = int(sum(r["support"] for r in m["per_class"].values()))
-    low, high = wilson_interval(round(m["accuracy"] * n), n)  # accuracy is a share of n: correct images
+    n, low, high = accuracy_interval(m)
     scalars = {"test_accuracy": m["accuracy"], "test_accuracy_low": low, "test_accuracy_high": high,
                "test_macro_f1": m["macro_f1"]}
     for key in ("roc_auc", "average_precision"):

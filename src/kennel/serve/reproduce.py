@@ -22,7 +22,7 @@ import yaml
 
 from kennel.core.errors import ConfigError, GitError, ReproduceError
 from kennel.core.params import load_params
-from kennel.core.versioning import RUN_ID, commit_unversioned_reason, git
+from kennel.core.versioning import RUN_ID, commit_unversioned_reason, committed_files, git
 
 METRICS = ("accuracy", "macro_f1", "roc_auc")
 
@@ -129,7 +129,7 @@ def restore_inputs(tree: Path, commit: str, root: Path, env: dict) -> None:
     cache, or from the default remote when the cache lacks it; refuse, naming the path, when neither has it."""
     remote = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=tree, env=env,
                             capture_output=True, text=True).stdout.strip()
-    for dvc_file in sorted(f for f in git(["ls-tree", "-r", "--name-only", commit], root).splitlines()
+    for dvc_file in sorted(f for f in committed_files(root, commit)
                            if f.endswith(".dvc")):
         if _dvc(["checkout", dvc_file], tree, env, check=False) == 0:
             continue

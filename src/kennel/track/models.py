@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow  # noqa: E402
-import mlflow.data  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from mlflow.models import infer_signature  # noqa: E402
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
 
 from kennel.track.store import T, retry, store_lock
 

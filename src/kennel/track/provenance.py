@@ -6,11 +6,11 @@ import os
 import platform
 from pathlib import Path
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import torchvision
+import yaml
 
-import kennel  # noqa: E402
+import kennel
 from kennel.core.machine import cpu_name
 from kennel.core.versioning import base_commit, git
 

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import mlflow  # noqa: E402
-import mlflow.data  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.data.dataset_source_registry import get_registered_sources  # noqa: E402
+import mlflow
+import mlflow.data
+import pandas as pd
+from mlflow.data.dataset_source_registry import get_registered_sources
 
 from kennel.core.errors import TrackingUnavailable
 from kennel.core.paths import tracking_uri
