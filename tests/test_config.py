@@ -78,6 +78,17 @@ def test_fractions_must_leave_training_data():
         params_from_dict(p)
 
 
+def test_own_images_on_the_synthetic_placeholder_are_refused():
+    p = default_params()
+    assert p["data"]["raw_dir"] == "data/synthetic"  # the shipped default, with the synthetic source
+    params_from_dict(p)
+    p["data"]["source"] = "folder"
+    with pytest.raises(ConfigError, match=r"data.raw_dir = 'data/synthetic' with data.source = 'folder'.*data/raw"):
+        params_from_dict(p)
+    p["data"]["raw_dir"] = "data/raw"
+    params_from_dict(p)
+
+
 def test_scientific_notation_lr_is_a_number():
     assert params_from_dict(_with("train.lr", "1e-4")).train.lr == pytest.approx(1e-4)
 
