@@ -29,8 +29,9 @@ def evaluate_stage(params: Params) -> None:
         track.note(run_note(
             m, json.loads(DATA_SUMMARY.read_text()), experiment_id=track.experiment_id(mf.experiment, root),
             run_id=run_id, selected_epoch=track.run_tag(run_id, "kennel.selected_epoch"), epochs=t.epochs,
-            select=t.select, figures=figure_links(reports.figures),
-            warnings=[track.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights")],
+            select=t.select, selected_reason=track.run_tag(run_id, "kennel.selected_reason"),
+            figures=figure_links(reports.figures),
+            warnings=[track.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights", "baseline")],
         ))
         if mf.registered_model:
             register(root, run_id, mf)

@@ -13,8 +13,8 @@ from kennel.data.augment import Augment
 from kennel.data.shards import read_split
 from kennel.train.batches import Batches, batch_order
 from kennel.train.checkpoint import mark_complete
-from kennel.train.fine_tune import find_resumable, seed_everything, train
-from kennel.train.loop import FitState, StepConfig, fit
+from kennel.train.fine_tune import find_resumable, seed_everything, selection_reason, train
+from kennel.train.loop import EpochResult, FitState, StepConfig, fit
 from kennel.train.model import build_model
 from kennel.train.optim import WarmupCosine, build_optimizer, build_scheduler
 from tests.conftest import Killed, build_dataset, kill_at, make_params, small_params
@@ -79,7 +79,7 @@ def test_resident_and_streamed_data_train_identically(resized):
 
 def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
     params = make_params(**{"model.finetune": "head", "train.amp": "off", "train.select": "last", "train.epochs": 3,
-                        "train.data_on_device": True})
+                        "train.data_on_device": True, "train.head_init": "random"})
     cached = train(params, resized).model
 
     # the same run without the cache: the frozen model sees the raw (un-augmented) images every epoch
@@ -105,7 +105,7 @@ def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
 
 def test_select_best_keeps_the_best_validation_epoch(resized):
     result = train(make_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "best"}), resized)
-    scores = [(r.val_accuracy, -r.val_loss) for r in result.history]
+    scores = [(-r.val_loss, r.val_accuracy) for r in result.history]
     assert result.selected_epoch == 1 + scores.index(max(scores))
     last = train(make_params(**{"train.epochs": 3, "train.lr": 0.01, "train.select": "last"}), resized)
     assert last.selected_epoch == 3
@@ -113,13 +113,25 @@ def test_select_best_keeps_the_best_validation_epoch(resized):
         assert not torch.equal(result.model.backbone.fc.weight, last.model.backbone.fc.weight)
 
 
-def test_fit_state_prefers_accuracy_then_lower_loss():
+def test_selection_keeps_the_lowest_val_loss_when_accuracies_tie_and_says_why():
     state, model = FitState(), torch.nn.Linear(1, 1)
-    from kennel.train.loop import EpochResult
-
-    for epoch, acc, loss in [(1, 0.5, 1.0), (2, 0.8, 0.9), (3, 0.8, 0.5), (4, 0.7, 0.1), (5, math.nan, math.nan)]:
-        state.consider(EpochResult(epoch, 0, 0, loss, acc, 0.1, 1, 1), model)
+    history = [EpochResult(e, 0, 0, loss, acc, 0.1, 1, 1)
+               for e, acc, loss in [(1, 0.95, 0.30), (2, 0.98, 0.20), (3, 0.98, 0.12), (4, 0.98, 0.15)]]
+    for r in [*history, EpochResult(5, 0, 0, math.nan, math.nan, 0.1, 1, 1)]:
+        state.consider(r, model)
     assert state.best_epoch == 3
+    assert selection_reason(history, 3, "best") == "lowest val loss 0.1200 (val accuracy 0.9800, as in epochs 2, 4)"
+    assert selection_reason(history, 4, "last") == "train.select: last"
+
+
+def test_selection_prefers_a_lower_val_loss_to_a_higher_accuracy_and_says_so():
+    state, model = FitState(), torch.nn.Linear(1, 1)
+    history = [EpochResult(1, 0, 0, 0.40, 0.99, 0.1, 1, 1), EpochResult(2, 0, 0, 0.10, 0.97, 0.1, 1, 1)]
+    for r in history:
+        state.consider(r, model)
+    assert state.best_epoch == 2
+    assert selection_reason(history, 2, "best") == ("lowest val loss 0.1000 (val accuracy 0.9700); epoch 1 had "
+                                                    "val accuracy 0.9900 at a higher loss")
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

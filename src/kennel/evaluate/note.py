@@ -7,12 +7,12 @@ from urllib.parse import quote
 
 from kennel.evaluate.metrics import accuracy_interval
 
-SELECT = {"best": "the highest validation accuracy", "last": "the last epoch"}
+SELECT = {"best": "the lowest validation loss", "last": "the last epoch"}
 
 
 def run_note(
     metrics: Mapping, data: Mapping, *, experiment_id: str, run_id: str, selected_epoch: str, epochs: int,
-    select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (),
+    select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (), selected_reason: str = "",
 ) -> str:
     """``metrics`` as in evaluation.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
     n_test, low, high = accuracy_interval(metrics)
@@ -26,7 +26,8 @@ def run_note(
     lines = [
         f"**Test accuracy {metrics['accuracy']:.3f}** (95 % interval {low:.3f}-{high:.3f}) on {n_test} test images "
         f"({', '.join(scores)}); model weights "
-        f"of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, {SELECT.get(select, select)}).",
+        f"of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, "
+        f"{selected_reason or SELECT.get(select, select)}).",
         "",
         "Figures: " + " · ".join(f"[{title}]({artifact_link(experiment_id, run_id, path)})" for title, path in figures),
         "",

@@ -75,7 +75,13 @@ def log_start(result: TrainResult, world: int) -> None:
 
 def save_and_log_model(result: TrainResult, params: Params) -> None:
     """The model file (a DVC output), then the exported model and the servable classifier."""
-    store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.tta": params.evaluate.tta})
+    store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.selected_reason": result.selected_reason,
+                    "kennel.tta": params.evaluate.tta})
+    store.log_metrics(result.baseline_metrics())
+    warning = result.below_baseline()
+    if warning:
+        log.warning("%s", warning)
+        store.set_tags({"kennel.baseline_warning": warning})
     result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
     save_model(result.model, MODEL, size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
     images, _ = read_split(RESIZED, "train")

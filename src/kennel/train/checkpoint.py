@@ -20,6 +20,7 @@ from kennel.core.io import atomic_path
 from kennel.core.params import Params
 from kennel.data.shards import read_meta
 from kennel.train.loop import EpochResult, FitState
+from kennel.train.probe import Probe
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,23 @@ class Checkpointer:
             "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
             "history": [asdict(r) for r in state.history], "best_epoch": state.best_epoch,
             "best_score": list(state.best_score), "best_state": state.best_state,
-            **self.extra,
+            "probe": probe_payload(state.probe), **self.extra,
         })
+
+
+def probe_payload(probe: Probe | None) -> dict | None:
+    """The probe as tensors and floats: what ``torch.load(weights_only=True)`` reads back."""
+    if probe is None:
+        return None
+    return {**{k: float(getattr(probe, k)) for k in ("c", "val_accuracy", "val_loss", "test_accuracy")},
+            "weight": torch.from_numpy(probe.weight), "bias": torch.from_numpy(probe.bias)}
+
+
+def probe_from_payload(payload: dict | None) -> Probe | None:
+    if payload is None:
+        return None
+    return Probe(payload["c"], payload["val_accuracy"], payload["val_loss"], payload["test_accuracy"],
+                 payload["weight"].numpy(), payload["bias"].numpy())
 
 
 def restore_run(payload: dict, model: torch.nn.Module, generator: torch.Generator) -> tuple[FitState, int]:
@@ -138,7 +154,7 @@ def restore_run(payload: dict, model: torch.nn.Module, generator: torch.Generato
     model.load_state_dict(payload["model"])
     set_rng_state(payload["rng"], generator)
     state = FitState([EpochResult(**r) for r in payload["history"]], payload["best_epoch"],
-                     tuple(payload["best_score"]), payload["best_state"])
+                     tuple(payload["best_score"]), payload["best_state"], probe_from_payload(payload.get("probe")))
     return state, payload["epoch"] + 1
 
 

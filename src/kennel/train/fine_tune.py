@@ -24,6 +24,7 @@ from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, StepConfig, fit, predict
 from kennel.train.model import Classifier, WeightsInfo, build_model
 from kennel.train.optim import build_optimizer, build_scheduler
+from kennel.train.probe import Probe, below_probe_warning, fit_probe
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,18 @@ class TrainResult:
     amp_dtype: torch.dtype | None
     data_placement: str = ""  # "device" (resident) or "stream" (DataLoader from the memory map)
     resumed_from: int = 0  # epoch of the checkpoint resumed, 0 for a fresh start
+    probe: Probe | None = None  # the linear probe on the pretrained features (runs with a frozen phase)
+
+    def baseline_metrics(self) -> dict[str, float]:
+        """The probe's scores (baseline_val_accuracy, baseline_test_accuracy, baseline_c); none without a probe."""
+        return self.probe.metrics() if self.probe is not None else {}
+
+    def below_baseline(self) -> str:
+        """A warning when the kept weights score below the probe on val, else ""."""
+        kept = next((r for r in self.history if r.epoch == self.selected_epoch), None)
+        return below_probe_warning(kept.val_accuracy, self.probe) if kept is not None else ""
     selected_epoch: int = 0  # the epoch whose weights the model holds
+    selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -121,7 +133,15 @@ def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Cla
     """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last; seed the RNG first."""
     model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
                                  params.model.finetune)
+    model.freeze_bn = freezes_bn(params.train.freeze_bn, weights)
     return model.to(device, memory_format=torch.channels_last), weights
+
+
+def freezes_bn(setting: str | bool, weights: WeightsInfo) -> bool:
+    """``train.freeze_bn``: auto = when weights were loaded. Statistics re-estimated from a few hundred photos
+    (and the augmented crops of them) are noisier than ImageNet's and shift the features the head was fit on;
+    random-init statistics, on the other hand, mean nothing and must be learnt."""
+    return weights.loaded > 0 if setting == "auto" else bool(setting)
 
 
 @dataclass
@@ -136,15 +156,18 @@ class PhaseSetup:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
     step: StepConfig
+    probe: Probe | None = None
 
 
 def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Path, resident: bool, batch_size: int,
                 device: torch.device, amp_dtype: torch.dtype | None, generator: torch.Generator,
-                ctx: Dist) -> PhaseSetup:
+                ctx: Dist, fresh: bool = True) -> PhaseSetup:
     """The data, module, optimizer, schedule and grad scaler of ``phase``.
 
     Frozen: the backbone's features never change, so they are computed once and the head trains on them
-    (no augmentation). Unfrozen after a frozen phase: discriminative rates (backbone at ``backbone_lr_mult``).
+    (no augmentation); the linear probe is fit on them, and with ``head_init: probe`` the head starts from it
+    unless the phase resumes (``fresh`` false: the checkpoint's head stands). Unfrozen after a frozen phase:
+    discriminative rates (backbone at ``backbone_lr_mult``).
     """
     t = params.train
     model.set_frozen(phase.frozen)
@@ -152,15 +175,21 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
     if phase.frozen:
         log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
                  phase.first, phase.last)
-        (ftrain, ytrain), (fval, yval) = [
-            (f.to(device), y) for f, y in (extract_features(model, make_batches(data_dir, split, **batches), device,
-                                                            amp_dtype) for split in ("train", "val"))]
+        (ftrain, ytrain), (fval, yval), test = [
+            extract_features(model, make_batches(data_dir, split, **batches), device, amp_dtype)
+            for split in ("train", "val", "test")]
+        probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes))
+        if t.head_init == "probe" and fresh:
+            load_head(model, probe)
+        ftrain, fval = ftrain.to(device), fval.to(device)
         train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
         val_batches: Iterable = Batches(fval, yval, batch_size, rank=ctx.rank, world=ctx.world)
         module, groups, augment = model.head, list(model.head.parameters()), None
     else:
-        if phase.index > 1:
-            log.info("epochs %d-%d: all layers, backbone lr x %g", phase.first, phase.last, t.backbone_lr_mult)
+        probe = None
+        log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s", phase.first, phase.last,
+                 f", backbone lr x {t.backbone_lr_mult:g}" if phase.index > 1 else "",
+                 "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
         train_batches = make_batches(data_dir, "train", **batches, shuffle=True, generator=generator, rank=ctx.rank,
                                      world=ctx.world)
         val_batches = make_batches(data_dir, "val", **batches, rank=ctx.rank, world=ctx.world)
@@ -177,7 +206,16 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     step = StepConfig(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
-    return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step)
+    return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step, probe)
+
+
+def load_head(model: Classifier, probe: Probe) -> None:
+    """Start the head at the probe's solution (linear probing, then fine-tuning): the backbone then trains
+    against a head that is already right, not against a random one whose gradients distort the features."""
+    head = model.head
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(probe.weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(probe.bias, dtype=head.bias.dtype))
 
 
 def train(
@@ -218,7 +256,8 @@ def train(
         if not phase.frozen and phase.index > 1:
             state.best_state = _model_state(model, state.best_state)
         setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
-                            batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx)
+                            batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
+                            fresh=start <= phase.first)
         if resume is not None:
             restore_phase(resume, first=phase.first, last=phase.last, optimizer=setup.optimizer,
                           scheduler=setup.scheduler, scaler=setup.scaler)
@@ -232,6 +271,8 @@ def train(
                            scheduler=setup.scheduler, scaler=setup.scaler, generator=generator, state=fit_state)
 
         evaluated = setup.evaluated
+        if setup.probe is not None:
+            result.probe = state.probe = setup.probe
         state = fit(setup.trained, setup.train_batches, setup.val_batches, setup.optimizer, phase.last, device,
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
                     on_epoch=after_epoch)
@@ -265,8 +306,27 @@ def select_weights(result: TrainResult, model: Classifier, state: FitState, eval
     if select == "best" and state.best_state is not None:
         evaluated.load_state_dict(state.best_state)
         result.selected_epoch = state.best_epoch
-    log.info("kept the weights of epoch %d of %d (train.select: %s)", result.selected_epoch, epochs, select)
+    result.selected_reason = selection_reason(state.history, result.selected_epoch, select)
+    result.probe = state.probe
+    log.info("kept the weights of epoch %d of %d: %s", result.selected_epoch, epochs, result.selected_reason)
     return result
+
+
+def selection_reason(history: list[EpochResult], selected: int, select: str) -> str:
+    """Why epoch ``selected`` was kept, with the epochs that tie it on val accuracy (which cannot tell them apart)."""
+    if select == "last" or not history:
+        return "train.select: last"
+    kept = next(r for r in history if r.epoch == selected)
+    tied = [r.epoch for r in history if r.val_accuracy == kept.val_accuracy]
+    best_acc = max(r.val_accuracy for r in history)
+    reason = f"lowest val loss {kept.val_loss:.4f} (val accuracy {kept.val_accuracy:.4f}"
+    if len(tied) > 1:
+        reason += f", as in epoch{'s' if len(tied) > 2 else ''} " + ", ".join(str(e) for e in tied if e != selected)
+    reason += ")"
+    if best_acc > kept.val_accuracy:
+        top = [r.epoch for r in history if r.val_accuracy == best_acc]
+        reason += f"; epoch {', '.join(map(str, top))} had val accuracy {best_acc:.4f} at a higher loss"
+    return reason
 
 
 def find_resumable(path: Path, params: Params, data_dir: Path) -> dict | None:

@@ -47,6 +47,7 @@ class Classifier(nn.Module):
         self.classes = list(classes)
         self.head_name = head
         self.tta = tta
+        self.freeze_bn = False  # training keeps the backbone's BatchNorm statistics (set for a run, not saved)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.set_frozen(frozen)
@@ -90,6 +91,10 @@ class Classifier(nn.Module):
         if getattr(self, "frozen", False):
             self.backbone.eval()
             self.head.train(mode)
+        elif mode and getattr(self, "freeze_bn", False):
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # normalise with the pretrained statistics; the affine weights still learn
         return self
 
 
