@@ -88,3 +88,23 @@ def test_runs_with_a_frozen_phase_fit_the_probe_and_probe_init_starts_the_head_t
 def test_full_fine_tuning_has_no_probe(resized):
     result = train(make_params(**{"model.finetune": "full", "train.epochs": 1}), resized)
     assert result.probe is None and result.baseline_metrics() == {} and result.below_baseline() == ""
+
+
+def test_refit_trains_the_selected_epochs_again_on_train_and_val_only(resized, caplog):
+    from kennel.data.shards import read_split
+
+    n_train, n_val = (len(read_split(resized, s)[1]) for s in ("train", "val"))
+    assert len(read_split(resized, "train+val")[1]) == n_train + n_val
+    caplog.set_level("INFO", logger="kennel.train.fine_tune")
+    params = make_params(**{"model.finetune": "staged", "train.epochs": 3, "train.head_epochs": 1,
+                            "train.refit": True})
+    result = train(params, resized)
+    k = result.selected_epoch
+    runs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training on")]
+    assert len(runs) == 2 and f"{n_train} train / {n_val} val images" in runs[0]
+    assert f"{n_train + n_val} train / 0 val images" in runs[1]  # the refit: val is in, nothing held out
+    assert result.refit_images == n_train + n_val and len(result.history) == 3  # the selection run's history
+    assert f"trained again on train + val for {k} epoch(s)" in result.selected_reason
+    again = train(params.__class__(**{**params.__dict__, "train": params.train.__class__(
+        **{**params.train.__dict__, "refit": False})}), resized)
+    assert not torch.equal(again.model.head.weight, result.model.head.weight)  # the refit's weights are kept

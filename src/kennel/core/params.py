@@ -140,6 +140,7 @@ class TrainConfig:
     num_workers: int
     deterministic: bool
     select: Literal["best", "last"]
+    refit: bool  # after selection, train the recipe again on train + val for the selected epochs
     nproc: int
 
     def check(self) -> None:

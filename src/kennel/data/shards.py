@@ -156,15 +156,19 @@ class ShardedImages:
 
 
 def read_split(data_dir: Path, split: str) -> tuple[np.ndarray | ShardedImages, np.ndarray]:
-    """(images, labels) of a split: from the shard index, or from a plain ``<split>_x.npy`` (a memory map)."""
+    """(images, labels) of a split: from the shard index, or from a plain ``<split>_x.npy`` (a memory map).
+    ``"train+val"`` names the two together (in index order), as a refit on all labelled images reads them."""
     data_dir = Path(data_dir)
     if (data_dir / "index.csv").exists():
         meta, index = read_meta(data_dir), read_index(data_dir)
-        rows = index[index["split"] == split]
+        rows = index[index["split"].isin(split.split("+"))]
         classes = {name: i for i, name in enumerate(meta["classes"])}
         images = ShardedImages(data_dir / "shards", rows["shard"].to_numpy(), rows["row"].to_numpy(np.int64),
                                meta["size"])
         return images, np.array([classes[label] for label in rows["label"]], dtype=np.int64)
+    if "+" in split:
+        parts = [read_split(data_dir, part) for part in split.split("+")]
+        return np.concatenate([np.asarray(x) for x, _ in parts]), np.concatenate([y for _, y in parts])
     x_path, y_path = data_dir / f"{split}_x.npy", data_dir / f"{split}_y.npy"
     for p in (x_path, y_path):
         if not p.exists():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, StepConfig, fit, predict
 from kennel.train.model import Classifier, WeightsInfo, build_model
 from kennel.train.optim import build_optimizer, build_scheduler
-from kennel.train.probe import Probe, below_probe_warning, fit_probe
+from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
 
 log = logging.getLogger(__name__)
 
+TRAIN_VAL = ("train", "val")  # the splits a run trains and validates on
+REFIT = ("train+val", "")  # a refit: both together, nothing held out for validation
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
 
@@ -42,6 +45,7 @@ class TrainResult:
     data_placement: str = ""  # "device" (resident) or "stream" (DataLoader from the memory map)
     resumed_from: int = 0  # epoch of the checkpoint resumed, 0 for a fresh start
     probe: Probe | None = None  # the linear probe on the pretrained features (runs with a frozen phase)
+    refit_images: int = 0  # train.refit: the images the final weights were trained on (train + val)
 
     def baseline_metrics(self) -> dict[str, float]:
         """The probe's scores (baseline_val_accuracy, baseline_test_accuracy, baseline_c); none without a probe."""
@@ -161,7 +165,8 @@ class PhaseSetup:
 
 def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Path, resident: bool, batch_size: int,
                 device: torch.device, amp_dtype: torch.dtype | None, generator: torch.Generator,
-                ctx: Dist, fresh: bool = True) -> PhaseSetup:
+                ctx: Dist, fresh: bool = True, splits: tuple[str, str] = TRAIN_VAL,
+                probe_cs: Sequence[float] = PROBE_CS) -> PhaseSetup:
     """The data, module, optimizer, schedule and grad scaler of ``phase``.
 
     Frozen: the backbone's features never change, so they are computed once and the head trains on them
@@ -177,8 +182,8 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
                  phase.first, phase.last)
         (ftrain, ytrain), (fval, yval), test = [
             extract_features(model, make_batches(data_dir, split, **batches), device, amp_dtype)
-            for split in ("train", "val", "test")]
-        probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes))
+            for split in (*splits, "test")]
+        probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes), cs=probe_cs)
         if t.head_init == "probe" and fresh:
             load_head(model, probe)
         ftrain, fval = ftrain.to(device), fval.to(device)
@@ -190,9 +195,9 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
         log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s", phase.first, phase.last,
                  f", backbone lr x {t.backbone_lr_mult:g}" if phase.index > 1 else "",
                  "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
-        train_batches = make_batches(data_dir, "train", **batches, shuffle=True, generator=generator, rank=ctx.rank,
+        train_batches = make_batches(data_dir, splits[0], **batches, shuffle=True, generator=generator, rank=ctx.rank,
                                      world=ctx.world)
-        val_batches = make_batches(data_dir, "val", **batches, rank=ctx.rank, world=ctx.world)
+        val_batches = make_batches(data_dir, splits[1], **batches, rank=ctx.rank, world=ctx.world)
         module = model
         groups = param_groups(model, t.lr, t.backbone_lr_mult) if phase.index > 1 else list(model.parameters())
         augment = Augment.from_params(t.augment)
@@ -228,8 +233,11 @@ def train(
     resume: dict | None = None,
     checkpoint_extra: dict | None = None,
     ctx: Dist | None = None,
+    splits: tuple[str, str] = TRAIN_VAL,
+    probe_cs: Sequence[float] = PROBE_CS,
 ) -> TrainResult:
-    """Fine-tune per ``params`` on ``data_dir``'s train split, validating on val after every epoch.
+    """Fine-tune per ``params`` on ``data_dir``'s train split, validating on val after every epoch (``splits``
+    names others: a refit trains on ``train+val`` and validates on nothing).
 
     With ``checkpoint``, the state after every epoch is saved there (by rank 0); ``resume`` (a payload from
     ``find_resumable``) continues such a run, in either phase of ``staged``, so that it ends exactly where an
@@ -238,7 +246,7 @@ def train(
     t, ctx = params.train, ctx or Dist()
     device, amp_dtype, generator = prepare_run(params, ctx)
     model, weights = build_for(params, data_dir, device)
-    resident, n_train, n_val = placement(data_dir, device, t.data_on_device)
+    resident, n_train, n_val = placement(data_dir, device, t.data_on_device, splits)
     batch_size = t.batch_size // ctx.world
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
@@ -257,7 +265,7 @@ def train(
             state.best_state = _model_state(model, state.best_state)
         setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
                             batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
-                            fresh=start <= phase.first)
+                            fresh=start <= phase.first, splits=splits, probe_cs=probe_cs)
         if resume is not None:
             restore_phase(resume, first=phase.first, last=phase.last, optimizer=setup.optimizer,
                           scheduler=setup.scheduler, scaler=setup.scaler)
@@ -276,7 +284,25 @@ def train(
         state = fit(setup.trained, setup.train_batches, setup.val_batches, setup.optimizer, phase.last, device,
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
                     on_epoch=after_epoch)
-    return select_weights(result, model, state, evaluated, t.select, t.epochs)
+    result = select_weights(result, model, state, evaluated, t.select, t.epochs)
+    return refit(params, data_dir, result, ctx) if t.refit else result
+
+
+def refit(params: Params, data_dir: Path, selected: TrainResult, ctx: Dist) -> TrainResult:
+    """The selected recipe trained again from the start on train + val for the selected number of epochs (staged
+    that selected a frozen epoch: the head alone), the probe's C as chosen: all labelled photos but the test's
+    end up in the model. Nothing is left to validate on, so the selection run's history stays the one reported."""
+    t, k = params.train, selected.selected_epoch
+    finetune = "head" if params.model.finetune == "staged" and k <= t.head_epochs else params.model.finetune
+    again_params = dataclasses.replace(params, model=dataclasses.replace(params.model, finetune=finetune),
+                                       train=dataclasses.replace(t, epochs=k, select="last", refit=False))
+    log.info("refit: %s for %d epoch(s) on train + val, as selected", finetune, k)
+    again = train(again_params, data_dir, ctx=ctx, splits=REFIT, probe_cs=(selected.probe.c,) if selected.probe
+                  else PROBE_CS)
+    return dataclasses.replace(again, history=selected.history, selected_epoch=k, probe=selected.probe,
+                               selected_reason=f"{selected.selected_reason}; then trained again on train + val "
+                                               f"for {k} epoch(s) (train.refit)",
+                               refit_images=sum(len(read_split(data_dir, s)[1]) for s in REFIT[0].split("+")))
 
 
 def prepare_run(params: Params, ctx: Dist) -> tuple[torch.device, torch.dtype | None, torch.Generator]:
@@ -288,10 +314,11 @@ def prepare_run(params: Params, ctx: Dist) -> tuple[torch.device, torch.dtype | 
     return device, resolve_amp(params.train.amp, device), seed_everything(params.seed)
 
 
-def placement(data_dir: Path, device: torch.device, setting: str | bool) -> tuple[bool, int, int]:
+def placement(data_dir: Path, device: torch.device, setting: str | bool,
+              splits: tuple[str, str] = TRAIN_VAL) -> tuple[bool, int, int]:
     """(resident: train + val held on the device, train images, val images); an empty train split is an error."""
-    train_images, _ = read_split(data_dir, "train")
-    val_images, _ = read_split(data_dir, "val")
+    train_images, _ = read_split(data_dir, splits[0])
+    val_images, _ = read_split(data_dir, splits[1])
     if len(train_images) == 0:
         raise ValueError(f"{data_dir}: the train split is empty")
     return fits_resident(train_images.nbytes + val_images.nbytes, device, setting), len(train_images), len(val_images)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,14 +67,16 @@ def _fit(features: np.ndarray, labels: np.ndarray, c: float, classes: int) -> tu
     return weight, bias
 
 
-def fit_probe(train: tuple, val: tuple, test: tuple | None = None, *, classes: int) -> Probe:
-    """Logistic regression on ``train`` = (features, labels), C chosen by val log loss; scored on val and test."""
+def fit_probe(train: tuple, val: tuple, test: tuple | None = None, *, classes: int,
+              cs: Sequence[float] = PROBE_CS) -> Probe:
+    """Logistic regression on ``train`` = (features, labels), C out of ``cs`` chosen by val log loss (without val,
+    the only one given, else the default); scored on val and test."""
     x, y = _as_numpy(train[0]), np.asarray(train[1])
     if len(np.unique(y)) < 2:
         raise ValueError("the linear probe needs at least two classes in the train split")
     vx, vy = _as_numpy(val[0]), np.asarray(val[1])
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
-    for c in PROBE_CS if len(vy) else (DEFAULT_C,):
+    for c in cs if len(vy) or len(cs) == 1 else (DEFAULT_C,):
         weight, bias = _fit(x, y, c, classes)
         probe = Probe(c, math.nan, math.nan, math.nan, weight, bias)
         loss = log_loss(vy, probe.predict_proba(vx), labels=range(classes)) if len(vy) else math.nan
