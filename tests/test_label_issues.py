@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pandas.testing as pdt
 
+from kennel.audit.label_figures import captions, label_issues_png
 from kennel.audit.labels import COLUMNS, CSV_COLUMNS, label_issues, write_label_issues
+from tests.conftest import write_image
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -86,3 +88,16 @@ def test_the_csv_lists_flagged_images_most_suspect_first(tmp_path):
     assert written["score"].is_monotonic_increasing
     top = write_label_issues(issues, images, tmp_path / "top.csv", top=1)
     assert len(top) == 1 and top["path"].iloc[0] == written["path"].iloc[0]
+
+
+def test_the_grid_shows_the_top_suspects_with_both_labels(tmp_path):
+    write_image(tmp_path / "data/raw/cat/1.jpg", 1, "cat")
+    table = pd.DataFrame({"path": ["data/raw/cat/1.jpg", "data/raw/dog/gone.jpg"], "sha1": ["a" * 40, "b" * 40],
+                          "given_label": ["cat", "dog"], "suggested_label": ["dog", "cat"], "score": [0.031, 0.2],
+                          "split": ["test", "train"]}, columns=CSV_COLUMNS)
+    assert captions(table)[0] == "cat \u2192 dog  (0.03)\ntest  1.jpg"
+    png = label_issues_png(table, tmp_path / "grid.png", root=tmp_path)  # a missing file draws "no image"
+    assert png.stat().st_size > 1000
+    drawn = label_issues_png(table.head(1), tmp_path / "rows.png", images=[np.zeros((3, 8, 8), np.uint8)])
+    assert drawn.exists()
+    assert label_issues_png(table.head(0), tmp_path / "none.png").exists()
