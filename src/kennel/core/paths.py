@@ -9,6 +9,9 @@ SCAN = Path("data/scan.csv")  # persisted: what each file's bytes showed, so unc
 # This machine's file identities -> sha1, so unchanged files are not even read; not a DVC output (git-ignored):
 # identities differ per machine, and a missing file only means hashing again.
 SCAN_IDENTITIES = Path("data/.scan-identities.csv")
+# A person's reviewed decisions, in git and read by prepare: files to leave out, labels to correct.
+EXCLUDE = Path("data/exclude.csv")
+RELABEL = Path("data/relabel.csv")
 RESIZED = Path("data/resized")  # persisted: shards of unchanged images stay as they are
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
