@@ -78,6 +78,10 @@ def make_repo(dest: Path, ref: str | None, size: int) -> Path:
         return params
 
     make_project(dest, folder_source, ref, PROJECT)
+    for decisions, header in (("exclude.csv", "path,sha1,reason\n"), ("relabel.csv", "sha1,label,reason\n")):
+        if not (dest / "data" / decisions).exists():  # prepare's deps since the reviewed decisions; empty here
+            (dest / "data" / decisions).parent.mkdir(parents=True, exist_ok=True)
+            (dest / "data" / decisions).write_text(header)
     (dest / "data" / "raw").mkdir(parents=True)
     return dest
 

@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FILES = ("dvc.yaml", "params.yaml", "stages", "src/kennel", "data/synthetic/README.md", "data/.gitignore",
-         ".dvcignore", ".gitignore")
+         "data/exclude.csv", "data/relabel.csv", ".dvcignore", ".gitignore")
 
 
 def copy_files(dest: Path, files: Sequence[str] = FILES) -> None:

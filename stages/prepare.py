@@ -1,7 +1,8 @@
 """prepare: find every file of ``data.source``, decode each, and write the manifest, the rejects and a summary.
 
-Files whose bytes ``data/scan.csv`` already describes (a persisted output) are not decoded again, and files it
-knows by identity (device, inode, size, mtime) are not even read.
+The reviewed decisions of ``data/exclude.csv`` and ``data/relabel.csv`` are applied: excluded files are rejects,
+relabelled ones carry their new label. Files whose bytes ``data/scan.csv`` already describes (a persisted output)
+are not decoded again, and files it knows by identity (device, inode, size, mtime) are not even read.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ import time
 from pathlib import Path
 
 from kennel.core.params import Params
-from kennel.core.paths import DATA_METRICS, DATA_REPORT, DATA_SUMMARY, PREPARED, REJECTS, SCAN, SCAN_IDENTITIES
+from kennel.core.paths import (
+    DATA_METRICS,
+    DATA_REPORT,
+    DATA_SUMMARY,
+    EXCLUDE,
+    PREPARED,
+    REJECTS,
+    RELABEL,
+    SCAN,
+    SCAN_IDENTITIES,
+)
 from kennel.core.stage import run_stage
 from kennel.core.versioning import git_tracked_files
+from kennel.data.decisions import read_decisions
 from kennel.data.manifest import account, check_class_sizes, write_csv
 from kennel.data.report import write_data_report
 from kennel.data.sources import find_images
@@ -28,6 +40,7 @@ log = logging.getLogger("kennel.prepare")
 def prepare(params: Params) -> None:
     d = params.data
     start = time.perf_counter()
+    decisions = read_decisions(EXCLUDE, RELABEL)  # a bad row stops the stage before any file is read
     if d.source != "synthetic" and (in_git := git_tracked_files(Path.cwd(), d.raw_dir)):
         log.warning("%s: %d files are tracked by git, so `dvc add %s` refuses the folder; to version the images "
                     "with DVC instead, run `git rm -r --cached %s && dvc add %s`",
@@ -37,10 +50,11 @@ def prepare(params: Params) -> None:
         d.source, Path(d.raw_dir), out_dir=PREPARED, seed=params.seed, per_class=d.synthetic_per_class,
         oxford_target=d.oxford_target,
     )
+    decisions.check_labels({c.label for c in candidates if c.label})
     stats = file_stats([c.path for c in candidates])
     seen = read_scan(SCAN, SCAN_IDENTITIES)
     inspections = inspect_all(candidates, d.min_size, d.max_pixels, d.workers, seen=seen, stats=stats)
-    acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed)
+    acc = account(candidates, inspections, Path.cwd(), d.val_fraction, d.test_fraction, params.seed, decisions)
     write_csv(scan_table(acc.paths, inspections), SCAN)
     write_csv(identity_table(stats, inspections), SCAN_IDENTITIES)
     # The reports are written before the class-size check so that a failing run still says what was rejected.
@@ -54,6 +68,9 @@ def prepare(params: Params) -> None:
     s = acc.summary
     log.info("found %d files: kept %d, rejected %d %s in %.1fs; rejects listed in %s",
              s["found"], s["kept"], s["rejected"], s["rejected_by_reason"] or "", time.perf_counter() - start, REJECTS)
+    if s["relabelled"]:
+        log.info("relabelled %d image(s) per %s: %s", s["relabelled"], RELABEL,
+                 ", ".join(f"{k}: {v}" for k, v in s["relabelled_by_class"].items()))
     for label, c in s["per_class"].items():
         log.info("  %-20s found %5d  kept %5d  rejected %4d  train/val/test %d/%d/%d",
                  label, c["found"], c["kept"], c["rejected"], c["train"], c["val"], c["test"])

@@ -1,5 +1,6 @@
 """The folder layout is the pipeline: imports point down (core <- data <- train <- evaluate/track <- serve), and
-only track imports MLflow. Checked on the source (every import, also those inside functions)."""
+only track imports MLflow; audit sits beside evaluate (it embeds the data with the pretrained backbone, before any
+training). Checked on the source (every import, also those inside functions)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ ALLOWED = {
     "train": {"core", "data"},
     "evaluate": {"core", "data", "train"},
     "track": {"core", "data", "train"},
-    "serve": {"core", "data", "train", "evaluate", "track"},
+    "audit": {"core", "data", "train"},
+    "serve": {"core", "data", "train", "evaluate", "track", "audit"},
 }
 
 

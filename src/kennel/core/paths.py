@@ -9,6 +9,12 @@ SCAN = Path("data/scan.csv")  # persisted: what each file's bytes showed, so unc
 # This machine's file identities -> sha1, so unchanged files are not even read; not a DVC output (git-ignored):
 # identities differ per machine, and a missing file only means hashing again.
 SCAN_IDENTITIES = Path("data/.scan-identities.csv")
+# A person's reviewed decisions, in git and read by prepare: files to leave out, labels to correct.
+EXCLUDE = Path("data/exclude.csv")
+RELABEL = Path("data/relabel.csv")
+# `kennel review` drafts them from the audit's suspects for a person to edit (git-ignored; never the files above).
+EXCLUDE_DRAFT = Path("data/exclude.draft.csv")
+RELABEL_DRAFT = Path("data/relabel.draft.csv")
 RESIZED = Path("data/resized")  # persisted: shards of unchanged images stay as they are
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
@@ -29,6 +35,9 @@ ROC_DIR = REPORTS / "roc"  # one table per class (binary: the positive class)
 PR_DIR = REPORTS / "pr"
 FIGURES = REPORTS / "figures"
 DATA_REPORT = REPORTS / "data"  # prepare's look at the data: figures and class counts
+AUDIT = REPORTS / "audit"  # the audit stage's findings: suspected label errors, near duplicates
+LABEL_ISSUES = AUDIT / "label_issues.csv"  # images whose label the embeddings contradict, most suspect first
+NEAR_DUPLICATES = AUDIT / "near_duplicates.csv"  # groups of near-identical images
 
 
 def project_root(start: Path | None = None) -> Path:

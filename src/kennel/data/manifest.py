@@ -1,7 +1,8 @@
 """The manifest: one row per kept image, every other file in the rejects with a reason, and stable splits.
 
-found = kept + rejected, always. Exact duplicates (same bytes) are kept once; bytes that appear under two
-classes are a label conflict and every copy is rejected.
+found = kept + rejected, always. The reviewed decisions (``kennel.data.decisions``) come first: an excluded file
+is a reject, a relabelled one carries its new label. Exact duplicates (same bytes) are then kept once; bytes that
+appear under two classes are a label conflict and every copy is rejected (a relabel of those bytes resolves it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 
 from kennel.core.errors import DataError
 from kennel.core.io import atomic_path
+from kennel.data.decisions import EXCLUDED, NO_DECISIONS, Decisions
 from kennel.data.sources import Candidate, relatives
 from kennel.data.validate import DUPLICATE, LABEL_CONFLICT, Inspection
 
@@ -33,21 +35,33 @@ class Accounting:
 
 def account(
     candidates: Sequence[Candidate], inspections: Sequence[Inspection | None], root: Path,
-    val_fraction: float, test_fraction: float, seed: int,
+    val_fraction: float, test_fraction: float, seed: int, decisions: Decisions = NO_DECISIONS,
 ) -> Accounting:
-    """Sort every candidate into kept or rejected, drop duplicates and conflicts, and split what is kept.
+    """Sort every candidate into kept or rejected, apply ``decisions``, drop duplicates and conflicts, and split
+    what is kept.
 
     ``inspections[i]`` belongs to ``candidates[i]`` (None where the layout already rejected the file).
     """
-    kept, rejects = [], []
+    decisions.check_labels({c.label for c in candidates if c.label})
+    kept, rejects, matched, moved = [], [], set(), {}
     paths = relatives([c.path for c in candidates], root)
     for cand, insp, path in zip(candidates, inspections, paths, strict=True):
         if cand.reason or insp is None:
             rejects.append((path, cand.label or "", cand.reason, ""))
         elif insp.reason:
             rejects.append((path, cand.label, insp.reason, insp.detail))
+        elif excluded := decisions.excluded(path, insp.sha1):
+            matched.add(excluded)
+            rejects.append((path, cand.label, EXCLUDED, excluded.reason))
         else:
-            kept.append((path, cand.label, "", insp.sha1, insp.width, insp.height, insp.format))
+            label = cand.label
+            if relabel := decisions.relabelled(insp.sha1):
+                matched.add(relabel)
+                label = relabel.label
+                if label != cand.label:
+                    moved[path] = f"{cand.label} -> {label}"
+            kept.append((path, label, "", insp.sha1, insp.width, insp.height, insp.format))
+    decisions.warn_unmatched(matched)
     df = pd.DataFrame(kept, columns=COLUMNS).sort_values("path", kind="stable")
     keep = pd.Series(True, index=df.index)
     repeated = df[df["sha1"].duplicated(keep=False)]  # grouping only these: a Python step per group is slow
@@ -64,8 +78,11 @@ def account(
                         for p, lab in zip(group["path"].iloc[1:], group["label"].iloc[1:], strict=True)]
     df = assign_splits(df[keep], val_fraction, test_fraction, seed)
     rejected = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values(["reason", "path"], kind="stable")
-    return Accounting(df.reset_index(drop=True), rejected.reset_index(drop=True), _summary(candidates, df, rejected),
-                      paths)
+    summary = _summary(candidates, df, rejected)
+    relabelled = pd.Series([moved[p] for p in df["path"] if p in moved], dtype=str)
+    summary["relabelled"] = len(relabelled)  # kept images whose label data/relabel.csv changed
+    summary["relabelled_by_class"] = {k: int(v) for k, v in relabelled.value_counts().sort_index().items()}
+    return Accounting(df.reset_index(drop=True), rejected.reset_index(drop=True), summary, paths)
 
 
 def check_class_sizes(acc: Accounting, labels: Sequence[str], min_per_class: int) -> None:

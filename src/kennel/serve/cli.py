@@ -1,4 +1,4 @@
-"""``python -m kennel ui | predict | reproduce | lr-find``: the commands around the pipeline."""
+"""``python -m kennel ui | predict | compare | reproduce | lr-find | review``: the commands around the pipeline."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import yaml
 
 from kennel.core.paths import project_root, tracking_uri
 
-USAGE = """usage: python -m kennel {ui,predict,compare,reproduce,lr-find} ...
+USAGE = """usage: python -m kennel {ui,predict,compare,reproduce,lr-find,review} ...
 
   ui          the MLflow UI on this project's runs, bound to 127.0.0.1
   predict     classify image files or folders with a trained model
   compare     runs side by side: params that differ, metrics, the test images whose predictions changed
   reproduce   rerun a past run, commit or DVC experiment and compare its metrics
   lr-find     learning-rate range test on the train split: plot, suggested train.lr, an MLflow run
+  review      the audit's suspects as drafts of data/relabel.csv and data/exclude.csv, to edit and commit
 
 Run `python -m kennel COMMAND --help` for a command's options."""
 
@@ -127,5 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kennel.serve.lr_find import lr_find_cli
 
         return lr_find_cli(rest)
+    if command == "review":
+        from kennel.serve.review import review_cli
+
+        return review_cli(rest)
     print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
     return 0 if command in ("-h", "--help") else 2
