@@ -1,13 +1,16 @@
-"""Transfer learning on real photos: the real pipeline once per fine-tuning mode, one table.
+"""Transfer learning on real photos, judged on photos of another source: one real pipeline run per fine-tuning mode.
 
-    python benchmarks/realdata.py PHOTOS_DIR --weights FILE --arch NAME [--modes head,staged,full,none]
-                                  [--jobs 1] [--threads N]
+    python benchmarks/realdata.py PHOTOS_DIR --weights FILE --arch NAME [--other DIR] [--modes head,staged,full]
+                                  [--set KEY=VALUE ...] [--jobs 1] [--threads N] [--json FILE]
 
-PHOTOS_DIR is an ImageFolder (``<class>/<image>``). In a temporary copy of the project (a fresh git + DVC repo,
-``data.source: folder`` pointing at PHOTOS_DIR, which is read in place, never copied) it runs ``dvc repro`` up to
-resize once, then, in a copy of that project per mode, ``dvc repro`` with that mode's params (``--jobs`` modes at
-a time, ``--threads`` torch threads each), and prints test accuracy, validation accuracy (of the kept epoch),
-epochs and the pipeline's seconds after resize (train + evaluate, MLflow logging included).
+PHOTOS_DIR and DIR are ImageFolders (``<class>/<image>``). In a temporary copy of the project (a fresh git + DVC
+repo, ``data.source: folder`` pointing at PHOTOS_DIR, read in place, never copied) it runs ``dvc repro`` up to
+resize once, then, in a copy of that project per mode, ``dvc repro`` with the shipped params.yaml changed only in
+``data.*``, ``model.arch``, ``model.weights`` and ``model.finetune`` (plus any ``--set``). Per mode it prints the
+own test split's accuracy and, with ``--other``, the accuracy on every photo of DIR as ``kennel predict`` gives
+it (the path a user takes), each with its 95 % Wilson interval; the run's linear probe (``head``, ``staged``) and,
+with ``--other``, a probe fit here the same way (scikit-learn on the same pretrained features of the same train
+split, C chosen on val) scored on DIR; the epoch kept and the pipeline's seconds after resize.
 Modes: ``head``, ``staged`` and ``full`` from FILE, and ``none``: full fine-tuning from random init, for contrast.
 """
 
@@ -31,17 +34,14 @@ from project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "src"))
 
-COMMON = {"resize.size": 224, "resize.mode": "center_crop", "train.batch_size": 32, "train.optimizer": "adamw",
-          "train.select": "best", "train.amp": "auto", "train.label_smoothing": 0.1, "train.schedule": "cosine",
-          "train.warmup_epochs": 0.5}
-# The recipe per mode: what each `dvc repro` changes in params.yaml.
+# What each mode changes in the shipped params.yaml: the mode, nothing else.
 RECIPES = {
-    "head": {"model.finetune": "head", "train.epochs": 10, "train.lr": 0.003},
-    "staged": {"model.finetune": "staged", "train.epochs": 4, "train.head_epochs": 2, "train.lr": 0.001,
-               "train.backbone_lr_mult": 0.1},
-    "full": {"model.finetune": "full", "train.epochs": 3, "train.lr": 0.0003},
-    "none": {"model.finetune": "full", "model.weights": "none", "train.epochs": 3, "train.lr": 0.001},
+    "head": {"model.finetune": "head"},
+    "staged": {"model.finetune": "staged"},
+    "full": {"model.finetune": "full"},
+    "none": {"model.finetune": "full", "model.weights": "none"},
 }
 
 
@@ -64,17 +64,77 @@ def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def run_mode(prepared: Path, base: dict, mode: str, env: dict) -> dict:
-    """``dvc repro`` with ``mode``'s params in a copy of the prepared project (data stages already done)."""
+def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, other: Path | None) -> dict:
+    """``dvc repro`` with ``mode``'s params in a copy of the prepared project (data stages already done), then
+    ``kennel predict`` on ``other``."""
     root = prepared.with_name(mode)
     shutil.copytree(prepared, root, symlinks=True)
-    params = set_params(json.loads(json.dumps(base)), RECIPES[mode])
+    params = set_params(json.loads(json.dumps(base)), {**RECIPES[mode], **overrides})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     seconds = sh([str(BIN / "dvc"), "repro"], root, env)
     test = json.loads((root / "reports/metrics.json").read_text())
     live = json.loads((root / "dvclive/metrics.json").read_text())
-    return {"mode": mode, "test_accuracy": test["test_accuracy"], "val_accuracy": live["selected_val_accuracy"],
-            "epochs": live["step"], "seconds": seconds, "recipe": RECIPES[mode]}
+    row = {"mode": mode, "test_accuracy": test["test_accuracy"], "test_low": test["test_accuracy_low"],
+           "test_high": test["test_accuracy_high"], "test_images": test["test_images"],
+           "val_accuracy": live["selected_val_accuracy"], "selected_epoch": live["selected_epoch"],
+           "epochs": live["step"], "probe_test": live.get("baseline_test_accuracy"),
+           "probe_val": live.get("baseline_val_accuracy"), "seconds": seconds}
+    if other is not None:
+        out = root / "other.csv"
+        sh([str(BIN / "python"), "-m", "kennel", "predict", str(other), "--model", "models/model.pt", "--output",
+            str(out)], root, {**env, "PYTHONPATH": str(root / "src")})
+        row.update(other_scores(pd.read_csv(out, keep_default_na=False)))
+    return row
+
+
+def other_scores(predictions: pd.DataFrame) -> dict:
+    """Accuracy (and its interval) of ``kennel predict``'s rows, the true class being the photo's folder."""
+    from kennel.evaluate.metrics import wilson_interval
+
+    truth = predictions["path"].map(lambda p: Path(p).parent.name)
+    correct, n = int((predictions["class"] == truth).sum()), len(predictions)
+    low, high = wilson_interval(correct, n)
+    return {"other_accuracy": correct / n, "other_low": low, "other_high": high, "other_images": n}
+
+
+def probe_scores(prepared: Path, arch: str, weights: Path, other: Path) -> dict:
+    """The linear probe as the runs fit it (kennel's own features and fit), scored on the other photos too."""
+    import numpy as np
+    import torch
+
+    from kennel.core.device import resolve_amp
+    from kennel.data.images import load_array
+    from kennel.data.shards import read_meta
+    from kennel.evaluate.metrics import wilson_interval
+    from kennel.train.batches import make_batches
+    from kennel.train.fine_tune import extract_features
+    from kennel.train.model import build_model
+    from kennel.train.probe import fit_probe
+
+    data = prepared / "data/resized"
+    meta = read_meta(data)
+    model, _ = build_model(arch, meta["classes"], str(weights), "head")
+    cpu = torch.device("cpu")
+    amp = resolve_amp("auto", cpu)
+    features = {split: extract_features(model, make_batches(data, split, resident=False, batch_size=64, device=cpu),
+                                        cpu, amp) for split in ("train", "val", "test")}
+    probe = fit_probe(features["train"], features["val"], features["test"], classes=len(meta["classes"]))
+    files = sorted(p for c in meta["classes"] for p in (other / c).iterdir())
+    x = np.stack([load_array(p, meta["size"], mode=meta.get("recipe", "center_crop")) for p in files])
+    y = np.array([meta["classes"].index(p.parent.name) for p in files])
+    fx, _ = extract_features(model, [(torch.from_numpy(x[i:i + 64]), torch.from_numpy(y[i:i + 64]))
+                                     for i in range(0, len(x), 64)], cpu, amp)
+    correct = int((probe.predict_proba(fx.double().numpy()).argmax(1) == y).sum())
+    low, high = wilson_interval(correct, len(y))
+    return {"probe_c": probe.c, "probe_val": probe.val_accuracy, "probe_test": probe.test_accuracy,
+            "probe_other": correct / len(y), "probe_other_low": low, "probe_other_high": high}
+
+
+def interval(row: dict, key: str) -> str:
+    if row.get(key) is None or pd.isna(row.get(key)):
+        return ""
+    low, high = row.get(f"{key.removesuffix('_accuracy')}_low"), row.get(f"{key.removesuffix('_accuracy')}_high")
+    return f"{row[key]:.4f} ({low:.3f}-{high:.3f})" if low is not None else f"{row[key]:.4f}"
 
 
 def main(argv=None) -> int:
@@ -82,25 +142,31 @@ def main(argv=None) -> int:
     parser.add_argument("photos", type=Path, help="ImageFolder of photos, read in place")
     parser.add_argument("--weights", type=Path, required=True, help="state dict for --arch (full or backbone only)")
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--modes", default="head,staged,full,none")
+    parser.add_argument("--other", type=Path, help="ImageFolder of photos of another source, scored per mode")
+    parser.add_argument("--modes", default="head,staged,full")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml change for every mode (YAML value), e.g. train.refit=true")
     parser.add_argument("--jobs", type=int, default=1, help="modes run at the same time, each in its own copy")
     parser.add_argument("--threads", type=int, help="torch threads per mode (OMP_NUM_THREADS; default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
-        **COMMON, "data.source": "folder", "data.raw_dir": str(args.photos.resolve()), "model.arch": args.arch,
+        "data.source": "folder", "data.raw_dir": str(args.photos.resolve()), "model.arch": args.arch,
         "model.weights": str(args.weights.resolve()),
     })
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    env_note = (f"{machine()}; arch {args.arch}; weights {args.weights.name}; photos {args.photos}; "
-                f"{args.jobs} mode(s) at a time, {args.threads or 'default'} torch thread(s) each")
+    env_note = (f"{machine()}; arch {args.arch}; weights {args.weights.name}; photos {args.photos}"
+                f"{f'; other {args.other}' if args.other else ''}; {args.jobs} mode(s) at a time, "
+                f"{args.threads or 'default'} torch thread(s) each; params.yaml as shipped but data.*, model.arch, "
+                f"model.weights, model.finetune{''.join(f', {k}={v}' for k, v in overrides.items())}")
     print(env_note, flush=True)
 
     def one(mode: str) -> dict:
-        r = run_mode(prepared, base, mode, env)
-        print(f"{mode}: test {r['test_accuracy']:.4f}  val {r['val_accuracy']:.4f}  "
-              f"{r['epochs']} epochs  {r['seconds']:.0f} s", flush=True)
+        r = run_mode(prepared, base, mode, env, overrides, args.other)
+        print(f"{mode}: test {interval(r, 'test_accuracy')}  other {interval(r, 'other_accuracy')}  "
+              f"epoch {r['selected_epoch']} of {r['epochs']}  {r['seconds']:.0f} s", flush=True)
         return r
 
     with tempfile.TemporaryDirectory(prefix="kennel-realdata-") as tmp:
@@ -110,17 +176,24 @@ def main(argv=None) -> int:
         prep = sh([str(BIN / "dvc"), "repro", "resize"], prepared)
         summary = json.loads((prepared / "reports/data_summary.json").read_text())
         print(f"prepare + resize: {prep:.0f} s; {summary['kept']} photos kept of {summary['found']}", flush=True)
+        probe = probe_scores(prepared, args.arch, args.weights, args.other) if args.other else {}
         with ThreadPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(one, args.modes.split(",")))
-    table = pd.DataFrame(rows)[["mode", "test_accuracy", "val_accuracy", "epochs", "seconds"]]
+    table = pd.DataFrame([{"mode": r["mode"], "own test": interval(r, "test_accuracy"),
+                           "other source": interval(r, "other_accuracy"),
+                           "probe (run) val / test": "" if r["probe_val"] is None else
+                           f"{r['probe_val']:.4f} / {r['probe_test']:.4f}",
+                           "epoch kept": f"{r['selected_epoch']} of {r['epochs']}",
+                           "seconds after resize": f"{r['seconds']:.0f}"} for r in rows])
     print(f"\n{env_note}\n")
-    print(table.to_markdown(index=False, floatfmt=(".0f", ".4f", ".4f", ".0f", ".0f")))
-    print("\ncommon params: " + ", ".join(f"{k}={v}" for k, v in COMMON.items()))
-    for r in rows:
-        print(f"{r['mode']}: " + ", ".join(f"{k}={v}" for k, v in r["recipe"].items()))
+    print(table.to_markdown(index=False))
+    if probe:
+        print(f"\nlinear probe (C {probe['probe_c']:g} chosen on val, fit on the {summary['per_class'] and ''}"
+              f"train split): val {probe['probe_val']:.4f}, own test {probe['probe_test']:.4f}, other source "
+              f"{interval(probe, 'probe_other')}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": env_note, "prepare_resize_seconds": prep, "common": COMMON,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": env_note, "prepare_resize_seconds": prep, "overrides": overrides,
+                                         "probe": probe, "rows": rows}, indent=2, default=str))
     return 0
 
 
