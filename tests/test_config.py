@@ -115,3 +115,45 @@ def test_stage_rejects_bad_params_before_any_work(tmp_path, stage):
     assert out.returncode == 2, out.stderr
     assert "train.batch_size = 0" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def _readme_table(heading: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table under ``heading`` in README.md, as {column: cell}."""
+    text = (REPO / "README.md").read_text()
+    lines = text[text.index(f"\n{heading}\n"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = [line for line in lines[start:] if line.startswith("|")][: next(
+        (i for i, line in enumerate(lines[start:]) if not line.startswith("|")), None)]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    return [dict(zip(cells[0], row, strict=True)) for row in cells[2:]]
+
+
+def test_every_params_key_is_in_the_readme_table_with_its_shipped_default():
+    rows = {r["key"].strip("`"): r["default"] for r in _readme_table("## Params")}
+    flat = load_params(REPO / "params.yaml").flat()
+    documented = {}
+    for key, default in rows.items():  # "train.augment.scale_min`, `scale_max" rows name two keys
+        names = [k.strip("` ") for k in key.split(",")]
+        values = [v.strip() for v in default.split(",")] if len(names) > 1 else [default]
+        prefix = names[0].rpartition(".")[0]
+        for name, value in zip(names, values, strict=True):
+            documented[name if "." in name or not prefix else f"{prefix}.{name}"] = value
+    assert set(documented) == set(flat)
+    for key, value in flat.items():
+        shipped = str(value).lower() if isinstance(value, bool) else str(value)
+        cell = documented[key].split(" (")[0]  # "data/synthetic (placeholder)": a note may follow the value
+        assert cell in (shipped, f"{value:g}" if isinstance(value, float) else shipped, '""'), key
+
+
+def test_what_each_mode_does_is_what_the_readme_says():
+    import dataclasses
+
+    from kennel.train.fine_tune import describe_phases
+
+    params = load_params(REPO / "params.yaml")
+    rows = _readme_table("### What each mode does with the shipped params")
+    assert [r["model.finetune"] for r in rows] == ["`head`", "`staged`", "`full`"]
+    for row in rows:
+        mode = row["model.finetune"].strip("`")
+        p = dataclasses.replace(params, model=dataclasses.replace(params.model, finetune=mode))
+        assert row["with pretrained weights"] == "; then ".join(describe_phases(p, pretrained=True)), mode

@@ -116,6 +116,26 @@ def phases(params: Params) -> list[Phase]:
     return [Phase(1, 1, t.epochs, finetune == "head")]
 
 
+def describe_phases(params: Params, pretrained: bool) -> list[str]:
+    """What each phase of ``params`` does, in words: the log's first line, and README's table of modes (a test
+    holds the two together)."""
+    t, a = params.train, params.train.augment
+    bn = "BatchNorm statistics kept" if freezes_bn(t.freeze_bn, params.model.finetune, pretrained) \
+        else "BatchNorm statistics updated"
+    words = []
+    for phase in phases(params):
+        epochs = f"{phase.last - phase.first + 1} epoch{'s' if phase.last > phase.first else ''}"
+        if phase.frozen:
+            start = "from the linear probe" if t.head_init == "probe" else "from random"
+            words.append(f"{epochs}: head only {start}, lr {t.lr:g}, on cached features (no augmentation)")
+            continue
+        lr = f"head lr {t.lr:g}, backbone lr {t.lr * t.backbone_lr_mult:g}" if phase.index > 1 else f"lr {t.lr:g}"
+        crop = f"crops of {a.scale_min:g}-{a.scale_max:g} of the area, flips {a.flip:g}" if a.enabled \
+            else "no augmentation"
+        words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}")
+    return words
+
+
 def param_groups(model: Classifier, lr: float, backbone_lr_mult: float) -> list[dict]:
     """Discriminative learning rates: the head at ``lr`` (first group, the one logged), the backbone slower."""
     head = model.head_parameter_names()
@@ -137,15 +157,17 @@ def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Cla
     """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last; seed the RNG first."""
     model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
                                  params.model.finetune)
-    model.freeze_bn = freezes_bn(params.train.freeze_bn, weights)
+    model.freeze_bn = freezes_bn(params.train.freeze_bn, params.model.finetune, weights.loaded > 0)
     return model.to(device, memory_format=torch.channels_last), weights
 
 
-def freezes_bn(setting: str | bool, weights: WeightsInfo) -> bool:
-    """``train.freeze_bn``: auto = when weights were loaded. Statistics re-estimated from a few hundred photos
-    (and the augmented crops of them) are noisier than ImageNet's and shift the features the head was fit on;
-    random-init statistics, on the other hand, mean nothing and must be learnt."""
-    return weights.loaded > 0 if setting == "auto" else bool(setting)
+def freezes_bn(setting: str | bool, finetune: str, pretrained: bool) -> bool:
+    """``train.freeze_bn``: auto = pretrained weights under ``staged``. There the head is fit first and the
+    backbone only adjusts: statistics re-estimated from a few hundred augmented photos are noisier than the
+    pretrained ones and shift the features the head was fit on. ``full`` starts from a random head and moves the
+    backbone far (measured: with frozen statistics at lr 1e-3 it stayed at chance), and random-init statistics
+    mean nothing: both must learn them."""
+    return pretrained and finetune == "staged" if setting == "auto" else bool(setting)
 
 
 @dataclass
@@ -255,6 +277,8 @@ def train(
     log.info("training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
              device, amp_name(amp_dtype), result.data_placement, n_train, n_val, batch_size, ctx.world,
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
+    log.info("model.finetune %s: %s; %s, %s schedule", params.model.finetune,
+             "; then ".join(describe_phases(params, weights.loaded > 0)), t.optimizer, t.schedule)
     on_start(result)
 
     evaluated: nn.Module = model
