@@ -129,7 +129,7 @@ class TrainConfig:
     warmup_epochs: float
     grad_clip: float  # max global gradient norm; 0 = off
     head_epochs: int  # finetune staged: epochs with the backbone frozen, before all layers train
-    backbone_lr_mult: float  # finetune staged, second phase: the backbone's lr is train.lr times this
+    backbone_lr_mult: float  # all layers from pretrained weights: the backbone's lr is train.lr times this
     head_init: Literal["probe", "random"]  # frozen phase: start the head at the linear probe's solution or at random
     freeze_bn: Literal["auto", True, False]  # all-layer training keeps BatchNorm's running statistics as loaded
     augment: AugmentConfig

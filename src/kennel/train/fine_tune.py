@@ -129,7 +129,7 @@ def describe_phases(params: Params, pretrained: bool) -> list[str]:
             start = "from the linear probe" if t.head_init == "probe" else "from random"
             words.append(f"{epochs}: head only {start}, lr {t.lr:g}, on cached features (no augmentation)")
             continue
-        lr = f"head lr {t.lr:g}, backbone lr {t.lr * t.backbone_lr_mult:g}" if phase.index > 1 else f"lr {t.lr:g}"
+        lr = f"head lr {t.lr:g}, backbone lr {t.lr * t.backbone_lr_mult:g}" if pretrained else f"lr {t.lr:g}"
         crop = f"crops of {a.scale_min:g}-{a.scale_max:g} of the area, flips {a.flip:g}" if a.enabled \
             else "no augmentation"
         words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}")
@@ -187,14 +187,15 @@ class PhaseSetup:
 
 def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Path, resident: bool, batch_size: int,
                 device: torch.device, amp_dtype: torch.dtype | None, generator: torch.Generator,
-                ctx: Dist, fresh: bool = True, splits: tuple[str, str] = TRAIN_VAL,
+                ctx: Dist, fresh: bool = True, pretrained: bool = False, splits: tuple[str, str] = TRAIN_VAL,
                 probe_cs: Sequence[float] = PROBE_CS) -> PhaseSetup:
     """The data, module, optimizer, schedule and grad scaler of ``phase``.
 
     Frozen: the backbone's features never change, so they are computed once and the head trains on them
     (no augmentation); the linear probe is fit on them, and with ``head_init: probe`` the head starts from it
-    unless the phase resumes (``fresh`` false: the checkpoint's head stands). Unfrozen after a frozen phase:
-    discriminative rates (backbone at ``backbone_lr_mult``).
+    unless the phase resumes (``fresh`` false: the checkpoint's head stands). All layers from ``pretrained``
+    weights: discriminative rates, the new head at ``lr``, the backbone at ``lr x backbone_lr_mult`` (it holds
+    what was learnt; from random init everything trains at ``lr``).
     """
     t = params.train
     model.set_frozen(phase.frozen)
@@ -215,13 +216,13 @@ def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Pa
     else:
         probe = None
         log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s", phase.first, phase.last,
-                 f", backbone lr x {t.backbone_lr_mult:g}" if phase.index > 1 else "",
+                 f", backbone lr x {t.backbone_lr_mult:g}" if pretrained else "",
                  "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
         train_batches = make_batches(data_dir, splits[0], **batches, shuffle=True, generator=generator, rank=ctx.rank,
                                      world=ctx.world)
         val_batches = make_batches(data_dir, splits[1], **batches, rank=ctx.rank, world=ctx.world)
         module = model
-        groups = param_groups(model, t.lr, t.backbone_lr_mult) if phase.index > 1 else list(model.parameters())
+        groups = param_groups(model, t.lr, t.backbone_lr_mult) if pretrained else list(model.parameters())
         augment = Augment.from_params(t.augment)
     trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 else module
@@ -289,7 +290,8 @@ def train(
             state.best_state = _model_state(model, state.best_state)
         setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
                             batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
-                            fresh=start <= phase.first, splits=splits, probe_cs=probe_cs)
+                            fresh=start <= phase.first, pretrained=weights.loaded > 0, splits=splits,
+                            probe_cs=probe_cs)
         if resume is not None:
             restore_phase(resume, first=phase.first, last=phase.last, optimizer=setup.optimizer,
                           scheduler=setup.scheduler, scaler=setup.scaler)
