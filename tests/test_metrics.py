@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,18 @@ def test_ece_by_hand():
     ece, table = calibration(y, probs, bins=2)  # bins [0, .5), [.5, 1]: all four in the top bin
     assert table["count"].tolist() == [4]
     assert ece == pytest.approx(abs(0.75 - np.mean([0.95, 0.9, 0.7, 0.55])))
+
+
+def test_wilson_interval_matches_hand_computations():
+    from kennel.evaluate.metrics import wilson_interval
+
+    z2 = 1.959964 ** 2
+    # no successes: the interval is [0, z^2 / (n + z^2)]
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    # all successes: [n / (n + z^2), 1]
+    assert wilson_interval(141, 141) == pytest.approx((141 / (141 + z2), 1.0))
+    # 139 of 141 (two test photos wrong), in the count form of the formula: (x + z^2/2 +- z sqrt(x(n-x)/n + z^2/4))
+    # / (n + z^2) = (139 + 1.9207 +- 1.96 * sqrt(1.9716 + 0.9604)) / 144.8415 = 0.9498 .. 0.9961
+    centre, half = (139 + z2 / 2) / (141 + z2), 1.959964 * math.sqrt(139 * 2 / 141 + z2 / 4) / (141 + z2)
+    assert wilson_interval(139, 141) == pytest.approx((centre - half, centre + half))
+    assert (round(centre - half, 4), round(centre + half, 4)) == (0.9498, 0.9961)
