@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per mode (OMP_NUM_THREADS; default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    args.other = args.other.resolve() if args.other else None  # read from each mode's project folder
 
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
         print(f"prepare + resize: {prep:.0f} s; {summary['kept']} photos kept of {summary['found']}", flush=True)
         probe = probe_scores(prepared, args.arch, args.weights, args.other) if args.other else {}
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(one, args.modes.split(",")))
+            futures = [pool.submit(one, mode) for mode in args.modes.split(",")]
+            rows = [f.result() for f in futures]  # a mode that failed stops here, with its output
     table = pd.DataFrame([{"mode": r["mode"], "own test": interval(r, "test_accuracy"),
                            "other source": interval(r, "other_accuracy"),
                            "probe (run) val / test": "" if r["probe_val"] is None else
