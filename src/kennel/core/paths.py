@@ -10,6 +10,10 @@ SCAN = Path("data/scan.csv")  # persisted: what each file's bytes showed, so unc
 # identities differ per machine, and a missing file only means hashing again.
 SCAN_IDENTITIES = Path("data/.scan-identities.csv")
 RESIZED = Path("data/resized")  # persisted: shards of unchanged images stay as they are
+# The splits train and evaluate read: the resized index with near-copies kept in one split (the audit stage), its
+# classes.json pointing at data/resized's shards, so no pixels are copied.
+AUDITED = Path("data/audited")
+EMBEDDINGS = Path("data/embeddings")  # persisted: pooled features (or hashes) per image sha1, computed once
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
 CHECKPOINT = Path("models/checkpoint.pt")  # persisted across runs: a killed train stage resumes from it
@@ -29,6 +33,10 @@ ROC_DIR = REPORTS / "roc"  # one table per class (binary: the positive class)
 PR_DIR = REPORTS / "pr"
 FIGURES = REPORTS / "figures"
 DATA_REPORT = REPORTS / "data"  # prepare's look at the data: figures and class counts
+AUDIT_REPORT = REPORTS / "audit"  # the audit stage's near-copies: table, figure, metrics
+NEAR_DUPLICATES = AUDIT_REPORT / "near_duplicates.csv"
+NEAR_DUPLICATES_FIGURE = AUDIT_REPORT / "near_duplicates.png"
+AUDIT_METRICS = AUDIT_REPORT / "metrics.json"
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -162,8 +162,8 @@ def read_split(data_dir: Path, split: str) -> tuple[np.ndarray | ShardedImages, 
         meta, index = read_meta(data_dir), read_index(data_dir)
         rows = index[index["split"] == split]
         classes = {name: i for i, name in enumerate(meta["classes"])}
-        images = ShardedImages(data_dir / "shards", rows["shard"].to_numpy(), rows["row"].to_numpy(np.int64),
-                               meta["size"])
+        images = ShardedImages(shard_folder(data_dir, meta), rows["shard"].to_numpy(),
+                               rows["row"].to_numpy(np.int64), meta["size"])
         return images, np.array([classes[label] for label in rows["label"]], dtype=np.int64)
     x_path, y_path = data_dir / f"{split}_x.npy", data_dir / f"{split}_y.npy"
     for p in (x_path, y_path):
@@ -173,6 +173,12 @@ def read_split(data_dir: Path, split: str) -> tuple[np.ndarray | ShardedImages, 
     if x.ndim != 4 or x.shape[1] != 3 or x.dtype != np.uint8 or len(x) != len(y):
         raise ValueError(f"{x_path}: expected uint8 N x 3 x S x S with {len(y)} rows, got {x.dtype} {x.shape}")
     return x, y
+
+
+def shard_folder(data_dir: Path, meta: dict) -> Path:
+    """Where a data folder's shards are: its own ``shards/``, or the folder its ``classes.json`` names (relative to
+    it) when the folder is only an index over another one's shards (``data/audited`` over ``data/resized``)."""
+    return Path(data_dir) / meta.get("shards", "shards")
 
 
 def read_index(data_dir: Path) -> pd.DataFrame:
