@@ -41,7 +41,7 @@ def audit(params: Params) -> None:
     write_audited(AUDITED, found.audited, RESIZED, read_meta(RESIZED))
     AUDIT_REPORT.mkdir(parents=True, exist_ok=True)
     write_csv(found.table, NEAR_DUPLICATES)
-    measure = "cosine" if found.kind == "embedding" else "hash sim."
+    measure = "cosine" if found.kind == "embedding" else "perceptual hash"
     pair_figure(found.pairs, found.groups, found.table, found.images, found.paths, NEAR_DUPLICATES_FIGURE,
                 a.figure_pairs, measure)
     metrics = audit_metrics(found.table, len(found.index), found.moved)

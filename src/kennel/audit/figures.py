@@ -31,5 +31,6 @@ def pair_figure(pairs: pd.DataFrame, groups: np.ndarray, table: pd.DataFrame, im
                             f"{label[name]}  {hash_split[name]}")
             colors.append(colour)
     title = (f"Near-copies: the most similar pair of {len(best)} of {int(groups.max())} groups, most similar first "
-             f"(captions: group, {measure}, file, label, hash split; red: labels differ, orange: splits differ)")
+             f"(captions: group, {measure}, file, label, hash split; red: labels differ, orange: splits differ)"
+             if len(best) else f"No near-copies found among {len(groups)} images ({measure})")
     return image_grid(pictures, captions, path, title, cols=4, colors=colors)
