@@ -21,6 +21,19 @@ from kennel.data.shards import ShardedImages, read_index, read_meta, shard_folde
 log = logging.getLogger(__name__)
 
 
+class _Batches:
+    """The images a batch at a time, unmapped after each: memory stays flat over a pass through every image."""
+
+    def __init__(self, images: ShardedImages):
+        self.images = images
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        try:
+            return self.images[positions]
+        finally:
+            self.images.release()
+
+
 @dataclass
 class Audit:
     kind: str  # "embedding" or "phash": what the images were compared by
@@ -50,7 +63,7 @@ def find_near_duplicates(resized_dir: Path, manifest: pd.DataFrame, cache_dir: P
     paths = [path_of[s] for s in index["sha1"]]
     start = time.perf_counter()
     featurizer = choose_featurizer(arch, weights, meta["classes"], meta["size"], meta.get("recipe", ""), device, amp)
-    features, computed = update_cache(cache_dir, featurizer, index["sha1"].tolist(), images, cfg.batch_size,
+    features, computed = update_cache(cache_dir, featurizer, index["sha1"].tolist(), _Batches(images), cfg.batch_size,
                                       desc="embed" if featurizer.kind == "embedding" else "hash")
     seconds = {"features": time.perf_counter() - start}
     start = time.perf_counter()

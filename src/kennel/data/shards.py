@@ -150,6 +150,11 @@ class ShardedImages:
             out[start:end] = self._map(self.shards[picked[start]])[rows[start]:rows[start] + end - start]
         return out
 
+    def release(self) -> None:
+        """Unmap the shards read so far: the pages a map has read count as this process's memory while it is
+        mapped, so a pass over every image would otherwise grow with N. They reopen on the next read."""
+        self._maps.clear()
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
