@@ -189,7 +189,7 @@ def shard_folder(data_dir: Path, meta: dict) -> Path:
 def read_index(data_dir: Path) -> pd.DataFrame:
     path = Path(data_dir) / "index.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the resize stage first (dvc repro resize)")
+        raise FileNotFoundError(f"{path}: missing; {_how_to_make(data_dir)}")
     index = pd.read_csv(path, dtype={c: str for c in INDEX_COLUMNS[:-1]}, keep_default_na=False)
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
@@ -349,8 +349,14 @@ def read_meta(data_dir: Path) -> dict:
     """``classes.json``: class names, size, resize recipe, counts per split, data fingerprint."""
     path = Path(data_dir) / "classes.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the resize stage first (dvc repro resize)")
+        raise FileNotFoundError(f"{path}: missing; {_how_to_make(data_dir)}")
     return json.loads(path.read_text())
+
+
+def _how_to_make(data_dir: Path) -> str:
+    """The stage that writes a data folder: the audit writes the splits train reads, resize the shards."""
+    stage = "audit" if Path(data_dir).name == "audited" else "resize"
+    return f"run the {stage} stage first (dvc repro {stage})"
 
 
 def read_classes(data_dir: Path) -> list[str]:
