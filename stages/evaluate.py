@@ -8,8 +8,19 @@ from pathlib import Path
 
 from kennel import track
 from kennel.core.params import MlflowConfig, Params
-from kennel.core.paths import DATA_SUMMARY, MANIFEST, MODEL, RESIZED, RUN_FILE, project_root
+from kennel.core.paths import (
+    AUDIT_METRICS,
+    AUDIT_REPORT,
+    AUDITED,
+    DATA_SUMMARY,
+    MANIFEST,
+    MODEL,
+    RUN_FILE,
+    project_root,
+)
 from kennel.core.stage import run_stage
+from kennel.data.manifest import with_splits
+from kennel.data.shards import read_index
 from kennel.evaluate.evaluation import evaluate_model
 from kennel.evaluate.note import run_note
 from kennel.evaluate.reports import figure_links, scalar_metrics, summary_line, write_reports
@@ -18,16 +29,20 @@ from kennel.evaluate.reports import figure_links, scalar_metrics, summary_line, 
 def evaluate_stage(params: Params) -> None:
     e, t, mf = params.evaluate, params.train, params.mlflow
     run_id = track.read_run_file(RUN_FILE)
-    result = evaluate_model(MODEL, RESIZED, MANIFEST, device=t.device, amp=t.amp, calibration_bins=e.calibration_bins)
+    result = evaluate_model(MODEL, AUDITED, MANIFEST, device=t.device, amp=t.amp, calibration_bins=e.calibration_bins)
     reports = write_reports(result, top_losses=e.top_losses, calibration_bins=e.calibration_bins)
     m, root = result.metrics, project_root()
+    data = with_splits(json.loads(DATA_SUMMARY.read_text()), read_index(AUDITED))  # the splits as evaluated
     with track.open_run(root, mf.experiment, run_id=run_id):
         track.log_metrics(scalar_metrics(m))
         track.log_dict(m, "evaluation/metrics.json")
         track.log_artifacts(reports.figures + reports.tables, "evaluation")
         track.log_artifacts(reports.curves, "evaluation/curves")
+        # The audit's reports go on the run here, not in train: a report-only audit change must not retrain.
+        track.log_artifacts(sorted(AUDIT_REPORT.glob("*")), "audit")
+        track.log_metrics(json.loads(AUDIT_METRICS.read_text()))
         track.note(run_note(
-            m, json.loads(DATA_SUMMARY.read_text()), experiment_id=track.experiment_id(mf.experiment, root),
+            m, data, experiment_id=track.experiment_id(mf.experiment, root),
             run_id=run_id, selected_epoch=track.run_tag(run_id, "kennel.selected_epoch"), epochs=t.epochs,
             select=t.select, selected_reason=track.run_tag(run_id, "kennel.selected_reason"),
             figures=figure_links(reports.figures),

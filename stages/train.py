@@ -13,7 +13,7 @@ import sys
 from kennel import track
 from kennel.core.device import resolve_device
 from kennel.core.params import Params
-from kennel.core.paths import CHECKPOINT, RESIZED, project_root
+from kennel.core.paths import AUDITED, CHECKPOINT, project_root
 from kennel.core.stage import run_stage
 from kennel.data.shards import read_meta
 from kennel.track.training import train_and_log
@@ -29,7 +29,7 @@ def train_stage(params: Params, argv: list[str]) -> None:
         track.check_reachable(track.tracking_uri(project_root()))
     if params.model.weights not in ("auto", "none"):
         # a weights file that does not fit stops here: nothing trained, nothing written, no MLflow run
-        read_weights(params.model.arch, params.model.weights, len(read_meta(RESIZED)["classes"]))
+        read_weights(params.model.arch, params.model.weights, len(read_meta(AUDITED)["classes"]))
     if params.train.nproc > 1 and not distributed.launched():
         code = distributed.relaunch(params.train.nproc, __file__, argv)
         if code:
@@ -37,11 +37,11 @@ def train_stage(params: Params, argv: list[str]) -> None:
         return
     ctx = distributed.setup(resolve_device(params.train.device).type)
     try:
-        resume = find_resumable(CHECKPOINT, params, RESIZED)
+        resume = find_resumable(CHECKPOINT, params, AUDITED)
         if ctx.is_main:
             train_and_log(params, project_root(), resume=resume, ctx=ctx)
         else:
-            train(params, RESIZED, checkpoint=CHECKPOINT, resume=resume, ctx=ctx)
+            train(params, AUDITED, checkpoint=CHECKPOINT, resume=resume, ctx=ctx)
     finally:
         distributed.cleanup()
 

@@ -54,6 +54,13 @@ BAD = [
     ("evaluate.calibration_bins", 1, ["evaluate.calibration_bins", "1", ">= 2"]),
     ("mlflow.system_metrics", "yes", ["mlflow.system_metrics", "'yes'", "true"]),
     ("train", "fast", ["train", "'fast'", "mapping"]),
+    ("audit.duplicate_threshold", 1.5, ["audit.duplicate_threshold", "1.5", "(0, 1]"]),
+    ("audit.duplicate_threshold", "high", ["audit.duplicate_threshold", "'high'", "number"]),
+    ("audit.hash_distance", 256, ["audit.hash_distance", "256", "[0, 255]"]),
+    ("audit.group_splits", "yes", ["audit.group_splits", "'yes'", "true or false"]),
+    ("audit.figure_pairs", 0, ["audit.figure_pairs", "0", ">= 1"]),
+    ("audit.batch_size", 0, ["audit.batch_size", "0", ">= 1"]),
+    ("audit.neighbours", 5, ["unknown key audit.neighbours", "duplicate_threshold"]),
 ]
 
 
@@ -65,7 +72,8 @@ def test_bad_value_names_key_value_and_allowed(key, value, words):
         assert word in str(err.value)
 
 
-@pytest.mark.parametrize("key", ["seed", "train.lr", "data.raw_dir", "mlflow.experiment", "model"])
+@pytest.mark.parametrize("key", ["seed", "train.lr", "data.raw_dir", "mlflow.experiment", "model", "audit",
+                                 "audit.group_splits"])
 def test_missing_key_is_named(key):
     with pytest.raises(ConfigError, match=f"missing key {key}"):
         params_from_dict(_with(key, None, delete=True))
@@ -105,7 +113,7 @@ def test_file_errors_name_the_file(tmp_path):
         load_params(bad)
 
 
-@pytest.mark.parametrize("stage", ["prepare", "resize", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["prepare", "resize", "audit", "train", "evaluate"])
 def test_stage_rejects_bad_params_before_any_work(tmp_path, stage):
     write_params(tmp_path / "params.yaml", _with("train.batch_size", 0))
     out = subprocess.run(

@@ -69,7 +69,7 @@ def test_a_manifest_that_does_not_match_the_arrays_is_named(binary, tmp_path):
     manifest = pd.read_csv(root / "manifest.csv")
     manifest = manifest.drop(manifest.index[manifest["split"] == "test"][-1])  # one test image fewer
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
-    with pytest.raises(ValueError, match="manifest.csv: the test rows do not match the resized test split"):
+    with pytest.raises(ValueError, match="manifest.csv: the test rows do not match the test split of"):
         evaluate_model(root / "model.pt", root / "resized", tmp_path / "manifest.csv", device="cpu", amp="off")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import shutil
 
+from kennel.audit.splits import write_audited
 from kennel.core.params import params_from_dict
+from kennel.data.shards import read_index, read_meta
 from kennel.train.lr_find import lr_find, plot, suggest
 from tests.conftest import REPO, build_dataset, project_runs, small_params, write_params
 
@@ -52,7 +54,8 @@ def test_cli_prints_the_suggestion_and_records_a_run_without_touching_pipeline_o
 
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     write_params(tmp_path / "params.yaml", small_params(**{"model.finetune": "head"}))
-    build_dataset(tmp_path / "data", per_class=8)
+    resized = build_dataset(tmp_path / "data", per_class=8)
+    write_audited(tmp_path / "data/audited", read_index(resized), resized, read_meta(resized))  # nothing moved
     monkeypatch.chdir(tmp_path)
     assert main(["lr-find", "--steps", "20"]) == 0
     out = capsys.readouterr().out

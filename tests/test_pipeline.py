@@ -35,7 +35,7 @@ def project(tmp_path_factory):
 
 def test_repro_writes_metrics_and_plots(project):
     root, out = project
-    for stage in ("prepare", "resize", "train", "evaluate"):
+    for stage in ("prepare", "resize", "audit", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout
     metrics = json.loads((root / "reports/evaluation.json").read_text())["test"]
     assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog"}
@@ -71,7 +71,7 @@ def test_repro_writes_metrics_and_plots(project):
     counts = pd.read_csv(root / "reports/data/class_counts.csv")
     assert counts["label"].tolist() == ["cat", "dog"] and counts["test"].sum() == n_test
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "resize", "train", "evaluate"}
+    assert set(lock["stages"]) == {"prepare", "resize", "audit", "train", "evaluate"}
 
 
 def test_mlflow_run_holds_everything(project):
@@ -103,6 +103,11 @@ def test_mlflow_run_holds_everything(project):
             "top_losses.png", "top_losses_gradcam.png", "metrics.json", "predictions.csv")} <= artifacts
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert {"data/samples.png", "data/sizes.png", "data/class_counts.png", "data/rejected.png"} <= data
+    audit = {a.path for a in client.list_artifacts(run.info.run_id, "audit")}
+    assert {"audit/near_duplicates.csv", "audit/near_duplicates.png", "audit/metrics.json"} <= audit
+    counts = json.loads((root / "data/audited/classes.json").read_text())["counts"]
+    assert run.data.metrics["data_test"] == counts["test"] and run.data.metrics["audit_moved_images"] == 0
+    assert run.data.metrics["audit_duplicate_groups"] == 0
     note = tags["mlflow.note.content"]
     assert note.startswith(f"**Test accuracy {metrics['test_accuracy']:.3f}**")
     assert "of 2 (train.select: best" in note
@@ -117,6 +122,30 @@ def test_mlflow_run_holds_everything(project):
     assert accuracy == pytest.approx(metrics["test_accuracy"])  # the logged model is the evaluated model
 
 
+def test_an_audit_param_that_moves_no_image_does_not_retrain(project):
+    root, first = project
+    # no pretrained weights here: one clear line, and near-copies still checked by the perceptual hash
+    assert "near-duplicates use a perceptual hash" in first.stdout + first.stderr
+    assert json.loads((root / "reports/audit/metrics.json").read_text())["audit_moved_images"] == 0
+    assert (root / "data/audited/index.csv").read_bytes() == (root / "data/resized/index.csv").read_bytes()
+    assert json.loads((root / "data/embeddings/meta.json").read_text())["kind"] == "phash"
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["audit"]["figure_pairs"] = 3
+    params["audit"]["hash_distance"] = 20
+    write_params(root / "params.yaml", params)
+    try:
+        assert set(json.loads(dvc(["status", "--json"], root).stdout)) == {"audit"}
+        done = dvc(["repro"], root)
+        out = done.stdout + done.stderr
+        assert "Running stage 'audit'" in out and "Running stage 'train'" not in out, out
+        assert "24 images, 0 computed (the rest cached)" in out  # the hashes came from data/embeddings
+    finally:
+        (root / "params.yaml").write_text(original)
+        dvc(["repro"], root)
+    assert json.loads(dvc(["status", "--json"], root).stdout) == {}
+
+
 def test_second_repro_is_a_noop(project):
     root, _ = project
     lock = (root / "dvc.lock").read_text()
@@ -128,8 +157,10 @@ def test_second_repro_is_a_noop(project):
 
 @pytest.mark.parametrize("edited,stages", [
     ("src/kennel/evaluate/figures.py", {"evaluate"}),  # evaluation code: train's model stays valid
-    ("src/kennel/train/optim.py", {"train", "evaluate"}),  # training code: the data stages stay valid
-    ("src/kennel/data/manifest.py", {"prepare", "resize", "train", "evaluate"}),
+    # training code: prepare and resize stay valid; the audit builds its backbone with it (features stay cached)
+    ("src/kennel/train/optim.py", {"audit", "train", "evaluate"}),
+    ("src/kennel/audit/figures.py", {"audit"}),  # then train reruns only if the audited splits change
+    ("src/kennel/data/manifest.py", {"prepare", "resize", "audit", "train", "evaluate"}),
 ])
 def test_editing_code_reruns_only_the_stages_that_run_it(project, edited, stages):
     root, _ = project
@@ -154,7 +185,7 @@ def test_lr_change_reruns_only_train_and_evaluate(project):
     assert any("train.lr" in json.dumps(change) for change in status["train"])
     out = dvc(["repro"], root).stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'prepare'" not in out and "Running stage 'resize'" not in out
+    assert all(f"Running stage '{s}'" not in out for s in ("prepare", "resize", "audit"))
     _, runs = project_runs(root)
     assert [r.data.params["train.lr"] for r in runs] == ["0.001", "0.002"]
     assert "test_accuracy" in runs[-1].data.metrics

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import mlflow
+import pandas as pd
 import pytest
 
+from kennel.data.manifest import split_of
+from kennel.data.synthetic import render
 from tests.conftest import dvc, make_project, small_params, write_image
+from tests.test_audit import copy_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +28,28 @@ def test_folder_source_end_to_end(tmp_path):
     (raw / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(40))
     (raw / "blue" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (raw / ".gitkeep").write_bytes(b"")  # a stray file outside the class folders
+    # a drawing and a mirrored, resized, re-encoded copy of it that the content hash puts in another split
+    render("cat", 0, 1).save(raw / "red" / "drawing.png")
+    split = split_of(hashlib.sha1((raw / "red/drawing.png").read_bytes()).hexdigest(), params["seed"], 0.2, 0.2)
+    (raw / "red" / "drawing copy.jpg").write_bytes(copy_bytes(render("cat", 0, 1), split, params["seed"], 0.2, 0.2))
     out = dvc(["repro"], root)
     assert "Running stage 'evaluate'" in out.stdout
 
+    # the audit found the leak and put the copy in the original's split (or the other way round): the manifest
+    # keeps the hash splits, the audited index that train and evaluate read does not
+    audit = json.loads((root / "reports/audit/metrics.json").read_text())
+    assert (audit["audit_duplicate_groups"], audit["audit_leak_groups"], audit["audit_moved_images"]) == (1, 1, 1)
+    pair = pd.read_csv(root / "reports/audit/near_duplicates.csv")
+    assert set(pair["path"]) == {"data/raw/red/drawing.png", "data/raw/red/drawing copy.jpg"}
+    assert pair["hash_split"].nunique() == 2 and pair["split"].nunique() == 1
+    audited = pd.read_csv(root / "data/audited/index.csv").set_index("sha1")["split"]
+    assert set(audited[pair["sha1"]]) == set(pair["split"])
+    tested = set(pd.read_csv(root / "reports/predictions.csv")["path"])
+    assert (pair["split"].iloc[0] == "test") == (set(pair["path"]) <= tested) and len(set(pair["path"]) & tested) != 1
+    assert len(tested) == json.loads((root / "data/audited/classes.json").read_text())["counts"]["test"]
+
     summary = json.loads((root / "reports/data_summary.json").read_text())
-    assert (summary["found"], summary["kept"], summary["rejected"]) == (33, 30, 3)  # + .gitkeep
+    assert (summary["found"], summary["kept"], summary["rejected"]) == (35, 32, 3)  # + .gitkeep
     rejects = (root / "reports/rejects.csv").read_text()
     assert "data/raw/red/Thumbs.db,red,not an image" in rejects
     assert "data/raw/blue/broken.jpg,blue,truncated or corrupt" in rejects
@@ -39,7 +61,8 @@ def test_folder_source_end_to_end(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
-    assert run.data.metrics["data_found"] == 33 and run.data.metrics["data_rejected"] == 3
+    assert run.data.metrics["data_found"] == 35 and run.data.metrics["data_rejected"] == 3
+    assert run.data.metrics["audit_moved_images"] == 1
     assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} == {
         "data/data_summary.json", "data/rejects.csv", "data/class_counts.csv", "data/samples.png", "data/sizes.png",
         "data/class_counts.png", "data/rejected.png"}

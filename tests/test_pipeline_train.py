@@ -80,7 +80,7 @@ def test_two_gloo_processes_train_end_to_end(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun standalone rendezvous")
 def test_stage_works_when_launched_by_torchrun_directly(tmp_path):
     root = make_project(tmp_path / "torchrun", small_params(**{"train.batch_size": 8, "train.epochs": 1}))
-    dvc(["repro", "resize"], root)
+    dvc(["repro", "audit"], root)
     env = {**os.environ, "PYTHONPATH": "src"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           "stages/train.py"], cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -14,7 +14,8 @@ from tests.conftest import project_runs, small_params, write_params
 
 @pytest.fixture
 def prepared(tmp_path, monkeypatch):
-    """prepare and resize run in ``tmp_path`` (a git-less folder) with the shrunken params."""
+    """prepare, resize and audit run in ``tmp_path`` (a git-less folder) with the shrunken params."""
+    from stages.audit import main as audit
     from stages.prepare import main as prepare
     from stages.resize import main as resize
 
@@ -22,7 +23,7 @@ def prepared(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     raw = small_params(**{"train.epochs": 2})
     write_params(tmp_path / "params.yaml", raw)
-    assert prepare([]) == 0 and resize([]) == 0
+    assert prepare([]) == 0 and resize([]) == 0 and audit([]) == 0
     return tmp_path, params_from_dict(raw)
 
 
@@ -33,6 +34,8 @@ def test_train_and_log_records_one_complete_run(prepared):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == str(params.train.lr) and run.data.params["model.arch"] == "resnet18"
     assert run.data.metrics["data_kept"] == json.loads((root / "reports/data_summary.json").read_text())["kept"]
+    counts = json.loads((root / "data/audited/classes.json").read_text())["counts"]
+    assert run.data.metrics["data_train"] == counts["train"] and run.data.metrics["audit_moved_images"] == 0
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2] and [m.value for m in history] == [
         r.val_accuracy for r in result.history]

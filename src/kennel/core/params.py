@@ -185,6 +185,26 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit stage: near-copies of one photo, within and across splits, found from pooled backbone features."""
+
+    duplicate_threshold: float  # cosine similarity of two images' pooled features at or above which they are copies
+    hash_distance: int  # without pretrained weights: perceptual-hash bits (of 256) at or below which they are copies
+    group_splits: bool  # a group of near-copies never straddles splits: its members follow one member's split
+    figure_pairs: int  # the most similar pairs drawn side by side in reports/audit/near_duplicates.png
+    batch_size: int  # images per forward pass while embedding
+
+    def check(self) -> None:
+        if not 0 < self.duplicate_threshold <= 1:
+            raise ConfigError(f"audit.duplicate_threshold = {self.duplicate_threshold!r}: "
+                              "allowed: a cosine similarity in (0, 1]")
+        if not 0 <= self.hash_distance < 256:
+            raise ConfigError(f"audit.hash_distance = {self.hash_distance!r}: allowed: an integer in [0, 255]")
+        _at_least("audit.figure_pairs", self.figure_pairs, 1)
+        _at_least("audit.batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     experiment: str
     registered_model: str  # each run registers a version under this name; "" = no registry
@@ -204,11 +224,12 @@ class Params:
     model: ModelConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    audit: AuditConfig
     mlflow: MlflowConfig
 
     def check(self) -> None:
         _at_least("seed", self.seed, 0)
-        for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.mlflow):
+        for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.audit, self.mlflow):
             section.check()
         if self.model.finetune == "staged":
             t = self.train

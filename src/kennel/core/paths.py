@@ -16,6 +16,10 @@ RELABEL = Path("data/relabel.csv")
 EXCLUDE_DRAFT = Path("data/exclude.draft.csv")
 RELABEL_DRAFT = Path("data/relabel.draft.csv")
 RESIZED = Path("data/resized")  # persisted: shards of unchanged images stay as they are
+# The splits train and evaluate read: the resized index with near-copies kept in one split (the audit stage), its
+# classes.json pointing at data/resized's shards, so no pixels are copied.
+AUDITED = Path("data/audited")
+EMBEDDINGS = Path("data/embeddings")  # persisted: pooled features (or hashes) per image sha1, computed once
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
 CHECKPOINT = Path("models/checkpoint.pt")  # persisted across runs: a killed train stage resumes from it
@@ -35,9 +39,12 @@ ROC_DIR = REPORTS / "roc"  # one table per class (binary: the positive class)
 PR_DIR = REPORTS / "pr"
 FIGURES = REPORTS / "figures"
 DATA_REPORT = REPORTS / "data"  # prepare's look at the data: figures and class counts
-AUDIT = REPORTS / "audit"  # the audit stage's findings: suspected label errors, near duplicates
-LABEL_ISSUES = AUDIT / "label_issues.csv"  # images whose label the embeddings contradict, most suspect first
-NEAR_DUPLICATES = AUDIT / "near_duplicates.csv"  # groups of near-identical images
+AUDIT_REPORT = REPORTS / "audit"  # the audit stage's findings: near-copies, suspected label errors, metrics
+NEAR_DUPLICATES = AUDIT_REPORT / "near_duplicates.csv"
+NEAR_DUPLICATES_FIGURE = AUDIT_REPORT / "near_duplicates.png"
+LABEL_ISSUES = AUDIT_REPORT / "label_issues.csv"  # images whose label the embeddings contradict, most suspect first
+LABEL_ISSUES_FIGURE = AUDIT_REPORT / "label_issues.png"
+AUDIT_METRICS = AUDIT_REPORT / "metrics.json"
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -135,6 +135,14 @@ def _summary(candidates: Sequence[Candidate], kept: pd.DataFrame, rejects: pd.Da
     }
 
 
+def with_splits(summary: dict, index: pd.DataFrame) -> dict:
+    """``summary`` with each class's split counts taken from ``index`` (split, label): the splits as the audit
+    stage left them, which differ from prepare's where near-copies were moved into one split."""
+    per_class = {label: {**c, **{split: int(((index["label"] == label) & (index["split"] == split)).sum())
+                                 for split in SPLITS}} for label, c in summary["per_class"].items()}
+    return {**summary, "per_class": per_class}
+
+
 def write_csv(df: pd.DataFrame, path: Path) -> None:
     """``df`` without its index, written whole or not at all."""
     with atomic_path(path) as tmp:

@@ -150,6 +150,11 @@ class ShardedImages:
             out[start:end] = self._map(self.shards[picked[start]])[rows[start]:rows[start] + end - start]
         return out
 
+    def release(self) -> None:
+        """Unmap the shards read so far: the pages a map has read count as this process's memory while it is
+        mapped, so a pass over every image would otherwise grow with N. They reopen on the next read."""
+        self._maps.clear()
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
@@ -163,8 +168,8 @@ def read_split(data_dir: Path, split: str) -> tuple[np.ndarray | ShardedImages, 
         meta, index = read_meta(data_dir), read_index(data_dir)
         rows = index[index["split"].isin(split.split("+"))]
         classes = {name: i for i, name in enumerate(meta["classes"])}
-        images = ShardedImages(data_dir / "shards", rows["shard"].to_numpy(), rows["row"].to_numpy(np.int64),
-                               meta["size"])
+        images = ShardedImages(shard_folder(data_dir, meta), rows["shard"].to_numpy(),
+                               rows["row"].to_numpy(np.int64), meta["size"])
         return images, np.array([classes[label] for label in rows["label"]], dtype=np.int64)
     if "+" in split:
         parts = [read_split(data_dir, part) for part in split.split("+")]
@@ -179,10 +184,16 @@ def read_split(data_dir: Path, split: str) -> tuple[np.ndarray | ShardedImages, 
     return x, y
 
 
+def shard_folder(data_dir: Path, meta: dict) -> Path:
+    """Where a data folder's shards are: its own ``shards/``, or the folder its ``classes.json`` names (relative to
+    it) when the folder is only an index over another one's shards (``data/audited`` over ``data/resized``)."""
+    return Path(data_dir) / meta.get("shards", "shards")
+
+
 def read_index(data_dir: Path) -> pd.DataFrame:
     path = Path(data_dir) / "index.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the resize stage first (dvc repro resize)")
+        raise FileNotFoundError(f"{path}: missing; {_how_to_make(data_dir)}")
     index = pd.read_csv(path, dtype={c: str for c in INDEX_COLUMNS[:-1]}, keep_default_na=False)
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
@@ -342,8 +353,14 @@ def read_meta(data_dir: Path) -> dict:
     """``classes.json``: class names, size, resize recipe, counts per split, data fingerprint."""
     path = Path(data_dir) / "classes.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the resize stage first (dvc repro resize)")
+        raise FileNotFoundError(f"{path}: missing; {_how_to_make(data_dir)}")
     return json.loads(path.read_text())
+
+
+def _how_to_make(data_dir: Path) -> str:
+    """The stage that writes a data folder: the audit writes the splits train reads, resize the shards."""
+    stage = "audit" if Path(data_dir).name == "audited" else "resize"
+    return f"run the {stage} stage first (dvc repro {stage})"
 
 
 def read_classes(data_dir: Path) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from kennel.core.device import resolve_amp, resolve_device
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.manifest import read_manifest
+from kennel.data.shards import read_index
 from kennel.evaluate.gradcam import grad_cam
 from kennel.evaluate.metrics import Curves, calibration, classification_metrics, curves
 from kennel.train.batches import make_loader
@@ -92,7 +93,7 @@ def evaluate_model(
     log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
     return Evaluation(
         classes=model.classes,
-        paths=split_paths(manifest, split, model.classes, labels),
+        paths=split_paths(manifest, data_dir, split, model.classes, labels),
         labels=labels,
         probs=probs,
         losses=np.maximum(-log_probs[np.arange(len(labels)), labels], 0.0),  # no -0.0
@@ -104,15 +105,20 @@ def evaluate_model(
     )
 
 
-def split_paths(manifest: Path, split: str, classes: list[str], labels: np.ndarray) -> list[str]:
-    """The manifest paths of a split, in the order the resize stage wrote its arrays (manifest order)."""
+def split_paths(manifest: Path, data_dir: Path, split: str, classes: list[str], labels: np.ndarray) -> list[str]:
+    """The manifest paths of a split, in the order its arrays are read: the data folder's index rows of that split
+    (its split column, which the audit stage may have changed from the manifest's), joined to the manifest by
+    sha1."""
     rows = read_manifest(manifest)
-    rows = rows[rows["split"] == split]
-    index = {name: i for i, name in enumerate(classes)}
-    if [index.get(label, -1) for label in rows["label"]] != labels.tolist():
-        raise ValueError(f"{manifest}: the {split} rows do not match the resized {split} split; "
-                         "rerun the resize stage (dvc repro resize)")
-    return rows["path"].tolist()
+    index = read_index(data_dir)
+    index = index[index["split"] == split]
+    path_of = dict(zip(rows["sha1"], rows["path"], strict=True))
+    number = {name: i for i, name in enumerate(classes)}
+    if any(s not in path_of for s in index["sha1"]) or [number.get(label, -1) for label in index["label"]] != \
+            labels.tolist():
+        raise ValueError(f"{manifest}: the {split} rows do not match the {split} split of {data_dir}; "
+                         "rerun the pipeline (dvc repro)")
+    return [path_of[s] for s in index["sha1"]]
 
 
 def file_name(label: str) -> str:

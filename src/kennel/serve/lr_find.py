@@ -15,7 +15,7 @@ def lr_find_cli(argv=None) -> int:
     from kennel import track
     from kennel.core.errors import ConfigError, WeightsError
     from kennel.core.params import load_params
-    from kennel.core.paths import RESIZED, project_root
+    from kennel.core.paths import AUDITED, project_root
     from kennel.serve.cli import command_parser, fail
 
     parser = command_parser("lr-find", __doc__.splitlines()[0])
@@ -30,9 +30,9 @@ def lr_find_cli(argv=None) -> int:
     root = project_root()
     try:
         params = load_params(root / args.params)
-        if not (root / RESIZED / "classes.json").exists():
-            raise FileNotFoundError(f"{root / RESIZED}: no resized data; run `dvc repro resize` first")
-        result = lr_find(params, root / RESIZED, args.steps, args.start_lr, args.end_lr)
+        if not (root / AUDITED / "classes.json").exists():
+            raise FileNotFoundError(f"{root / AUDITED}: no audited splits; run `dvc repro audit` first")
+        result = lr_find(params, root / AUDITED, args.steps, args.start_lr, args.end_lr)
         png = plot(result, root / args.output)
         name = f"lr-find-{params.model.arch}-{params.model.finetune}"
         with track.open_run(root, params.mlflow.experiment, run_name=name,

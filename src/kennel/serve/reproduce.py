@@ -25,6 +25,7 @@ from kennel.core.params import load_params
 from kennel.core.versioning import RUN_ID, commit_unversioned_reason, committed_files, git
 
 METRICS = ("accuracy", "macro_f1", "roc_auc")
+DATA_STAGES = ("prepare", "resize", "audit")  # restored from the cache, in pipeline order
 
 
 
@@ -162,9 +163,11 @@ def reproduce(target: Target, root: Path) -> dict[str, float]:
         _dvc(["cache", "dir", "--local", cache], tree, env)  # this repository's cache: the data is already there
         restore_inputs(tree, target.commit, root, env)
         # Data: restored from the cache when it has it, else recomputed. Checked out, not left to the run cache:
-        # prepare and resize keep persistent outputs (to redo only what changed), which DVC's run cache skips.
-        _dvc(["checkout", "--allow-missing", "prepare", "resize"], tree, env)
-        _dvc(["repro", "resize"], tree, env)
+        # the data stages keep persistent outputs (to redo only what changed), which DVC's run cache skips.
+        # Commits made before the audit stage existed have only prepare and resize.
+        data = [s for s in DATA_STAGES if s in yaml.safe_load((tree / "dvc.yaml").read_text())["stages"]]
+        _dvc(["checkout", "--allow-missing", *data], tree, env)
+        _dvc(["repro", data[-1]], tree, env)
         for stage in ("train", "evaluate"):  # the result itself is always recomputed
             _dvc(["repro", "--force", "--single-item", "--no-run-cache", stage], tree, env)
         return compared_metrics(json.loads((tree / "reports" / "metrics.json").read_text()))

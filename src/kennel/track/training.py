@@ -12,6 +12,7 @@ import numpy as np
 from kennel.core.device import amp_name
 from kennel.core.params import Params
 from kennel.core.paths import (
+    AUDITED,
     CHECKPOINT,
     DATA_REPORT,
     DATA_SUMMARY,
@@ -19,11 +20,10 @@ from kennel.core.paths import (
     MANIFEST,
     MODEL,
     REJECTS,
-    RESIZED,
     RUN_FILE,
 )
 from kennel.core.versioning import workspace_unversioned_reason
-from kennel.data.shards import read_split
+from kennel.data.shards import read_meta, read_split
 from kennel.track import store
 from kennel.track.live import LiveLog
 from kennel.track.models import log_model
@@ -54,6 +54,10 @@ def log_inputs(params: Params) -> None:
     store.log_params(params.flat())
     summary = json.loads(DATA_SUMMARY.read_text())
     store.log_metrics({f"data_{k}": summary[k] for k in ("found", "kept", "rejected")})
+    # The splits trained on are the audited ones: near-copies moved into one split differ from the summary's.
+    audited = read_meta(AUDITED)
+    store.log_metrics({**{f"data_{split}": n for split, n in audited["counts"].items()},
+                       "audit_moved_images": audited.get("moved", 0)})
     store.log_artifacts([DATA_SUMMARY, REJECTS, *sorted(DATA_REPORT.glob("*"))], "data")
     d = params.data
     store.log_manifest(MANIFEST, f"{d.source}:{d.raw_dir}" if d.source != "synthetic" else "synthetic")
@@ -84,7 +88,7 @@ def save_and_log_model(result: TrainResult, params: Params) -> None:
         store.set_tags({"kennel.baseline_warning": warning})
     result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
     save_model(result.model, MODEL, size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
-    images, _ = read_split(RESIZED, "train")
+    images, _ = read_split(AUDITED, "train")
     model_uri = log_model(result.model, example=np.array(images[:2]))
     serving_uri = store.retry(log_serving_model, MODEL)  # the one the registry and `mlflow models serve` use
     store.set_tags({"kennel.model_uri": model_uri, "kennel.serving_uri": serving_uri})
@@ -109,7 +113,7 @@ def train_and_log(params: Params, root: Path, *, resume: dict | None = None, ctx
             store.log_epoch(r.epoch, r.metrics())
             live.log_epoch(r)
 
-        result = train(params, RESIZED, on_epoch=on_epoch,
+        result = train(params, AUDITED, on_epoch=on_epoch,
                        on_start=lambda r: log_start(r, ctx.world), checkpoint=CHECKPOINT, resume=resume,
                        checkpoint_extra={"mlflow_run_id": run_id}, ctx=ctx)
         live.finish(result)

@@ -1,0 +1,98 @@
+"""Pairs of images closer than a threshold, and the groups they chain into.
+
+Cosine pairs are found block against block with faiss (an exact inner-product index over one block, a range
+search with another): memory holds two blocks and the pairs found, never an N x N matrix; time grows with N^2
+(measured and extrapolated in benchmarks/RESULTS.md). Hash pairs use faiss's binary index (Hamming distance).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+BLOCK = 8192  # vectors per block: two blocks of 1280 float32 features are 80 MB
+PAIR_COLUMNS = ["a", "b", "similarity"]  # positions a < b, and how alike: cosine, or 1 - bits / hash bits
+
+
+def cosine_pairs(block: Callable[[int, int], np.ndarray], n: int, threshold: float, size: int = BLOCK) -> pd.DataFrame:
+    """Every pair of the ``n`` L2-normalised vectors (``block(start, stop)`` reads rows) with cosine similarity at
+    or above ``threshold``."""
+    starts = list(range(0, n, size))
+    found = []
+    bar = tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="neighbours", unit="block", disable=None,
+               leave=False)
+    for i, qi in enumerate(starts):
+        queries = np.ascontiguousarray(block(qi, qi + size), dtype=np.float32)
+        for qj in starts[i:]:
+            base = queries if qj == qi else np.ascontiguousarray(block(qj, qj + size), dtype=np.float32)
+            index = faiss.IndexFlatIP(base.shape[1])
+            index.add(base)
+            # faiss keeps similarities strictly above the radius; float16 storage rounds at ~1e-3 anyway
+            lims, sims, ids = index.range_search(queries, float(np.nextafter(np.float32(threshold), -1)))
+            a = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64))) + qi
+            b = ids.astype(np.int64) + qj
+            keep = a < b
+            found.append(pd.DataFrame({"a": a[keep], "b": b[keep], "similarity": sims[keep].astype(np.float64)}))
+            bar.update()
+    bar.close()
+    return _tidy(found)
+
+
+def hash_pairs(hashes: np.ndarray, max_bits: int) -> pd.DataFrame:
+    """Pairs whose hashes differ in at most ``max_bits`` bits, straight or mirrored (``hashes`` N x 2B bytes: the
+    hash, then the mirror's); similarity is 1 - bits / (8 B)."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint8)
+    half = hashes.shape[1] // 2
+    index = faiss.IndexBinaryFlat(8 * half)
+    index.add(np.ascontiguousarray(hashes[:, :half]))
+    found = []
+    for queries in (hashes[:, :half], hashes[:, half:]):
+        for start in range(0, len(hashes), BLOCK):
+            block = np.ascontiguousarray(queries[start:start + BLOCK])
+            lims, bits, ids = index.range_search(block, max_bits + 1)  # distances below the radius
+            a = np.repeat(np.arange(len(block)), np.diff(lims.astype(np.int64))) + start
+            b = ids.astype(np.int64)
+            a, b = np.minimum(a, b), np.maximum(a, b)
+            keep = a < b
+            found.append(pd.DataFrame({"a": a[keep], "b": b[keep], "similarity": 1 - bits[keep] / (8 * half)}))
+    return _tidy(found)
+
+
+def _tidy(found: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per pair (its highest similarity), most similar first."""
+    pairs = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=PAIR_COLUMNS)
+    pairs = pairs.astype({"a": np.int64, "b": np.int64, "similarity": np.float64})
+    pairs = pairs.sort_values("similarity", ascending=False, kind="stable").drop_duplicates(["a", "b"])
+    return pairs.sort_values(["similarity", "a", "b"], ascending=[False, True, True]).reset_index(drop=True)
+
+
+def connected_groups(n: int, pairs: pd.DataFrame) -> np.ndarray:
+    """Group number per position (1, 2, ... in order of each group's most similar pair; 0 = in no pair): pairs
+    chain, so a resized copy of a cropped copy joins both."""
+    parent = np.arange(n)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(pairs["a"], pairs["b"], strict=True):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups = np.zeros(n, dtype=np.int64)
+    number: dict[int, int] = {}
+    for a, b in zip(pairs["a"], pairs["b"], strict=True):  # most similar first
+        r = root(a)
+        if r not in number:
+            number[r] = len(number) + 1
+        groups[a] = groups[b] = number[r]
+    return groups

@@ -1,0 +1,207 @@
+"""The audit on tiny data: a planted near-copy is found and kept in one split; the hash fallback without pretrained
+weights; the feature cache computes only new images; the audited splits are what train and evaluate read."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageOps
+
+from kennel.audit.cache import update_cache
+from kennel.audit.near_duplicates import find_near_duplicates
+from kennel.audit.neighbours import connected_groups, cosine_pairs
+from kennel.audit.phash import phash_featurizer
+from kennel.audit.splits import keep_groups_together, write_audited
+from kennel.core.params import params_from_dict
+from kennel.data.manifest import read_manifest, split_of
+from kennel.data.shards import read_index, read_meta, read_split
+from kennel.data.synthetic import render
+from kennel.evaluate.evaluation import split_paths
+from tests.conftest import build_dataset, small_params
+
+SEED, VAL, TEST = 0, 0.25, 0.25  # build_dataset's
+
+
+def copy_bytes(image: Image.Image, avoid: str, seed: int = SEED, val: float = VAL, test: float = TEST) -> bytes:
+    """A mirrored, 80 % resized, JPEG re-encoded copy of ``image`` whose hash split is not ``avoid``: a leak."""
+    small = ImageOps.mirror(image.resize((int(image.width * 0.8), int(image.height * 0.8)))).convert("RGB")
+    for quality in range(50, 96):
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=quality)
+        if split_of(hashlib.sha1(buf.getvalue()).hexdigest(), seed, val, test) != avoid:
+            return buf.getvalue()
+    raise AssertionError("no quality gave another split")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """12 synthetic drawings per class as a folder of files, and a copy of cat 3 that its hash puts in another
+    split than the original."""
+    root = tmp_path_factory.mktemp("planted")
+    for label in ("cat", "dog"):
+        for i in range(12):
+            path = root / "raw" / label / f"{label}.{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            render(label, 0, i).save(path)
+    original = root / "raw/cat/cat.3.png"
+    split = split_of(hashlib.sha1(original.read_bytes()).hexdigest(), SEED, VAL, TEST)
+    (root / "raw/cat/copy of cat 3.jpg").write_bytes(copy_bytes(Image.open(original), split))
+    build_dataset(root, source="folder", size=64)
+    return root
+
+
+def audit_params(**overrides):
+    return params_from_dict(small_params(**{"resize.size": 64, **overrides})).audit
+
+
+def test_a_planted_copy_is_found_and_kept_in_one_split(planted, tmp_path, caplog):
+    manifest = read_manifest(planted / "manifest.csv")
+    with caplog.at_level(logging.INFO):
+        found = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", audit_params(),
+                                     arch="resnet18", weights="none", device="cpu", amp="off")
+    # no pretrained weights: one clear line, and the near-copies still come from the perceptual hash
+    assert found.kind == "phash"
+    assert any("no pretrained weights" in r.message and "perceptual hash" in r.message
+               and "label checks are skipped" in r.message for r in caplog.records)
+    table = found.table
+    assert set(table["path"]) == {"raw/cat/cat.3.png", "raw/cat/copy of cat 3.jpg"}  # and no false pair
+    assert table["group"].nunique() == 1 and table["similarity"].iloc[-1] >= 1 - 24 / 256
+    assert table["hash_split"].nunique() == 2  # a leak across splits ...
+    assert table["split"].nunique() == 1  # ... that the audited splits close
+    anchor = table.sort_values("sha1")["hash_split"].iloc[0]
+    assert table["split"].iloc[0] == anchor and found.moved == 1  # the smallest sha1 keeps its split
+
+
+def test_group_splits_off_leaves_the_hash_splits(planted, tmp_path):
+    manifest = read_manifest(planted / "manifest.csv")
+    found = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", audit_params(
+        **{"audit.group_splits": False}), arch="resnet18", weights="none", device="cpu", amp="off")
+    assert found.moved == 0 and found.table["split"].nunique() == 2  # reported, not moved
+    write_audited(tmp_path / "audited", found.audited, planted / "resized", read_meta(planted / "resized"))
+    assert (tmp_path / "audited/index.csv").read_bytes() == (planted / "resized/index.csv").read_bytes()
+
+
+def test_the_audited_splits_are_what_train_and_evaluate_read(planted, tmp_path):
+    manifest = read_manifest(planted / "manifest.csv")
+    found = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", audit_params(),
+                                 arch="resnet18", weights="none", device="cpu", amp="off")
+    out = tmp_path / "data/audited"
+    meta = write_audited(out, found.audited, planted / "resized", read_meta(planted / "resized"))
+    assert meta["moved"] == 1 and (out / meta["shards"]).resolve() == (planted / "resized/shards").resolve()
+    assert meta["fingerprint"] != read_meta(planted / "resized")["fingerprint"]  # checkpoints of other splits
+    copy = found.table.set_index("path").loc["raw/cat/copy of cat 3.jpg"]
+    moved_to = copy["split"]
+    images, labels = read_split(out, moved_to)
+    before, _ = read_split(planted / "resized", moved_to)
+    assert len(images) == len(before) + 1
+    paths = split_paths(planted / "manifest.csv", out, moved_to, meta["classes"], labels)
+    assert "raw/cat/copy of cat 3.jpg" in paths
+    position = paths.index("raw/cat/copy of cat 3.jpg")
+    sha1 = copy["sha1"]
+    index = read_index(planted / "resized")
+    row = index[index["sha1"] == sha1].iloc[0]
+    shard = np.load(planted / "resized/shards" / f"{row['shard']}.npy", mmap_mode="r")[row["row"]]
+    assert np.array_equal(np.asarray(images[position]), shard)  # the pixels come from data/resized's shards
+
+
+def test_the_cache_computes_only_new_images(planted, tmp_path):
+    meta, index = read_meta(planted / "resized"), read_index(planted / "resized")
+    everything = np.concatenate([np.asarray(read_split(planted / "resized", s)[0]) for s in ("train", "val", "test")])
+    sha1s = pd.concat([index[index["split"] == s] for s in ("train", "val", "test")])["sha1"].tolist()
+    featurizer = phash_featurizer(meta["size"], meta["recipe"])
+    calls = []
+    counted = featurizer.__class__(featurizer.kind, featurizer.fingerprint, featurizer.dim, featurizer.dtype,
+                                   lambda x: calls.append(len(x)) or featurizer.compute(x))
+    first, computed = update_cache(tmp_path, counted, sha1s[:20], everything[:20], batch_size=8)
+    assert computed == 20 and sum(calls) == 20
+    calls.clear()
+    grown, computed = update_cache(tmp_path, counted, sha1s, everything, batch_size=8)
+    assert computed == len(sha1s) - 20 and sum(calls) == len(sha1s) - 20  # only the new ones
+    assert np.array_equal(grown.block(0, 20), first.block(0, 20))
+    assert np.array_equal(grown.block(0, len(sha1s)), featurizer.compute(everything))
+    calls.clear()
+    shrunk, computed = update_cache(tmp_path, counted, sha1s[20:], everything[20:], batch_size=8)
+    assert computed == 0 and len(list((tmp_path / "chunks").iterdir())) == 1  # the first run's chunk is gone
+    other = featurizer.__class__("phash", "another fingerprint", featurizer.dim, "uint8", featurizer.compute)
+    assert update_cache(tmp_path, other, sha1s, everything, batch_size=8)[1] == len(sha1s)
+
+
+def test_embeddings_rank_the_planted_copy_first_and_are_cached(planted, tmp_path, caplog):
+    """With a weights file (taken as pretrained) the pooled features are used; random ones cannot tell drawings
+    apart by a threshold, but the mirrored, resized, re-encoded copy is still the most similar pair."""
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    manifest = read_manifest(planted / "manifest.csv")
+    cfg = audit_params(**{"audit.duplicate_threshold": 0.5})
+    found = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", cfg, arch="resnet18",
+                                 weights=str(weights), device="cpu", amp="off")
+    assert found.kind == "embedding" and found.computed == len(manifest)
+    a, b = found.pairs.iloc[0][["a", "b"]].astype(int)
+    assert {found.paths[a], found.paths[b]} == {"raw/cat/cat.3.png", "raw/cat/copy of cat 3.jpg"}
+    vectors = found.features.block(0, len(found.features)).astype(np.float32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)
+    again = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", cfg, arch="resnet18",
+                                 weights=str(weights), device="cpu", amp="off")
+    assert again.computed == 0 and again.pairs.equals(found.pairs)
+
+
+def test_block_search_equals_the_full_matrix():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x[150] = x[7] + 0.01
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    full = x @ x.T
+    expected = {(a, b) for a, b in zip(*np.nonzero(full >= 0.6), strict=True) if a < b}
+    pairs = cosine_pairs(lambda start, stop: x[start:stop], len(x), 0.6, size=64)  # 5 blocks
+    assert set(zip(pairs["a"], pairs["b"], strict=True)) == expected and (7, 150) in expected
+    assert np.allclose(pairs["similarity"], full[pairs["a"], pairs["b"]], atol=1e-5)
+
+
+def test_groups_chain_and_follow_the_smallest_sha1():
+    pairs = pd.DataFrame({"a": [0, 1, 4], "b": [1, 2, 5], "similarity": [0.99, 0.95, 0.97]})
+    groups = connected_groups(7, pairs)
+    assert groups.tolist() == [1, 1, 1, 0, 2, 2, 0]
+    index = pd.DataFrame({"split": ["train", "test", "val", "test", "val", "train", "test"],
+                          "sha1": ["c", "a", "b", "d", "f", "e", "g"]})
+    moved = keep_groups_together(index, groups)
+    assert moved["split"].tolist() == ["test", "test", "test", "test", "train", "train", "test"]
+
+
+@pytest.mark.parametrize("pretrained", [False, True], ids=["no-weights", "weights-file"])
+def test_the_stage_writes_the_label_check_or_says_why_not(tmp_path, monkeypatch, caplog, pretrained):
+    """The audit stage end to end in a project folder: near-copies and the label check's CSV, grid and count."""
+    import json
+
+    from stages.audit import main as audit
+    from stages.prepare import main as prepare
+    from stages.resize import main as resize
+    from tests.conftest import write_params
+
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    overrides = {}
+    if pretrained:
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "backbone.pt")
+        overrides["model.weights"] = "backbone.pt"
+    write_params(tmp_path / "params.yaml", small_params(**overrides))
+    caplog.set_level(logging.INFO)
+    assert prepare([]) == 0 and resize([]) == 0 and audit([]) == 0
+    table = pd.read_csv(tmp_path / "reports/audit/label_issues.csv")
+    assert list(table.columns) == ["path", "sha1", "given_label", "suggested_label", "score", "split"]
+    assert (tmp_path / "reports/audit/label_issues.png").stat().st_size > 0
+    metrics = json.loads((tmp_path / "reports/audit/metrics.json").read_text())
+    assert metrics["audit_label_issues"] == len(table)
+    skipped = any("label checks skipped" in r.getMessage() for r in caplog.records)
+    assert skipped != pretrained and (pretrained or table.empty)
+    if pretrained:
+        assert any("suspected label error(s) of" in r.getMessage() for r in caplog.records)
+        assert set(table["given_label"]) <= {"cat", "dog"} and set(table["split"]) <= {"train", "val", "test"}
