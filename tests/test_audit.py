@@ -184,6 +184,7 @@ def test_the_stage_writes_the_label_check_or_says_why_not(tmp_path, monkeypatch,
     from stages.audit import main as audit
     from stages.prepare import main as prepare
     from stages.resize import main as resize
+
     from tests.conftest import write_params
 
     (tmp_path / ".dvc").mkdir()

@@ -18,7 +18,6 @@ ALLOWED = {
     "audit": {"core", "data", "train"},  # the backbone embeds the images; the splits it writes are data
     "evaluate": {"core", "data", "train"},
     "track": {"core", "data", "train"},
-    "audit": {"core", "data", "train"},
     "serve": {"core", "data", "train", "evaluate", "track", "audit"},
 }
 
