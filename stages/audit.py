@@ -71,7 +71,8 @@ def check_labels(found, seed: int) -> int:
     if found.kind != "embedding":
         log.info("label checks skipped: they need pretrained features (model.weights)")
         write_csv(pd.DataFrame(columns=CSV_COLUMNS), LABEL_ISSUES)
-        label_issues_png(pd.DataFrame(columns=CSV_COLUMNS), LABEL_ISSUES_FIGURE, images=[])
+        label_issues_png(pd.DataFrame(columns=CSV_COLUMNS), LABEL_ISSUES_FIGURE, images=[],
+                         title="Labels not checked: that needs pretrained features (model.weights)")
         return 0
     classes = read_meta(RESIZED)["classes"]
     labels = found.index["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)

@@ -23,7 +23,7 @@ def captions(table: pd.DataFrame) -> list[str]:
 
 def label_issues_png(
     table: pd.DataFrame, path: Path, *, images: Sequence[np.ndarray | None] | None = None, root: Path = Path("."),
-    max_pixels: int | None = None, top: int = TOP,
+    max_pixels: int | None = None, top: int = TOP, title: str = "",
 ) -> Path:
     """The first ``top`` rows of ``table`` (``kennel.audit.labels.suspects``: most suspect first) as a grid.
 
@@ -33,7 +33,8 @@ def label_issues_png(
     shown = table.head(top)
     pictures = list(images[: len(shown)]) if images is not None else [thumbnail(root / p, max_pixels)
                                                                        for p in shown["path"]]
-    title = (f"Suspected label errors: the {len(shown)} of {len(table)} flagged images cleanlab ranks most suspect "
-             "(given \u2192 suggested label, probability of the given label)" if len(table)
-             else "Suspected label errors: none flagged")
+    if not title:
+        title = (f"Suspected label errors: the {len(shown)} of {len(table)} flagged images cleanlab ranks most "
+                 "suspect (given \u2192 suggested label, probability of the given label)" if len(table)
+                 else "Suspected label errors: none flagged")
     return image_grid(pictures, captions(shown), path, title, cols=8)
