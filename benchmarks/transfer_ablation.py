@@ -9,11 +9,16 @@ are decoded once with the same size and resize mode. Each variant is the shipped
 model.arch, model.weights set here) with its ``KEY=VALUE`` changes, trained with ``kennel.train.fine_tune.train``
 on the prepared data (no MLflow, no evaluate stage: accuracy and log loss computed here with the model's own
 ``predict_arrays``). One variant at a time; prints one row per variant and the probe's row (C chosen on val).
+
+``--interpolate A B`` also scores the kept weights of variants A and B averaged, w = (1 - t) A + t B for t in 0.25,
+0.5, 0.75 (weight-space ensembles, WiSE-FT: Wortsman et al., 2022, with A the head on the frozen backbone and B
+the model trained in all layers; both keep the pretrained BatchNorm statistics when ``freeze_bn`` holds them).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import subprocess
@@ -50,6 +55,24 @@ def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"accuracy": correct / len(labels), "low": low, "high": high, "loss": loss}
 
 
+def interpolations(a, b, names, score_model) -> list[dict]:
+    """Rows for the weights of ``a`` and ``b`` averaged; the float entries only (BatchNorm counters stay ``b``'s)."""
+    wa, wb = a.state_dict(), b.state_dict()
+    mixed = copy.deepcopy(b)
+    rows = []
+    for t in (0.25, 0.5, 0.75):
+        mixed.load_state_dict({k: (1 - t) * wa[k] + t * v if v.is_floating_point() else v for k, v in wb.items()})
+        val, own, other = score_model(mixed)
+        row = {"variant": f"{1 - t:g} {names[0]} + {t:g} {names[1]}", "changes": {}, "own_test": own,
+               "other": other, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch": "-",
+               "seconds": 0.0, "probe": None}
+        print(f"{row['variant']}: own test {own['accuracy']:.4f} loss {own['loss']:.3f}; other "
+              f"{other['accuracy']:.4f} ({other['low']:.3f}-{other['high']:.3f}) loss {other['loss']:.3f}; "
+              f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path)
@@ -57,6 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--arch", default="mobilenet_v2")
     parser.add_argument("--variant", action="append", required=True, metavar="'NAME: KEY=VALUE ...'")
+    parser.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="average the kept weights of two variants")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     base = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
@@ -75,6 +99,15 @@ def main(argv=None) -> int:
         test_x, test_y = read_split(data, "test")
         test_x = np.asarray(test_x)
         amp = resolve_amp("auto", torch.device("cpu"))
+        kept_models = {}
+        val_x, val_y = read_split(data, "val")
+        val_x = np.asarray(val_x)
+
+        def score_model(module):
+            model = LoadedModel(module.eval(), module.classes, meta["size"], meta["recipe"])
+            return [scores(predict_arrays(x, model, 64, amp_dtype=amp), y)
+                    for x, y in ((val_x, val_y), (test_x, test_y), (other_x, other_y))]
+
         for variant in args.variant:
             name, _, changes = variant.partition(":")
             overrides = {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in changes.split())}
@@ -82,19 +115,22 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             result = train(params, data)
             seconds = time.perf_counter() - start
-            model = LoadedModel(result.model.eval(), result.model.classes, meta["size"], meta["recipe"])
-            own = scores(predict_arrays(test_x, model, 64, amp_dtype=amp), test_y)
-            other = scores(predict_arrays(other_x, model, 64, amp_dtype=amp), other_y)
+            kept_models[name.strip()] = result.model
+            _, own, other = score_model(result.model)
             kept = next(r for r in result.history if r.epoch == result.selected_epoch)
+            # the weights kept: a blend of two states has val numbers of its own (train.blend)
+            val_loss, val_accuracy = result.blended_val or (kept.val_loss, kept.val_accuracy)
             row = {"variant": name.strip(), "changes": overrides, "own_test": own, "other": other,
-                   "val_loss": kept.val_loss, "val_accuracy": kept.val_accuracy,
+                   "val_loss": val_loss, "val_accuracy": val_accuracy,
                    "epoch": f"{result.selected_epoch} of {params.train.epochs}", "seconds": seconds,
                    "probe": dataclasses.asdict(result.probe) if result.probe else None}
             rows.append(row)
             print(f"{row['variant']}: own test {own['accuracy']:.4f} ({own['low']:.3f}-{own['high']:.3f}) "
                   f"loss {own['loss']:.3f}; other {other['accuracy']:.4f} ({other['low']:.3f}-{other['high']:.3f}) "
-                  f"loss {other['loss']:.3f}; val loss {kept.val_loss:.4f} acc {kept.val_accuracy:.4f}; "
+                  f"loss {other['loss']:.3f}; val loss {val_loss:.4f} acc {val_accuracy:.4f}; "
                   f"epoch {row['epoch']}; {seconds:.0f} s", flush=True)
+        if args.interpolate:
+            rows += interpolations(*(kept_models[n] for n in args.interpolate), args.interpolate, score_model)
     table = pd.DataFrame([{"variant": r["variant"], "own test": f"{r['own_test']['accuracy']:.4f}",
                            "other source": f"{r['other']['accuracy']:.4f}", "other loss": f"{r['other']['loss']:.3f}",
                            "val loss": f"{r['val_loss']:.4f}", "epoch kept": r["epoch"]} for r in rows])

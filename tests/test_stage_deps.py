@@ -101,3 +101,12 @@ def test_code_deps_are_a_few_folders():
         code = [d for d in stage["deps"] if d.startswith("src/")]
         folders = [d for d in code if (REPO / d).is_dir()]
         assert len(folders) <= 5 and set(code) - set(folders) == {"src/kennel/__init__.py"}, (name, code)
+
+
+def test_train_reruns_when_any_training_param_changes():
+    """`dvc exp run -S train.X=...` reruns train only if train.X is one of the stage's params."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    listed = {p for p in STAGES["train"]["params"] if isinstance(p, str)}
+    keys = [f"{section}.{key}" for section in ("model", "train") for key in params[section]]
+    missing = [k for k in keys if k not in listed]
+    assert not missing, f"dvc.yaml stage 'train' does not list these params: {missing}"

@@ -141,6 +141,8 @@ class TrainConfig:
     deterministic: bool
     select: Literal["best", "last"]
     refit: bool  # after selection, train the recipe again on train + val for the selected epochs
+    # staged: the weights kept are blend x the kept all-layer epoch's + (1 - blend) x those it started from
+    blend: float
     nproc: int
 
     def check(self) -> None:
@@ -152,6 +154,8 @@ class TrainConfig:
         _at_least("train.nproc", self.nproc, 1)
         _in_unit_interval("train.momentum", self.momentum)
         _in_unit_interval("train.label_smoothing", self.label_smoothing)
+        if not 0 <= self.blend <= 1:
+            raise ConfigError(f"train.blend = {self.blend!r}: allowed: a number in [0, 1] (1 = no blending)")
         for key, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
                            ("warmup_epochs", self.warmup_epochs)):
             if value < 0 or not math.isfinite(value):

@@ -38,8 +38,8 @@ class LiveLog:
 
     def finish(self, result: TrainResult) -> None:
         """The summary `dvc exp show` compares runs by: the kept epoch and its val accuracy, the time spent."""
-        kept = next(r for r in result.history if r.epoch == result.selected_epoch)
-        self.live.summary.update(selected_epoch=result.selected_epoch, selected_val_accuracy=kept.val_accuracy,
+        self.live.summary.update(selected_epoch=result.selected_epoch,
+                                 selected_val_accuracy=result.kept_val_accuracy(),
                                  train_seconds=round(sum(r.seconds for r in result.history), 1),
                                  **{k: v for k, v in result.baseline_metrics().items() if k != "baseline_c"})
         self.live.make_summary()

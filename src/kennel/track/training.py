@@ -82,6 +82,8 @@ def save_and_log_model(result: TrainResult, params: Params) -> None:
     store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.selected_reason": result.selected_reason,
                     "kennel.tta": params.evaluate.tta})
     store.log_metrics(result.baseline_metrics())
+    if result.blended_val is not None and all(v == v for v in result.blended_val):  # NaN: nothing to validate on
+        store.log_metrics(dict(zip(("blended_val_loss", "blended_val_accuracy"), result.blended_val, strict=True)))
     warning = result.below_baseline()
     if warning:
         log.warning("%s", warning)

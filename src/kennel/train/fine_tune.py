@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +23,7 @@ from kennel.data.shards import read_meta, read_split
 from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_phase, restore_run
 from kennel.train.distributed import Dist
-from kennel.train.loop import EpochResult, FitState, StepConfig, fit, predict
+from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict
 from kennel.train.model import Classifier, WeightsInfo, build_model
 from kennel.train.optim import build_optimizer, build_scheduler
 from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
@@ -46,6 +47,8 @@ class TrainResult:
     resumed_from: int = 0  # epoch of the checkpoint resumed, 0 for a fresh start
     probe: Probe | None = None  # the linear probe on the pretrained features (runs with a frozen phase)
     refit_images: int = 0  # train.refit: the images the final weights were trained on (train + val)
+    # train.blend: (val loss, val accuracy) of the blended weights kept, which are no epoch's; None otherwise
+    blended_val: tuple[float, float] | None = None
 
     def baseline_metrics(self) -> dict[str, float]:
         """The probe's scores (baseline_val_accuracy, baseline_test_accuracy, baseline_c); none without a probe."""
@@ -53,8 +56,15 @@ class TrainResult:
 
     def below_baseline(self) -> str:
         """A warning when the kept weights score below the probe on val, else ""."""
+        accuracy = self.kept_val_accuracy()
+        return below_probe_warning(accuracy, self.probe) if accuracy is not None else ""
+
+    def kept_val_accuracy(self) -> float | None:
+        """Val accuracy of the weights the model holds: the blend's, else the selected epoch's."""
+        if self.blended_val is not None:
+            return self.blended_val[1]
         kept = next((r for r in self.history if r.epoch == self.selected_epoch), None)
-        return below_probe_warning(kept.val_accuracy, self.probe) if kept is not None else ""
+        return kept.val_accuracy if kept is not None else None
     selected_epoch: int = 0  # the epoch whose weights the model holds
     selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
 
@@ -133,7 +143,9 @@ def describe_phases(params: Params, pretrained: bool) -> list[str]:
         lr = f"head lr {t.lr:g}, backbone lr {t.lr * t.backbone_lr_mult:g}" if discriminative else f"lr {t.lr:g}"
         crop = f"crops of {a.scale_min:g}-{a.scale_max:g} of the area, flips {a.flip:g}" if a.enabled \
             else "no augmentation"
-        words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}")
+        blend = f"; kept: {t.blend:g} x the best of these epochs + {1 - t.blend:g} x the weights they started from" \
+            if phase.index > 1 and t.blend < 1 else ""
+        words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}{blend}")
     return words
 
 
@@ -150,7 +162,7 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
     if state is None or any(k.startswith("backbone.") for k in state):
         return state
     prefix = f"backbone.{model.head_name}."
-    return {**{k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+    return {**_snapshot(model),
             **{prefix + k: v for k, v in state.items()}}
 
 
@@ -284,11 +296,14 @@ def train(
     on_start(result)
 
     evaluated: nn.Module = model
+    setup: PhaseSetup | None = None
     for phase in phases(params):
         if phase.last < start:
             continue  # finished before the checkpoint we resume from
         if not phase.frozen and phase.index > 1:
             state.best_state = _model_state(model, state.best_state)
+            if start <= phase.first:  # resumed inside the phase: the checkpoint holds it
+                state.start_state = _snapshot(model)
         setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
                             batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
                             fresh=start <= phase.first, pretrained=weights.loaded > 0, splits=splits,
@@ -312,7 +327,33 @@ def train(
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
                     on_epoch=after_epoch)
     result = select_weights(result, model, state, evaluated, t.select, t.epochs)
+    if t.blend < 1 and state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
+        blend_weights(model, state.start_state, t.blend)
+        result.blended_val = evaluate(model, setup.val_batches, device, amp_dtype)
+        result.selected_reason += blend_reason(t.blend, result.selected_epoch, result.blended_val)
+        log.info("blended: %s", result.selected_reason.rsplit("; ", 1)[-1])
     return refit(params, data_dir, result, ctx) if t.refit else result
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def blend_weights(model: nn.Module, start: dict[str, torch.Tensor], blend: float) -> None:
+    """The model's weights become ``blend`` x its own + (1 - blend) x ``start`` (WiSE-FT, Wortsman et al. 2022: a
+    weight-space ensemble of the fine-tuned model and the one it started from, which both begin from the same
+    pretrained weights, keeps more of what transfers to photos of another source). Integer buffers (BatchNorm's
+    counters) stay the model's."""
+    mixed = {k: (blend * v + (1 - blend) * start[k].to(v.device, v.dtype)) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(mixed)
+
+
+def blend_reason(blend: float, epoch: int, val: tuple[float, float]) -> str:
+    """What the selection reason gains when the kept weights are a blend, with the blend's own val numbers."""
+    scores = f"val loss {val[0]:.4f}, accuracy {val[1]:.4f}" if not math.isnan(val[0]) else "no val split"
+    return (f"; then blended {blend:g} x epoch {epoch} + {1 - blend:g} x the frozen phase's weights "
+            f"(train.blend): {scores}")
 
 
 def refit(params: Params, data_dir: Path, selected: TrainResult, ctx: Dist) -> TrainResult:
@@ -328,7 +369,9 @@ def refit(params: Params, data_dir: Path, selected: TrainResult, ctx: Dist) -> T
                   else PROBE_CS)
     return dataclasses.replace(again, history=selected.history, selected_epoch=k, probe=selected.probe,
                                selected_reason=f"{selected.selected_reason}; then trained again on train + val "
-                                               f"for {k} epoch(s) (train.refit)",
+                                               f"for {k} epoch(s) (train.refit)"
+                                               f"{', blended the same way' if again.blended_val else ''}",
+                               blended_val=selected.blended_val,
                                refit_images=sum(len(read_split(data_dir, s)[1]) for s in REFIT[0].split("+")))
 
 

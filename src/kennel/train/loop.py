@@ -51,6 +51,7 @@ class FitState:
     best_score: tuple[float, float] = (-math.inf, -math.inf)
     best_state: dict[str, torch.Tensor] | None = None
     probe: Probe | None = None  # the frozen phase's linear probe, kept across a resume
+    start_state: dict[str, torch.Tensor] | None = None  # staged: the weights the all-layer phase started from
 
     def consider(self, result: EpochResult, model: nn.Module) -> None:
         score = (-result.val_loss, result.val_accuracy)
