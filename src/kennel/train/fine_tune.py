@@ -49,6 +49,8 @@ class TrainResult:
     refit_images: int = 0  # train.refit: the images the final weights were trained on (train + val)
     # train.blend: (val loss, val accuracy) of the blended weights kept, which are no epoch's; None otherwise
     blended_val: tuple[float, float] | None = None
+    selected_epoch: int = 0  # the epoch whose weights the model holds
+    selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
 
     def baseline_metrics(self) -> dict[str, float]:
         """The probe's scores (baseline_val_accuracy, baseline_test_accuracy, baseline_c); none without a probe."""
@@ -65,8 +67,6 @@ class TrainResult:
             return self.blended_val[1]
         kept = next((r for r in self.history if r.epoch == self.selected_epoch), None)
         return kept.val_accuracy if kept is not None else None
-    selected_epoch: int = 0  # the epoch whose weights the model holds
-    selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -302,7 +302,7 @@ def train(
             continue  # finished before the checkpoint we resume from
         if not phase.frozen and phase.index > 1:
             state.best_state = _model_state(model, state.best_state)
-            if start <= phase.first:  # resumed inside the phase: the checkpoint holds it
+            if start <= phase.first:  # a run resumed inside the phase has it from the checkpoint
                 state.start_state = _snapshot(model)
         setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
                             batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
