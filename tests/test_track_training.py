@@ -53,3 +53,27 @@ def test_train_and_log_records_one_complete_run(prepared):
     assert live["selected_epoch"] == result.selected_epoch  # DVCLive and MLflow: the same numbers
     assert not (root / "dvclive" / "dvc.yaml").exists() and not (root / "dvc.yaml").exists()
     assert torch.load(root / "models/checkpoint.pt", weights_only=True)["complete"] is True
+
+
+def test_a_staged_run_from_pretrained_weights_logs_the_probe_and_the_blend(prepared):
+    import torchvision
+
+    root, _ = prepared
+    torch.manual_seed(1)
+    weights = root / "pretrained.pth"
+    torch.save(torchvision.models.get_model("mobilenet_v3_small").state_dict(), weights)
+    params = params_from_dict(small_params(**{
+        "train.epochs": 2, "model.finetune": "staged", "train.head_epochs": 1, "train.select": "last",
+        "model.arch": "mobilenet_v3_small", "model.weights": str(weights)}))
+    result = train_and_log(params, root)
+    _, (run,) = project_runs(root)
+    metrics = run.data.metrics
+    assert metrics["baseline_val_accuracy"] == pytest.approx(result.probe.val_accuracy)
+    assert metrics["baseline_test_accuracy"] == pytest.approx(result.probe.test_accuracy)
+    assert metrics["baseline_c"] == result.probe.c
+    assert result.blended_val is not None  # epoch 2 (all layers) kept, then blended with the frozen phase's end
+    assert [metrics["blended_val_loss"], metrics["blended_val_accuracy"]] == pytest.approx(list(result.blended_val))
+    assert "then blended 0.5 x epoch 2" in run.data.tags["kennel.selected_reason"]
+    live = json.loads((root / "dvclive/metrics.json").read_text())
+    assert live["baseline_val_accuracy"] == pytest.approx(result.probe.val_accuracy)
+    assert live["selected_val_accuracy"] == pytest.approx(result.blended_val[1])  # the weights kept, not epoch 2's

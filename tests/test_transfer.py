@@ -231,19 +231,25 @@ def test_staged_run_resumes_exactly_in_either_phase(resized, tmp_path, killed_af
     assert straight.selected_epoch == resumed.selected_epoch
 
 
-def test_blend_keeps_the_weighted_mean_of_the_kept_epoch_and_the_frozen_phase_end(resized, tmp_path):
+@pytest.fixture
+def pretrained(tmp_path, imagenet_like):
+    """Overrides for a staged run from a weights file (the blend needs pretrained weights)."""
+    return {"model.arch": SMALL, "model.weights": str(_save(tmp_path / "pretrained.pth", imagenet_like))}
+
+
+def test_blend_keeps_the_weighted_mean_of_the_kept_epoch_and_the_frozen_phase_end(resized, tmp_path, pretrained):
     """blend 1: the last all-layer epoch's weights; blend 0: the weights phase two started from (the end of the
     frozen phase, as its checkpoint holds them); 0.25: exactly 0.25 x the first + 0.75 x the second."""
-    ends = {b: train(_staged(**{"train.blend": b}), resized) for b in (1.0, 0.0, 0.25)}
+    ends = {b: train(_staged(**pretrained, **{"train.blend": b}), resized) for b in (1.0, 0.0, 0.25)}
     with pytest.raises(Killed):
-        train(_staged(), resized, on_epoch=kill_at(2), checkpoint=tmp_path / "ckpt.pt")
+        train(_staged(**pretrained), resized, on_epoch=kill_at(2), checkpoint=tmp_path / "ckpt.pt")
     frozen_end = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     last, start, mixed = (ends[b].model.state_dict() for b in (1.0, 0.0, 0.25))
     for key, value in last.items():
         if value.is_floating_point():
             torch.testing.assert_close(start[key], frozen_end[key])
             torch.testing.assert_close(mixed[key], 0.25 * value + 0.75 * frozen_end[key])
-    assert not torch.equal(last["backbone.conv1.weight"], start["backbone.conv1.weight"])
+    assert not torch.equal(last["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"])
     assert ends[1.0].blended_val is None and "blended" not in ends[1.0].selected_reason
     loss, accuracy = ends[0.25].blended_val
     assert 0 <= accuracy <= 1 and loss > 0 and ends[0.25].kept_val_accuracy() == accuracy
@@ -251,12 +257,14 @@ def test_blend_keeps_the_weighted_mean_of_the_kept_epoch_and_the_frozen_phase_en
         in ends[0.25].selected_reason
 
 
-def test_blend_leaves_a_kept_frozen_epoch_alone_and_survives_a_resume_in_phase_two(resized, tmp_path):
+def test_blend_leaves_a_kept_frozen_epoch_alone_and_survives_a_resume_in_phase_two(resized, tmp_path, pretrained):
     # a rate that wrecks the all-layer epoch: selection keeps the head's epoch, and there is nothing to blend
-    head_kept = train(_staged(**{"train.epochs": 2, "train.select": "best", "train.lr": 50.0}), resized)
+    head_kept = train(_staged(**pretrained, **{"train.epochs": 2, "train.select": "best", "train.lr": 50.0}), resized)
     assert head_kept.selected_epoch == 1 and head_kept.blended_val is None
     assert "blended" not in head_kept.selected_reason
-    params = _staged(**{"train.epochs": 4, "train.blend": 0.5})
+    # from random init the frozen phase's backbone is noise: no blend
+    assert train(_staged(**{"train.blend": 0.5}), resized).blended_val is None
+    params = _staged(**pretrained, **{"train.epochs": 4, "train.blend": 0.5})
     straight = train(params, resized)
     with pytest.raises(Killed):
         train(params, resized, on_epoch=kill_at(4), checkpoint=tmp_path / "ckpt.pt")

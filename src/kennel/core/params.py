@@ -141,7 +141,7 @@ class TrainConfig:
     deterministic: bool
     select: Literal["best", "last"]
     refit: bool  # after selection, train the recipe again on train + val for the selected epochs
-    # staged: the weights kept are blend x the kept all-layer epoch's + (1 - blend) x those it started from
+    # staged from pretrained weights: keep blend x the kept all-layer epoch's + (1 - blend) x those it started from
     blend: float
     nproc: int
 

@@ -144,7 +144,7 @@ def describe_phases(params: Params, pretrained: bool) -> list[str]:
         crop = f"crops of {a.scale_min:g}-{a.scale_max:g} of the area, flips {a.flip:g}" if a.enabled \
             else "no augmentation"
         blend = f"; kept: {t.blend:g} x the best of these epochs + {1 - t.blend:g} x the weights they started from" \
-            if phase.index > 1 and t.blend < 1 else ""
+            if phase.index > 1 and t.blend < 1 and pretrained else ""
         words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}{blend}")
     return words
 
@@ -327,7 +327,10 @@ def train(
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
                     on_epoch=after_epoch)
     result = select_weights(result, model, state, evaluated, t.select, t.epochs)
-    if t.blend < 1 and state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
+    # From pretrained weights only: both ends then share the pretrained backbone; from random init the frozen phase's
+    # backbone is noise, and averaging towards it would undo training.
+    if t.blend < 1 and weights.loaded > 0 and state.start_state is not None and setup is not None \
+            and result.selected_epoch > t.head_epochs:
         blend_weights(model, state.start_state, t.blend)
         result.blended_val = evaluate(model, setup.val_batches, device, amp_dtype)
         result.selected_reason += blend_reason(t.blend, result.selected_epoch, result.blended_val)
