@@ -44,7 +44,7 @@ from kennel.core.params import params_from_dict  # noqa: E402
 from kennel.data.images import load_array  # noqa: E402
 from kennel.data.shards import read_meta, read_split  # noqa: E402
 from kennel.evaluate.metrics import wilson_interval  # noqa: E402
-from kennel.train.fine_tune import train  # noqa: E402
+from kennel.train.fine_tune import blend_weights, train  # noqa: E402
 from kennel.train.inference import LoadedModel, predict_arrays  # noqa: E402
 
 
@@ -56,12 +56,13 @@ def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def interpolations(a, b, names, score_model) -> list[dict]:
-    """Rows for the weights of ``a`` and ``b`` averaged; the float entries only (BatchNorm counters stay ``b``'s)."""
+    """Rows for the weights of ``a`` and ``b`` averaged, as ``train.blend`` averages them."""
     wa, wb = a.state_dict(), b.state_dict()
     mixed = copy.deepcopy(b)
     rows = []
     for t in (0.25, 0.5, 0.75):
-        mixed.load_state_dict({k: (1 - t) * wa[k] + t * v if v.is_floating_point() else v for k, v in wb.items()})
+        mixed.load_state_dict(wb)
+        blend_weights(mixed, wa, t)  # what train.blend does: t x b + (1 - t) x a
         val, own, other = score_model(mixed)
         row = {"variant": f"{1 - t:g} {names[0]} + {t:g} {names[1]}", "changes": {}, "own_test": own,
                "other": other, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch": "-",

@@ -70,8 +70,9 @@ def check_labels(found, seed: int) -> int:
     what is in a photo, so without pretrained features the report is empty and says why."""
     if found.kind != "embedding":
         log.info("label checks skipped: they need pretrained features (model.weights)")
-        write_csv(pd.DataFrame(columns=CSV_COLUMNS), LABEL_ISSUES)
-        label_issues_png(pd.DataFrame(columns=CSV_COLUMNS), LABEL_ISSUES_FIGURE, images=[],
+        none = pd.DataFrame(columns=CSV_COLUMNS)
+        write_csv(none, LABEL_ISSUES)
+        label_issues_png(none, LABEL_ISSUES_FIGURE, images=[],
                          title="Labels not checked: that needs pretrained features (model.weights)")
         return 0
     classes = read_meta(RESIZED)["classes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def save_and_log_model(result: TrainResult, params: Params) -> None:
     store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.selected_reason": result.selected_reason,
                     "kennel.tta": params.evaluate.tta})
     store.log_metrics(result.baseline_metrics())
-    if result.blended_val is not None and all(v == v for v in result.blended_val):  # NaN: nothing to validate on
+    if result.blended_val is not None and not math.isnan(result.blended_val[0]):  # NaN: no val split to score on
         store.log_metrics(dict(zip(("blended_val_loss", "blended_val_accuracy"), result.blended_val, strict=True)))
     warning = result.below_baseline()
     if warning:

@@ -23,7 +23,7 @@ from kennel.data.shards import read_meta, read_split
 from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_phase, restore_run
 from kennel.train.distributed import Dist
-from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict
+from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict, snapshot
 from kennel.train.model import Classifier, WeightsInfo, build_model
 from kennel.train.optim import build_optimizer, build_scheduler
 from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
@@ -144,7 +144,7 @@ def describe_phases(params: Params, pretrained: bool) -> list[str]:
         crop = f"crops of {a.scale_min:g}-{a.scale_max:g} of the area, flips {a.flip:g}" if a.enabled \
             else "no augmentation"
         blend = f"; kept: {t.blend:g} x the best of these epochs + {1 - t.blend:g} x the weights they started from" \
-            if phase.index > 1 and t.blend < 1 and pretrained else ""
+            if phase.index > 1 and blends(t.blend, pretrained) else ""
         words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}{blend}")
     return words
 
@@ -162,7 +162,7 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
     if state is None or any(k.startswith("backbone.") for k in state):
         return state
     prefix = f"backbone.{model.head_name}."
-    return {**_snapshot(model),
+    return {**snapshot(model),
             **{prefix + k: v for k, v in state.items()}}
 
 
@@ -302,8 +302,9 @@ def train(
             continue  # finished before the checkpoint we resume from
         if not phase.frozen and phase.index > 1:
             state.best_state = _model_state(model, state.best_state)
-            if start <= phase.first:  # a run resumed inside the phase has it from the checkpoint
-                state.start_state = _snapshot(model)
+            # kept only when it will be blended; a run resumed inside the phase has it from the checkpoint
+            if start <= phase.first and blends(t.blend, weights.loaded > 0):
+                state.start_state = snapshot(model)
         setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
                             batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
                             fresh=start <= phase.first, pretrained=weights.loaded > 0, splits=splits,
@@ -327,10 +328,7 @@ def train(
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
                     on_epoch=after_epoch)
     result = select_weights(result, model, state, evaluated, t.select, t.epochs)
-    # From pretrained weights only: both ends then share the pretrained backbone; from random init the frozen phase's
-    # backbone is noise, and averaging towards it would undo training.
-    if t.blend < 1 and weights.loaded > 0 and state.start_state is not None and setup is not None \
-            and result.selected_epoch > t.head_epochs:
+    if state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
         blend_weights(model, state.start_state, t.blend)
         result.blended_val = evaluate(model, setup.val_batches, device, amp_dtype)
         result.selected_reason += blend_reason(t.blend, result.selected_epoch, result.blended_val)
@@ -338,8 +336,10 @@ def train(
     return refit(params, data_dir, result, ctx) if t.refit else result
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def blends(blend: float, pretrained: bool) -> bool:
+    """``train.blend`` applies: below 1, and from pretrained weights. Both ends then share the pretrained backbone;
+    from random init the frozen phase's backbone is noise, and averaging towards it would undo training."""
+    return blend < 1 and pretrained
 
 
 def blend_weights(model: nn.Module, start: dict[str, torch.Tensor], blend: float) -> None:

@@ -57,7 +57,13 @@ class FitState:
         score = (-result.val_loss, result.val_accuracy)
         if not math.isnan(result.val_loss) and score > self.best_score:
             self.best_epoch, self.best_score = result.epoch, score
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_state = snapshot(model)
+
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers copied to the CPU: kept as they are while training goes on."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 # Steps between refreshes of the progress bar's running loss and accuracy.
