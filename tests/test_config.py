@@ -61,6 +61,11 @@ BAD = [
     ("audit.figure_pairs", 0, ["audit.figure_pairs", "0", ">= 1"]),
     ("audit.batch_size", 0, ["audit.batch_size", "0", ">= 1"]),
     ("audit.neighbours", 5, ["unknown key audit.neighbours", "duplicate_threshold"]),
+    ("train.blend", 1.5, ["train.blend", "1.5", "[0, 1]"]),
+    ("train.blend", -0.1, ["train.blend", "-0.1", "[0, 1]"]),
+    ("train.blend", "half", ["train.blend", "'half'", "number"]),
+    ("train.refit", "yes", ["train.refit", "'yes'", "true or false"]),
+    ("train.head_init", "zeros", ["train.head_init", "'zeros'", "probe | random"]),
 ]
 
 
