@@ -12,7 +12,7 @@ STAMP := $(VENV)/.kennel-installed
 # Stage commands call `python` and `dvc`: make them the project's.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test test-fast postgres lint ui clean
+.PHONY: setup repro test test-fast coverage lint ui clean
 
 setup: $(STAMP)
 
@@ -25,23 +25,22 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	$(RUN) dvc repro
 
-# The PostgreSQL tests start their own server from the distribution's binaries; install them when missing.
-postgres:
-	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || \
-	{ echo "installing PostgreSQL server binaries for the tests"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends postgresql; }
-
 # One test process per core (pytest-xdist). Most tests wait on chains of single-threaded subprocesses (dvc, stage
 # scripts importing torch and MLflow), so two run side by side on two cores. --dist loadfile keeps a file's tests,
-# and its module-scoped project and servers, on one worker.
-PYTEST := python -m pytest -n auto --dist loadfile
+# and its module-scoped fixtures, on one worker; what every file shares (one pipeline run, one tracking server) is
+# made once per invocation (tests/conftest.py). --durations: the slowest tests, to keep the suite within its budget.
+PYTEST := python -m pytest -n auto --dist loadfile --durations=15
 
-test: setup postgres
-	$(RUN) $(PYTEST)
+test: setup
+	@start=$$(date +%s); $(RUN) $(PYTEST); status=$$?; \
+	echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$status
 
 test-fast: setup
 	$(RUN) $(PYTEST) -m "not slow"
+
+# Line coverage of src/ and stages/ (pyproject.toml's [tool.coverage]).
+coverage: setup
+	$(RUN) $(PYTEST) --cov --cov-report=term
 
 lint: setup
 	$(RUN) ruff check src stages tests benchmarks

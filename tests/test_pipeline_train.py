@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,22 +12,20 @@ import time
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import BIN, dvc, make_project, project_runs, small_params
+from tests.conftest import BIN, PIPELINE_EPOCHS, dvc, project_runs, write_params
 
 pytestmark = pytest.mark.slow
 
 
-def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
-    params = small_params(**{"train.epochs": 4, "data.synthetic_per_class": 24})
-    straight = make_project(tmp_path / "straight", params)
-    dvc(["repro"], straight)
-
-    killed = make_project(tmp_path / "killed", params)
-    dvc(["repro", "resize"], killed)
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=killed, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_train_killed_by_signal_resumes_under_dvc_repro(pipeline, project_copy):
+    straight, killed = pipeline.root, project_copy  # the shared run went straight through; its copy is killed
+    epochs = PIPELINE_EPOCHS
     checkpoint = killed / "models/checkpoint.pt"
+    checkpoint.unlink()  # the finished run's: the next one appears after the new run's first epoch
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", "train"], cwd=killed,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -34,7 +33,7 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: dvc and the stage, mid-training
     proc.wait()
     epoch_at_kill = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= epoch_at_kill < 4
+    assert 1 <= epoch_at_kill < epochs
 
     out = dvc(["repro"], killed)
     assert f"resuming from checkpoint models/checkpoint.pt after epoch {epoch_at_kill}" in out.stdout + out.stderr
@@ -45,42 +44,45 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(tmp_path):
         json.loads((straight / "reports/metrics.json").read_text())
 
     client, runs = project_runs(killed)
-    assert len(runs) == 1  # the resumed stage continued the killed run
-    run = runs[0]
+    assert len(runs) == 2  # the copied run, and the killed run that the resumed stage continued
+    run = runs[1]
     assert run.info.status == "FINISHED" and run.data.tags["kennel.resumed_from_epoch"] == str(epoch_at_kill)
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")} == {1, 2, 3, 4}
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")} == set(range(1, epochs + 1))
     assert "test_accuracy" in run.data.metrics
     for name in ("train_loss", "val_accuracy"):  # DVCLive: each epoch once, the MLflow numbers, the uninterrupted run's
         rows = [line.split("\t") for line in (killed / f"dvclive/plots/metrics/{name}.tsv").read_text().splitlines()]
-        assert rows[0] == ["step", name] and [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4]
+        assert rows[0] == ["step", name] and [int(r[0]) for r in rows[1:]] == list(range(1, epochs + 1))
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
-        assert [float(r[1]) for r in rows[1:]] == pytest.approx([logged[step] for step in (1, 2, 3, 4)])
+        assert [float(r[1]) for r in rows[1:]] == pytest.approx([logged[step] for step in range(1, epochs + 1)])
         assert (killed / f"dvclive/plots/metrics/{name}.tsv").read_text() == \
             (straight / f"dvclive/plots/metrics/{name}.tsv").read_text()
     # the finished stage flags its checkpoint: forcing the stage again trains anew instead of resuming
     assert torch.load(checkpoint, weights_only=True)["complete"] is True
     out = dvc(["repro", "--force", "--single-item", "train"], killed)
     assert "resuming" not in out.stdout + out.stderr and "belongs to a run that finished" in out.stdout + out.stderr
-    assert len(project_runs(killed)[1]) == 2
+    assert len(project_runs(killed)[1]) == 3
 
 
-def test_two_gloo_processes_train_end_to_end(tmp_path):
-    root = make_project(tmp_path / "ddp", small_params(**{"train.nproc": 2, "train.batch_size": 8}))
+def test_two_gloo_processes_train_end_to_end(project_copy):
+    root = project_copy
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(nproc=2, batch_size=8)
+    write_params(root / "params.yaml", params)
     out = dvc(["repro"], root)
     assert "launching 2 processes" in out.stdout + out.stderr
     history = (root / "dvclive/plots/metrics/val_accuracy.tsv").read_text().splitlines()
-    assert len(history) == 3  # header + 2 epochs, written once (rank 0 only)
+    assert len(history) == 1 + PIPELINE_EPOCHS  # header + one line an epoch, written once (rank 0 only)
     assert torch.load(root / "models/model.pt", weights_only=True)["classes"] == ["cat", "dog"]
     assert "test_accuracy" in json.loads((root / "reports/metrics.json").read_text())
-    _, runs = project_runs(root)
-    assert len(runs) == 1 and runs[0].data.tags["kennel.processes"] == "2"
-    assert runs[0].data.params["train.nproc"] == "2" and "test_accuracy" in runs[0].data.metrics
+    _, (_, run) = project_runs(root)  # the copied run, then this one
+    assert run.data.tags["kennel.processes"] == "2"
+    assert run.data.params["train.nproc"] == "2" and "test_accuracy" in run.data.metrics
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun standalone rendezvous")
-def test_stage_works_when_launched_by_torchrun_directly(tmp_path):
-    root = make_project(tmp_path / "torchrun", small_params(**{"train.batch_size": 8, "train.epochs": 1}))
-    dvc(["repro", "audit"], root)
+def test_stage_works_when_launched_by_torchrun_directly(project_copy):
+    root = project_copy
+    shutil.rmtree(root / "models")  # what the stage writes, the checkpoint too
     env = {**os.environ, "PYTHONPATH": "src"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           "stages/train.py"], cwd=root, env=env, capture_output=True, text=True, timeout=600)

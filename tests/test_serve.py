@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ from kennel.serve.predict import predict_files
 from kennel.track.serving import log_serving_model
 from kennel.train.inference import load_model_file
 from kennel.train.model import build_model, save_model
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process_group, wait_for_http
 
 SIZE = 32
 NAME = "kennel-serve-test"
@@ -39,34 +37,6 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
-
-
-def _wait_until_up(server: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.time() + START_TIMEOUT_S
-    while time.time() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"no answer at {url} after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """The server and the workers it started: they share the session it leads."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture
@@ -128,7 +98,7 @@ def test_served_model_classifies_images_and_pixels(tmp_path, images):
                                   start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_until_up(server, f"{base}/ping", log)
+        wait_for_http(f"{base}/ping", server, log, timeout=START_TIMEOUT_S)
 
         # image files, base64: the answer matches `kennel predict` on the same files; a broken one gets an error
         encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
@@ -175,4 +145,4 @@ def test_served_model_classifies_images_and_pixels(tmp_path, images):
         status, reply = _post(f"{base}/invocations", {"inputs": np.zeros((1, 3, 16, 16), int).tolist()})
         assert status == 400 and f"expected pixels N x 3 x {SIZE} x {SIZE}" in reply["message"], reply
     finally:
-        _stop(server)
+        stop_process_group(server)

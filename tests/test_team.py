@@ -13,16 +13,18 @@ import mlflow
 import pytest
 
 from tests.conftest import REPO, dvc, make_project, own_images, run, small_params
-from tests.test_pipeline_mlflow import mlflow_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_teammate_pulls_the_results_and_reproduces_them(tmp_path, mlflow_server, monkeypatch):  # noqa: F811
+def test_a_teammate_pulls_the_results_and_reproduces_them(tmp_path, mlflow_server, monkeypatch):
     uri, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # both machines share the tracking server
     remote = tmp_path / "dvc-remote"
-    mine = make_project(tmp_path / "mine", small_params(**{"data.source": "folder", "train.epochs": 1}))
+    # the team's own experiment and registered model on the server this test process shares
+    mine = make_project(tmp_path / "mine", small_params(**{"data.source": "folder", "train.epochs": 1,
+                                                           "mlflow.experiment": "kennel-team",
+                                                           "mlflow.registered_model": "kennel-team"}))
     own_images(mine / "data/raw")
     dvc(["add", "data/raw"], mine)
     dvc(["remote", "add", "-d", "storage", str(remote)], mine)
@@ -56,7 +58,7 @@ def test_a_teammate_pulls_the_results_and_reproduces_them(tmp_path, mlflow_serve
     assert f"{recorded['accuracy']:.6f}" in out.stdout
 
     client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("kennel-team").experiment_id])
     assert len(runs) == 2  # the original, and the reproduction made on the other machine, on the same server
     assert sorted(r.data.tags.get("kennel.reproduces", "") != "" for r in runs) == [False, True]
 
