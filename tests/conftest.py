@@ -36,6 +36,17 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 BIN = Path(sys.executable).parent
 
 
+# The files with the longest chains of subprocesses first: xdist hands out files in collection order, and one of
+# these started last would run on alone at the end. The rest keep their order.
+SLOW_FIRST = ("test_own_images.py", "test_pipeline.py", "test_pipeline_mlflow.py", "test_team.py",
+              "test_pipeline_train.py", "test_reproduce.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def isolate(mp: pytest.MonkeyPatch, torch_home: Path) -> None:
     """No test downloads weights or talks to a tracking server it did not start."""
     mp.setenv("KENNEL_OFFLINE", "1")
@@ -350,7 +361,8 @@ def tracking_server(backend: str, artifacts: Path):
             [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
              "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no idle GenAI job workers
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", server, log)
@@ -419,15 +431,23 @@ def postgres():
 # ------------------------------------------------------------------------------------------ queued experiments
 
 
+def exp_refs(root: Path) -> int:
+    """How many experiments the repo holds (git refs: a millisecond to count, where `dvc queue status` is a second
+    of CPU)."""
+    return run(["git", "for-each-ref", "refs/exps"], root).stdout.count("\n")
+
+
 def wait_for_queue(root: Path, count: int, timeout: float = 900) -> str:
-    """`dvc queue status` once ``count`` experiments have ended (or at the deadline)."""
-    deadline, status = time.time() + timeout, ""
+    """`dvc queue status` once ``count`` queued experiments have ended (or at the deadline). Polls the experiment
+    refs; asks DVC every 15 s (a failed experiment makes no ref) and once the refs are there."""
+    deadline, status, asked, before = time.time() + timeout, "", time.time(), exp_refs(root)
     while time.time() < deadline:
-        status = dvc(["queue", "status"], root).stdout
-        if "Queued" not in status and "Running" not in status and \
-                status.count("Success") + status.count("Failed") >= count:
-            break
-        time.sleep(3)
+        if exp_refs(root) - before >= count or time.time() - asked > 15:
+            status, asked = dvc(["queue", "status"], root).stdout, time.time()
+            if "Queued" not in status and "Running" not in status and \
+                    status.count("Success") + status.count("Failed") >= count:
+                break
+        time.sleep(0.5)
     return status
 
 
