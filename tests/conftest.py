@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -224,8 +225,6 @@ def own_images(raw: Path, per_class: int = 12, classes: tuple[str, ...] = ("cat"
 
 def readme_blocks(heading: str, language: str) -> list[str]:
     """The ``language`` code blocks of README.md's section ``heading`` (its subsections included), in order."""
-    import re
-
     text = (REPO / "README.md").read_text()
     level = heading.split(" ")[0]
     start = text.index(f"\n{heading}\n")
@@ -404,7 +403,7 @@ def postgres():
             shutil.copytree(libs, folder / "site" / libs.name)
         install = Path(shutil.copytree(install, folder / "site/pgserver/pginstall",
                                        ignore=shutil.ignore_patterns("include")))
-        as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]  # nobody
         for path in (folder, *folder.rglob("*")):
             os.chown(path, 65534, 65534, follow_symlinks=False)
     data, bin_dir = folder / "data", install / "bin"
@@ -432,9 +431,10 @@ def postgres():
 
 
 def exp_refs(root: Path) -> int:
-    """How many experiments the repo holds (git refs: a millisecond to count, where `dvc queue status` is a second
-    of CPU)."""
-    return run(["git", "for-each-ref", "refs/exps"], root).stdout.count("\n")
+    """How many finished experiments the repo holds: their git refs, refs/exps/<baseline sha 2/38>/<name> (the queue
+    keeps refs of its own under refs/exps too). A millisecond to count, where `dvc queue status` is a second of CPU."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).stdout.split()
+    return sum(bool(re.fullmatch(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+", ref)) for ref in refs)
 
 
 def wait_for_queue(root: Path, count: int, timeout: float = 900) -> str:

@@ -47,8 +47,7 @@ def edited(pipeline, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def changed(pipeline, tmp_path_factory):
-    """A copy of the run that the tests below change for good, in order: an lr change, then compare, then queued
-    experiments."""
+    """A copy of the run that the tests below change for good, in order: an lr change, then compare."""
     return copy_project(pipeline.root, tmp_path_factory.mktemp("changed") / "project")
 
 
@@ -236,8 +235,8 @@ def test_compare_names_the_changed_params_metrics_and_images(changed, monkeypatc
     assert "'no-such-run': neither a run id" in capsys.readouterr().err
 
 
-def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_store(changed):
-    root = changed
+def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_store(project_copy):
+    root = project_copy
     init = root / "src/kennel/__init__.py"
     original = init.read_text()
     init.write_text(original.replace('__version__ = "0.1.0"', '__version__ = "0.1.0+queued"'))
@@ -314,7 +313,7 @@ def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_s
     assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == max(
         r.data.metrics["test_accuracy"] for r in client.search_runs([runs[0].info.experiment_id]))
 
-    # the two experiments' training curves, overlaid by `dvc plots diff` (the workspace holds the lr=0.002 run)
+    # the experiment's training curves over the workspace's, overlaid by `dvc plots diff`
     diff = json.loads(dvc(["plots", "diff", "lr-three", "--json"], root).stdout)["data"]
     for title in ("Training loss", "Validation loss", "Accuracy"):
         (plot,) = diff[title]

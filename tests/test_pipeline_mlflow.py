@@ -1,4 +1,4 @@
-"""The pipeline against MLflow for real: parallel queued experiments through a tracking server on PostgreSQL and
+"""The pipeline against MLflow for real: parallel queued experiments through a tracking server on PostgreSQL, a run
 straight to PostgreSQL, an unreachable server, and what a default run records and prints."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tests.conftest import (
     experiments_agree,
     free_port,
     project_runs,
+    run_stages,
     tracking_server,
     wait_for_queue,
     write_params,
@@ -76,14 +77,23 @@ def test_parallel_experiments_through_a_tracking_server_on_postgresql(project_co
     assert len(project_runs(root)[1]) == 1  # nothing went to the local store: it holds the copied run alone
 
 
-def test_parallel_experiments_straight_to_postgresql(project_copy, postgres, monkeypatch):
-    """Two experiments on two workers with MLFLOW_TRACKING_URI=postgresql://... (no server): the first contact
-    creates the tables once (the project's sqlite store: test_pipeline.py)."""
+def test_a_run_straight_to_postgresql(project_copy, postgres, monkeypatch):
+    """MLFLOW_TRACKING_URI=postgresql://... (no server): the train and evaluate stages, in-process, make first contact
+    with a new database and land one complete, registered run. Parallel runs: the server on PostgreSQL above, and the
+    project's sqlite store in test_pipeline.py (the same first-contact lock)."""
     root = project_copy
     _set(root, **{"train.epochs": 1})
     uri = postgres("direct")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the queue's workers inherit it
-    _queue_and_check(root, uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_stages(root, ["train", "evaluate"], monkeypatch)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1]
+    (version,) = client.search_model_versions("name='kennel'")
+    assert client.get_model_version_by_alias("kennel", "champion").run_id == version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # not a server this module stops
     assert len(project_runs(root)[1]) == 1  # nothing went to the local store: it holds the copied run alone
 
 
