@@ -295,6 +295,15 @@ def pipeline(tmp_path_factory) -> Pipeline:
     return Pipeline(root, log.read_text())
 
 
+def set_params(root: Path, **values) -> None:
+    """Change ``section.key`` params in the params.yaml of the project at ``root``."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    write_params(root / "params.yaml", params)
+
+
 def copy_project(src: Path, dest: Path) -> Path:
     """A copy of a project that ran, working on its own: ``cp -r``, then the absolute paths its MLflow store holds
     (the experiment's artifact folder, each run's) point into the copy. models/mlflow_run.json keeps the path it

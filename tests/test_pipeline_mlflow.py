@@ -15,7 +15,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from kennel.data.shards import read_split
 from tests.conftest import (
@@ -25,21 +24,12 @@ from tests.conftest import (
     free_port,
     project_runs,
     run_stages,
+    set_params,
     tracking_server,
     wait_for_queue,
-    write_params,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _set(root: Path, **values) -> None:
-    """Change ``section.key`` params of the project at ``root``."""
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for dotted, value in values.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    write_params(root / "params.yaml", params)
 
 
 def test_unreachable_server_stops_train_before_any_training(project_copy):
@@ -58,7 +48,7 @@ def test_unreachable_server_stops_train_before_any_training(project_copy):
 def test_parallel_experiments_through_a_tracking_server_on_postgresql(project_copy, tmp_path, postgres, monkeypatch):
     """Two experiments on two workers against a real `mlflow server` on PostgreSQL, artifacts proxied by it."""
     root = project_copy
-    _set(root, **{"train.epochs": 1, "mlflow.system_metrics": False})
+    set_params(root, **{"train.epochs": 1, "mlflow.system_metrics": False})
     artifacts = tmp_path / "artifacts"
     with tracking_server(postgres("server"), artifacts) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the queue's workers inherit it
@@ -82,7 +72,7 @@ def test_a_run_straight_to_postgresql(project_copy, postgres, monkeypatch):
     with a new database and land one complete, registered run. Parallel runs: the server on PostgreSQL above, and the
     project's sqlite store in test_pipeline.py (the same first-contact lock)."""
     root = project_copy
-    _set(root, **{"train.epochs": 1})
+    set_params(root, **{"train.epochs": 1})
     uri = postgres("direct")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     run_stages(root, ["train", "evaluate"], monkeypatch)

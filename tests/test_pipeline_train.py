@@ -12,9 +12,8 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import BIN, PIPELINE_EPOCHS, dvc, project_runs, write_params
+from tests.conftest import BIN, PIPELINE_EPOCHS, dvc, project_runs, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +64,7 @@ def test_train_killed_by_signal_resumes_under_dvc_repro(pipeline, project_copy):
 
 def test_two_gloo_processes_train_end_to_end(project_copy):
     root = project_copy
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(nproc=2, batch_size=8)
-    write_params(root / "params.yaml", params)
+    set_params(root, **{"train.nproc": 2, "train.batch_size": 8})
     out = dvc(["repro"], root)
     assert "launching 2 processes" in out.stdout + out.stderr
     history = (root / "dvclive/plots/metrics/val_accuracy.tsv").read_text().splitlines()
