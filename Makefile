@@ -19,7 +19,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "make: no Python 3.11, 3.12 or 3.13 found; install one or pass PYTHON=..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@# --no-compile: Python writes the bytecode of the modules actually imported on first use, not of every
+	@# installed file up front (a minute of the install)
+	$(BIN)/python -m pip install --quiet --no-compile -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 repro: setup

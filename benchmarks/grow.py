@@ -161,8 +161,8 @@ def training_rates(dirs: dict[str, Path], steps: int, batch: int, rounds: int) -
     from kennel.core.device import resolve_amp
     from kennel.data.dataset import ImageArrayDataset
     from kennel.data.shards import read_split
+    from kennel.model.network import build_model
     from kennel.train.fine_tune import make_loader
-    from kennel.train.model import build_model
 
     device = torch.device("cpu")
     amp = resolve_amp("auto", device)

@@ -41,7 +41,7 @@ def embed(paths: list[Path], weights: Path, batch_size: int = 32) -> np.ndarray:
     import torch
 
     from kennel.data.parallel import pmap
-    from kennel.train.model import build_model
+    from kennel.model.network import build_model
 
     model, _ = build_model("mobilenet_v2", ["a", "b"], weights=str(weights), finetune="head")
     model.eval()

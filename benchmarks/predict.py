@@ -41,10 +41,10 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     from kennel.data.dataset import ImageArrayDataset
     from kennel.data.images import load_array
     from kennel.data.shards import read_split, write_split
+    from kennel.model.inference import load_model_file, predict_arrays
     from kennel.serve.predict import predict_batches
     from kennel.train.batches import make_loader
     from kennel.train.fine_tune import extract_features
-    from kennel.train.inference import load_model_file, predict_arrays
     from kennel.train.loop import predict
 
     paths = [Path(p) for p in listing.read_text().split("\n")]
@@ -87,8 +87,8 @@ def measure(method: str, paths: list[str], model_file: Path, work: Path) -> tupl
 
 def build_model(weights: Path, out: Path) -> Path:
     sys.path.insert(0, str(SRC))
-    from kennel.train.model import build_model as build
-    from kennel.train.model import save_model
+    from kennel.model.file import save_model
+    from kennel.model.network import build_model as build
 
     model, _ = build("mobilenet_v2", ["cat", "dog"], weights=str(weights), finetune="head")
     save_model(model.eval(), out, size=224, arch="mobilenet_v2", mode="center_crop")

@@ -106,9 +106,9 @@ def probe_scores(prepared: Path, arch: str, weights: Path, other: Path) -> dict:
     from kennel.data.images import load_array
     from kennel.data.shards import read_meta
     from kennel.evaluate.metrics import wilson_interval
+    from kennel.model.network import build_model
     from kennel.train.batches import make_batches
     from kennel.train.fine_tune import extract_features
-    from kennel.train.model import build_model
     from kennel.train.probe import fit_probe
 
     data = prepared / "data/resized"

@@ -39,10 +39,10 @@ from kennel.data.augment import Augment  # noqa: E402
 from kennel.data.images import load_array  # noqa: E402
 from kennel.data.parallel import pmap, resolve_workers  # noqa: E402
 from kennel.data.shards import read_split, write_split  # noqa: E402
+from kennel.model.network import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from kennel.train.batches import Batches  # noqa: E402
 from kennel.train.fine_tune import extract_features  # noqa: E402
 from kennel.train.loop import StepConfig, train_one_epoch  # noqa: E402
-from kennel.train.model import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 
 
 def _make_jpeg(item: tuple[int, str]) -> None:

@@ -16,10 +16,10 @@ from kennel.core.params import Params
 from kennel.core.paths import AUDITED, CHECKPOINT, project_root
 from kennel.core.stage import run_stage
 from kennel.data.shards import read_meta
+from kennel.model.weights import read_weights
 from kennel.track.training import train_and_log
 from kennel.train import distributed
 from kennel.train.fine_tune import find_resumable, train
-from kennel.train.model import read_weights
 
 log = logging.getLogger("kennel.train")
 

@@ -39,7 +39,7 @@ BIN = Path(sys.executable).parent
 
 # The files with the longest chains of subprocesses first: xdist hands out files in collection order, and one of
 # these started last would run on alone at the end. The rest keep their order.
-SLOW_FIRST = ("test_own_images.py", "test_pipeline.py", "test_pipeline_mlflow.py", "test_team.py",
+SLOW_FIRST = ("test_own_images.py", "test_pipeline.py", "test_pipeline_mlflow.py",
               "test_pipeline_train.py", "test_reproduce.py")
 
 
@@ -223,14 +223,84 @@ def own_images(raw: Path, per_class: int = 12, classes: tuple[str, ...] = ("cat"
     return raw
 
 
+def doc_files() -> list[Path]:
+    """The project's manual: README.md, then the docs/ pages."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def markdown_headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(line index, level, the line without its newline) of each ``#`` heading in ``lines``, outside fenced code
+    blocks: a ``# comment`` in a bash block is no heading."""
+    headings: list[tuple[int, int, str]] = []
+    fence = ""
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if fence:
+            if re.fullmatch(rf"{re.escape(fence[0])}{{{len(fence)},}}", stripped):
+                fence = ""
+        elif opening := re.match(r"`{3,}|~{3,}", stripped):
+            fence = opening.group(0)
+        elif heading := re.match(r"(#{1,6})(?: |$)", line):
+            headings.append((i, len(heading.group(1)), line.rstrip("\n")))
+    return headings
+
+
+@dataclass(frozen=True)
+class DocSection:
+    path: Path  # README.md or the docs/ page that has the heading
+    start: int  # index of the heading's line
+    end: int  # index of the first line after the section
+    text: str  # from the heading's line to the next heading of the same or a higher level (subsections included)
+
+
+def doc_section(heading: str, files: Sequence[Path] | None = None) -> DocSection:
+    """The section whose heading line is exactly ``heading`` (such as "## Team setup": its level is the first token),
+    found in README.md or a docs/ page (or in ``files``); it ends at the next heading with as many '#' or fewer.
+    Fails, naming where it looked or where it found the heading, unless exactly one place has it."""
+    level = len(heading.split(" ")[0])
+    searched = doc_files() if files is None else list(files)
+    found = []
+    for path in searched:
+        lines = path.read_text().splitlines(keepends=True)
+        headings = markdown_headings(lines)
+        for k, (start, _, line) in enumerate(headings):
+            if line == heading:
+                end = next((i for i, lvl, _ in headings[k + 1:] if lvl <= level), len(lines))
+                found.append(DocSection(path, start, end, "".join(lines[start:end])))
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+    if not found:
+        raise AssertionError(f"no heading {heading!r} in {', '.join(shown(p) for p in searched)} "
+                             "(a heading moved or renamed? the tests read that section)")
+    if len(found) > 1:
+        raise AssertionError(f"heading {heading!r} is in more than one place: "
+                             f"{', '.join(f'{shown(s.path)}:{s.start + 1}' for s in found)} (the tests read that "
+                             "section: keep the heading in one file, once)")
+    return found[0]
+
+
 def readme_blocks(heading: str, language: str) -> list[str]:
-    """The ``language`` code blocks of README.md's section ``heading`` (its subsections included), in order."""
-    text = (REPO / "README.md").read_text()
-    level = heading.split(" ")[0]
-    start = text.index(f"\n{heading}\n")
-    end = re.search(rf"\n{level} ", text[start + 1:])
-    section = text[start: start + 1 + end.start()] if end else text[start:]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    """The ``language`` code blocks of the section ``heading`` (its subsections included), in order, in README.md or
+    in the docs/ page that has that heading (see ``doc_section``)."""
+    return re.findall(rf"```{language}\n(.*?)```", doc_section(heading).text, re.S)
+
+
+def shell_line(line: str, root, **subst) -> str:
+    """One README command line, with its <placeholders> filled, through bash in ``root``; returns stdout."""
+    for name, value in subst.items():
+        line = line.replace(f"<{name}>", value)
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}  # this project's code, as an install would give
+    out = run(["bash", "-c", line], root, check=False, timeout=900, env=env)
+    assert out.returncode == 0, f"{line}\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def command_lines(block: str) -> list[str]:
+    """A README code block's command lines, comments and blank lines dropped."""
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
 
 
 # ------------------------------------------------------------------------------ made once per pytest invocation
@@ -377,15 +447,6 @@ def tracking_server(backend: str, artifacts: Path):
         yield uri
     finally:
         stop_process_group(server)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied into a temp dir) for this test
-    process. Tests that share it name their own MLflow experiment and registered model."""
-    store = tmp_path_factory.mktemp("server")
-    with tracking_server(f"sqlite:///{store / 'mlflow.db'}", store / "artifacts") as uri:
-        yield uri, store
 
 
 def postgres_bin() -> Path:

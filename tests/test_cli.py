@@ -85,7 +85,8 @@ def test_predict_from_a_model_file_imports_no_mlflow(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from kennel.train.model import build_model, save_model
+    from kennel.model.file import save_model
+    from kennel.model.network import build_model
 
     model, _ = build_model("resnet18", ["cat", "dog"], weights="none")
     save_model(model, tmp_path / "model.pt", size=32, arch="resnet18", mode="squash")

@@ -128,13 +128,15 @@ def test_stage_rejects_bad_params_before_any_work(tmp_path, stage, monkeypatch, 
 
 
 def _readme_table(heading: str) -> list[dict[str, str]]:
-    """The rows of the first Markdown table under ``heading`` in README.md, as {column: cell}."""
-    text = (REPO / "README.md").read_text()
-    lines = text[text.index(f"\n{heading}\n"):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    table = [line for line in lines[start:] if line.startswith("|")][: next(
-        (i for i, line in enumerate(lines[start:]) if not line.startswith("|")), None)]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    """The rows of the first Markdown table in the section ``heading`` of README.md or the docs/ page that has it, as
+    {column: cell}."""
+    from tests.conftest import doc_section
+
+    lines = doc_section(heading).text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    assert start is not None, f"no table in the section {heading!r}"
+    stop = next((i for i, line in enumerate(lines[start:], start) if not line.startswith("|")), len(lines))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:stop]]
     return [dict(zip(cells[0], row, strict=True)) for row in cells[2:]]
 
 

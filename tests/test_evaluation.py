@@ -8,7 +8,8 @@ from PIL import Image
 from kennel.data.shards import read_classes, read_split
 from kennel.data.synthetic import render
 from kennel.evaluate.evaluation import evaluate_model, file_name
-from kennel.train.model import build_model, save_model
+from kennel.model.file import save_model
+from kennel.model.network import build_model
 from tests.conftest import build_dataset
 
 SIZE = 32

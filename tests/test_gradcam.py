@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kennel.evaluate.gradcam import grad_cam, target_layer
-from kennel.train.model import Classifier, build_model
+from kennel.model.network import Classifier, build_model
 
 S = 32
 

@@ -13,7 +13,7 @@ from kennel.evaluate.metrics import (
     pr_curve,
     roc_curve,
 )
-from kennel.train.inference import softmax
+from kennel.model.inference import softmax
 
 
 def test_confusion_matrix_counts_by_hand():

@@ -4,7 +4,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from kennel.core.errors import WeightsError
-from kennel.train.model import build_model, imagenet_cache_path, load_model, save_model
+from kennel.model.file import load_model, save_model
+from kennel.model.network import build_model
+from kennel.model.weights import imagenet_cache_path
 
 
 def test_head_is_swapped_for_the_class_count():

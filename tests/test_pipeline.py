@@ -19,12 +19,15 @@ from kennel.serve.cli import main as kennel
 from tests.conftest import (
     BIN,
     PIPELINE_EPOCHS,
+    command_lines,
     copy_project,
     dvc,
     exp_refs,
     experiments_agree,
     project_runs,
+    readme_blocks,
     run,
+    shell_line,
     wait_for_queue,
     write_params,
 )
@@ -47,7 +50,7 @@ def edited(pipeline, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def changed(pipeline, tmp_path_factory):
-    """A copy of the run that the tests below change for good, in order: an lr change, then compare."""
+    """A copy of the run that the tests below change for good, in order: train params changed, then compare."""
     return copy_project(pipeline.root, tmp_path_factory.mktemp("changed") / "project")
 
 
@@ -177,8 +180,8 @@ def test_second_repro_is_a_noop(project_copy):
 
 @pytest.mark.parametrize("path,stages", [
     ("src/kennel/evaluate/figures.py", {"evaluate"}),  # evaluation code: train's model stays valid
-    # training code: prepare and resize stay valid; the audit builds its backbone with it (features stay cached)
-    ("src/kennel/train/optim.py", {"audit", "train", "evaluate"}),
+    ("src/kennel/train/fine_tune.py", {"train", "evaluate"}),  # training code: the audit needs the model only
+    ("src/kennel/model/network.py", {"audit", "train", "evaluate"}),  # the model: the audit embeds with it
     ("src/kennel/audit/figures.py", {"audit"}),  # then train reruns only if the audited splits change
     ("src/kennel/data/manifest.py", {"prepare", "resize", "audit", "train", "evaluate"}),
 ])
@@ -194,35 +197,42 @@ def test_editing_code_reruns_only_the_stages_that_run_it(edited, path, stages):
     assert json.loads(dvc(["status", "--json"], root).stdout) == {}
 
 
-def test_lr_change_reruns_only_train_and_evaluate(changed):
+def test_train_params_rerun_only_train_and_evaluate_here_on_two_gloo_processes(changed):
     root = changed
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["lr"] = 0.002
+    params["train"]["nproc"] = 2  # two DDP processes with gloo, launched by the stage
     write_params(root / "params.yaml", params)
     status = json.loads(dvc(["status", "--json"], root).stdout)
     # DVC lists a stage whose own deps changed; evaluate reruns because its input (the model) changes.
     assert set(status) == {"train"}
     assert any("train.lr" in json.dumps(change) for change in status["train"])
-    out = dvc(["repro"], root).stdout
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    assert all(f"Running stage '{s}'" not in out for s in ("prepare", "resize", "audit"))
+    out = dvc(["repro"], root)
+    assert "Running stage 'train'" in out.stdout and "Running stage 'evaluate'" in out.stdout
+    assert all(f"Running stage '{s}'" not in out.stdout for s in ("prepare", "resize", "audit"))
+    assert "launching 2 processes" in out.stdout + out.stderr
+    history = (root / "dvclive/plots/metrics/val_accuracy.tsv").read_text().splitlines()
+    assert len(history) == 1 + EPOCHS  # header + one line an epoch, written once (rank 0 only)
+    assert torch.load(root / "models/model.pt", weights_only=True)["classes"] == ["cat", "dog"]
     _, runs = project_runs(root)
     assert [r.data.params["train.lr"] for r in runs] == ["0.001", "0.002"]
-    assert "test_accuracy" in runs[-1].data.metrics
+    assert [r.data.params["train.nproc"] for r in runs] == ["1", "2"]
+    assert runs[-1].data.tags["kennel.processes"] == "2" and "test_accuracy" in runs[-1].data.metrics
 
 
 def test_compare_names_the_changed_params_metrics_and_images(changed, monkeypatch, capsys):
     root = changed
-    _, runs = project_runs(root)  # the default run and the lr change of the test above
+    _, runs = project_runs(root)  # the default run and the train params change of the test above
     first, second = runs[0].info.run_id, runs[1].info.run_id
     monkeypatch.chdir(root)  # in-process: the console script and `python -m kennel` are tested in test_cli.py
     assert kennel(["compare", first, second, "--top", "3", "--plot", "curves.png"]) == 0
     out = capsys.readouterr().out
     assert f"A: {first} -> run {first}" in out
     lr = next(line for line in out.splitlines() if line.startswith("train.lr"))
-    assert lr.split()[1:] == ["0.001", "0.002"]  # the one param that differs, and nothing else
+    assert lr.split()[1:] == ["0.001", "0.002"]
     rows = out.split("params that differ:")[1].split("metrics:")[0].strip().splitlines()
-    assert [r.split() for r in rows] == [["A", "B"], ["param"], ["train.lr", "0.001", "0.002"]]
+    assert [r.split() for r in rows] == [["A", "B"], ["param"], ["train.lr", "0.001", "0.002"],
+                                         ["train.nproc", "1", "2"]]  # the params that differ, and nothing else
     assert "test_accuracy" in out and "selected_epoch" in out
     predictions = pd.read_csv(root / "reports/predictions.csv")
     improved = out.split("most improved from A to B (top 3):")[1]
@@ -313,6 +323,14 @@ def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_s
     assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == max(
         r.data.metrics["test_accuracy"] for r in client.search_runs([runs[0].info.experiment_id]))
 
+    # README's "python -m kennel reproduce <experiment name>": the experiment's commit and params, its result re-made
+    line = command_lines(readme_blocks("## Reproduce a run", "bash")[0])[1]
+    out = shell_line(line, root, **{"experiment name": "lr-ten"})
+    recorded = json.loads(run_cmd(root, "git", "show", f"{_exp_ref(root, 'lr-ten')}:reports/metrics.json"))
+    assert out.rstrip().endswith("\nreproduced") and f"{recorded['test_accuracy']:.6f}" in out, out
+    (again,) = [r for r in project_runs(root)[1] if r.data.tags.get("kennel.reproduces") == "lr-ten"]
+    assert again.data.params["train.lr"] == "0.01" and again.data.params["train.batch_size"] == "4"
+
     # the experiment's training curves over the workspace's, overlaid by `dvc plots diff`
     diff = json.loads(dvc(["plots", "diff", "lr-three", "--json"], root).stdout)["data"]
     for title in ("Training loss", "Validation loss", "Accuracy"):
@@ -332,3 +350,8 @@ def _revs(shown):
 
 def run_cmd(root, *cmd) -> str:
     return run(list(cmd), root).stdout.strip()
+
+
+def _exp_ref(root, name: str) -> str:
+    refs = run_cmd(root, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    return next(r for r in refs if r.endswith(f"/{name}"))

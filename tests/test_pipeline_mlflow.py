@@ -1,9 +1,8 @@
-"""The pipeline against MLflow for real: parallel queued experiments through a tracking server on PostgreSQL, a run
-straight to PostgreSQL, an unreachable server, and what a default run records and prints."""
+"""The pipeline against MLflow for real: parallel runs through a tracking server on PostgreSQL, a run straight to
+PostgreSQL, an unreachable server, and what a default run records and prints."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,14 +18,12 @@ import torch
 from kennel.data.shards import read_split
 from tests.conftest import (
     PIPELINE_EPOCHS,
-    dvc,
-    experiments_agree,
+    copy_project,
     free_port,
     project_runs,
     run_stages,
     set_params,
     tracking_server,
-    wait_for_queue,
 )
 
 pytestmark = pytest.mark.slow
@@ -45,26 +42,49 @@ def test_unreachable_server_stops_train_before_any_training(project_copy):
     assert not (root / "models").exists()
 
 
-def test_parallel_experiments_through_a_tracking_server_on_postgresql(project_copy, tmp_path, postgres, monkeypatch):
-    """Two experiments on two workers against a real `mlflow server` on PostgreSQL, artifacts proxied by it."""
-    root = project_copy
-    set_params(root, **{"train.epochs": 1, "mlflow.system_metrics": False})
+def test_parallel_runs_through_a_tracking_server_on_postgresql(pipeline, project_copy, tmp_path, postgres,
+                                                               monkeypatch):
+    """Two train stages at once against a real `mlflow server` on a new PostgreSQL database (first contact at once),
+    artifacts proxied by it; then each project's evaluate. The queue's own wiring (`dvc exp run --queue -j 2`, `dvc exp
+    show` agreeing with MLflow) is tested on the project's sqlite store in test_pipeline.py."""
+    roots = [project_copy, copy_project(pipeline.root, tmp_path / "second")]
+    for root, lr in zip(roots, (0.001, 0.01), strict=True):
+        set_params(root, **{"train.epochs": 1, "train.lr": lr, "mlflow.system_metrics": False})
     artifacts = tmp_path / "artifacts"
     with tracking_server(postgres("server"), artifacts) as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the queue's workers inherit it
-        client, runs = _queue_and_check(root, uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        env = {**os.environ, "PYTHONPATH": "src"}
+        trains = [subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True) for root in roots]
+        for train in trains:
+            out = train.communicate(timeout=600)[0]
+            assert train.returncode == 0, out
+        for root in roots:
+            run_stages(root, ["evaluate"], monkeypatch)
+
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.01"]
         for run in runs:
+            assert "test_accuracy" in run.data.metrics and "kennel.model_uri" in run.data.tags
             assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1]
             assert run.info.artifact_uri.startswith("mlflow-artifacts:")
             assert not [k for k in run.data.metrics if k.startswith("system/")]  # switched off in params
             assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/roc.png"}
         model = mlflow.pytorch.load_model(runs[0].data.tags["kennel.model_uri"])
-        x = torch.from_numpy(np.array(read_split(root / "data/resized", "test")[0]))
+        x = torch.from_numpy(np.array(read_split(roots[0] / "data/resized", "test")[0]))
         assert model(x).shape == (len(x), 2)
-        version = client.get_model_version_by_alias("kennel", "champion")
-        assert version.tags["git.commit"] == client.get_run(version.run_id).data.tags["git.commit"]
+        # every run registered a version; the champion is the best, whichever finished first
+        assert len(client.search_model_versions("name='kennel'")) == 2
+        champion = client.get_model_version_by_alias("kennel", "champion")
+        assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == max(
+            r.data.metrics["test_accuracy"] for r in runs)
+        assert champion.tags["git.commit"] == client.get_run(champion.run_id).data.tags["git.commit"]
     assert list(artifacts.rglob("confusion_matrix.png"))  # uploaded through the server
-    assert len(project_runs(root)[1]) == 1  # nothing went to the local store: it holds the copied run alone
+    for root in roots:
+        assert len(project_runs(root)[1]) == 1  # nothing went to the local store: it holds the copied run alone
 
 
 def test_a_run_straight_to_postgresql(project_copy, postgres, monkeypatch):
@@ -85,38 +105,6 @@ def test_a_run_straight_to_postgresql(project_copy, postgres, monkeypatch):
     assert client.get_model_version_by_alias("kennel", "champion").run_id == version.run_id == run.info.run_id
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # not a server this module stops
     assert len(project_runs(root)[1]) == 1  # nothing went to the local store: it holds the copied run alone
-
-
-def _queue_and_check(root: Path, uri: str):
-    """Queue two experiments, run them on two workers; check that each landed one complete run, that
-    `dvc exp show` agrees with MLflow and that the champion is the better one. Returns (client, runs)."""
-    dvc(["exp", "run", "--queue", "-S", "train.lr=0.001,0.01"], root)
-    dvc(["queue", "start", "-j", "2"], root)
-    status = wait_for_queue(root, 2)
-    assert status.count("Success") == 2, status
-    logs = "".join(dvc(["queue", "logs", line.split()[0]], root, check=False).stdout
-                   for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker"))
-    assert "database is locked" not in logs
-
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    by_exp = {r.data.tags["dvc.exp_name"]: r for r in runs}
-    assert len(by_exp) == 2 and all("test_accuracy" in r.data.metrics and "kennel.model_uri" in r.data.tags
-                                    for r in runs)
-    assert sorted((r.data.params["train.lr"], r.data.params["train.batch_size"]) for r in runs) == [
-        ("0.001", "8"), ("0.01", "8")]
-
-    # `dvc exp show` and MLflow agree on params and metrics, experiment by experiment
-    shown = json.loads(dvc(["exp", "show", "--json"], root).stdout)
-    assert experiments_agree(shown, by_exp) == 2, json.dumps(shown)[:3000]
-    versions = client.search_model_versions("name='kennel'")
-    assert len(versions) == 2
-    champion = client.get_model_version_by_alias("kennel", "champion")
-    best = max(r.data.metrics["test_accuracy"] for r in runs)
-    assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == best
-    return client, runs
 
 
 def test_default_repro_is_quiet_and_the_run_has_its_dataset_and_system_metrics(pipeline, tmp_path):

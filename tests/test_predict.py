@@ -24,10 +24,11 @@ from kennel.data.manifest import SPLITS, account
 from kennel.data.shards import read_split
 from kennel.data.sources import find_images
 from kennel.data.validate import inspect_all
+from kennel.model.file import save_model
+from kennel.model.inference import LoadedModel, load_model_file, preprocess, softmax
+from kennel.model.network import Classifier
 from kennel.serve.predict import expand, predict_cli, predict_files, resolve_model
 from kennel.train.fine_tune import train
-from kennel.train.inference import LoadedModel, load_model_file, preprocess, softmax
-from kennel.train.model import Classifier, save_model
 from tests.conftest import REPO, build_dataset, isolate, small_params
 
 SIZE = 32

@@ -1,5 +1,5 @@
 """`python -m kennel reproduce` on a real git + DVC repo: a rerun that does not match, and refusals. Exact
-reproductions of a run id, an experiment and a commit run as the README says in test_own_images.py."""
+reproductions as the README says: a run id and a commit in test_own_images.py, an experiment in test_pipeline.py."""
 
 from __future__ import annotations
 

@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 
 from kennel import track
+from kennel.model.file import save_model
+from kennel.model.inference import load_model_file
+from kennel.model.network import build_model
 from kennel.serve.predict import predict_files
 from kennel.track.serving import log_serving_model
-from kennel.train.inference import load_model_file
-from kennel.train.model import build_model, save_model
 from tests.conftest import free_port, stop_process_group, wait_for_http
 
 SIZE = 32

@@ -14,8 +14,10 @@ from kennel.core.archs import head_path, supported_archs
 from kennel.core.errors import ConfigError, WeightsError
 from kennel.core.params import params_from_dict
 from kennel.data.shards import read_split
+from kennel.model.file import load_model, save_model
+from kennel.model.network import build_model
+from kennel.model.weights import read_weights
 from kennel.train.fine_tune import find_resumable, phases, seed_everything, train
-from kennel.train.model import build_model, load_model, read_weights, save_model
 from tests.conftest import Killed, kill_at, small_params
 
 # one of each family; the smallest where a family has several sizes
@@ -319,8 +321,8 @@ def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_
     import numpy as np
     from stages.audit import main as audit
 
+    from kennel.model.inference import load_model_file, predict_arrays
     from kennel.serve.predict import resolve_model
-    from kennel.train.inference import load_model_file, predict_arrays
     from tests.conftest import make_project, project_runs, run_stages, write_params
 
     body = {k: v for k, v in imagenet_like.items() if not k.startswith("classifier.3.")}

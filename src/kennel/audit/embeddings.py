@@ -17,7 +17,8 @@ import torch
 from kennel.audit.cache import Featurizer
 from kennel.audit.phash import phash_featurizer
 from kennel.core.device import amp_name, resolve_amp, resolve_device, to_device
-from kennel.train.model import WeightsInfo, build_model, imagenet_url
+from kennel.model.network import build_model
+from kennel.model.weights import WeightsInfo, imagenet_url
 
 log = logging.getLogger(__name__)
 

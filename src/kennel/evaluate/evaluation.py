@@ -16,10 +16,11 @@ from kennel.data.manifest import read_manifest
 from kennel.data.shards import read_index
 from kennel.evaluate.gradcam import grad_cam
 from kennel.evaluate.metrics import Curves, calibration, classification_metrics, curves
+from kennel.model.file import load_model
+from kennel.model.inference import softmax
+from kennel.model.network import Classifier
 from kennel.train.batches import make_loader
-from kennel.train.inference import softmax
 from kennel.train.loop import predict
-from kennel.train.model import Classifier, load_model
 
 
 @dataclass

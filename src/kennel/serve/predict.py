@@ -18,7 +18,7 @@ from kennel.core.paths import MODEL
 from kennel.core.versioning import RUN_ID
 from kennel.data.images import load_array
 from kennel.data.parallel import resolve_workers
-from kennel.train.inference import CPU, LoadedModel, load_model_file, place, predict_arrays, result_frame
+from kennel.model.inference import CPU, LoadedModel, load_model_file, place, predict_arrays, result_frame
 
 
 def resolve_model(ref: str | None, root: Path) -> LoadedModel:

@@ -10,8 +10,8 @@ import mlflow.pytorch
 from mlflow.exceptions import MlflowException
 
 from kennel.core.errors import ModelRefError, TrackingUnavailable
+from kennel.model.inference import DEFAULT_MODE, LoadedModel
 from kennel.track.store import check_reachable, tracking_uri
-from kennel.train.inference import DEFAULT_MODE, LoadedModel
 
 
 def client(root: Path, ref: str) -> mlflow.MlflowClient:

@@ -23,8 +23,8 @@ from PIL import UnidentifiedImageError
 
 import kennel
 from kennel.data.images import load_array
+from kennel.model.inference import LoadedModel, load_model_file, predict_arrays, result_frame
 from kennel.track.models import pinned
-from kennel.train.inference import LoadedModel, load_model_file, predict_arrays, result_frame
 
 IMAGE_COLUMN = "image"
 # Shared by the server's request threads: a request's images decode side by side, without a pool per request.

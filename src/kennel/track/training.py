@@ -25,6 +25,7 @@ from kennel.core.paths import (
 )
 from kennel.core.versioning import workspace_unversioned_reason
 from kennel.data.shards import read_meta, read_split
+from kennel.model.file import save_model
 from kennel.track import store
 from kennel.track.live import LiveLog
 from kennel.track.models import log_model
@@ -34,7 +35,6 @@ from kennel.train.checkpoint import mark_complete
 from kennel.train.distributed import Dist
 from kennel.train.fine_tune import TrainResult, train
 from kennel.train.loop import EpochResult
-from kennel.train.model import save_model
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.augment import Augment
 from kennel.data.shards import read_meta, read_split
+from kennel.model.network import Classifier, build_model
+from kennel.model.weights import WeightsInfo
 from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_phase, restore_run
 from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict, snapshot
-from kennel.train.model import Classifier, WeightsInfo, build_model
 from kennel.train.optim import build_optimizer, build_scheduler
 from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
 

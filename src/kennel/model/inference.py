@@ -17,7 +17,8 @@ from torch import nn
 
 from kennel.core.device import to_device
 from kennel.data.images import load_array
-from kennel.train.model import Classifier, load_model
+from kennel.model.file import load_model
+from kennel.model.network import Classifier
 
 CPU = torch.device("cpu")
 DEFAULT_MODE = "center_crop"  # model files written before the mode was stored were made with the default
