@@ -1,16 +1,15 @@
-"""`python -m kennel reproduce` on a real git + DVC repo: a rerun that does not match, and refusals. Exact
-reproductions as the README says: a run id and a commit in test_own_images.py, an experiment in test_pipeline.py."""
+"""`python -m kennel reproduce` on a real git + DVC repo: README's `reproduce <run id>` rerunning a run whose recorded
+result no longer matches, and refusals. Exact reproductions: a commit in test_own_images.py, an experiment in
+test_pipeline.py."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from kennel.serve.cli import main as kennel
-from tests.conftest import REPO, copy_project, project_runs, run
+from tests.conftest import REPO, command_lines, copy_project, project_runs, readme_blocks, run
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +23,14 @@ def project(pipeline, tmp_path_factory):
     return root
 
 
-def _reproduce(root, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-m", "kennel", "reproduce", *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 def test_a_mismatch_exits_non_zero_and_the_rerun_leaves_nothing_behind(project):
     client, runs = project_runs(project)
     original = runs[0]
     accuracy = original.data.metrics["test_accuracy"]
     client.log_metric(original.info.run_id, "test_accuracy", -1.0)  # the latest value is what the run records now
-    out = _reproduce(project, original.info.run_id)
+    line = command_lines(readme_blocks("## Reproduce a run", "bash")[0])[0]  # README's, with the run id
+    out = run(["bash", "-c", line.replace("<run id>", original.info.run_id)], project, check=False, timeout=900,
+              env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 1 and "MISMATCH" in out.stdout and "NOT reproduced" in out.stdout, out.stdout + out.stderr
     assert f"{accuracy:.6f}" in out.stdout  # the rerun made the original accuracy again
     assert not list((project.parent).glob("kennel-reproduce-*"))
