@@ -43,7 +43,7 @@ def embed(paths: list[Path], weights: Path, batch_size: int = 32) -> np.ndarray:
     from kennel.data.parallel import pmap
     from kennel.model.network import build_model
 
-    model, _ = build_model("mobilenet_v2", ["a", "b"], weights=str(weights), finetune="head")
+    model, _ = build_model("mobilenet_v2", ["a", "b"], weights=str(weights))
     model.eval()
     images = np.stack(list(pmap(_load, paths, desc="decode")))
     out = []

@@ -90,7 +90,7 @@ def build_model(weights: Path, out: Path) -> Path:
     from kennel.model.file import save_model
     from kennel.model.network import build_model as build
 
-    model, _ = build("mobilenet_v2", ["cat", "dog"], weights=str(weights), finetune="head")
+    model, _ = build("mobilenet_v2", ["cat", "dog"], weights=str(weights))
     save_model(model.eval(), out, size=224, arch="mobilenet_v2", mode="center_crop")
     return out
 

@@ -113,7 +113,8 @@ def probe_scores(prepared: Path, arch: str, weights: Path, other: Path) -> dict:
 
     data = prepared / "data/resized"
     meta = read_meta(data)
-    model, _ = build_model(arch, meta["classes"], str(weights), "head")
+    model, _ = build_model(arch, meta["classes"], str(weights))
+    model.set_frozen(True)
     cpu = torch.device("cpu")
     amp = resolve_amp("auto", cpu)
     features = {split: extract_features(model, make_batches(data, split, resident=False, batch_size=64, device=cpu),

@@ -143,7 +143,8 @@ def ceiling(args, device: torch.device, amp, compile: bool) -> float:
 
 def head_epoch(x: torch.Tensor, y: torch.Tensor, args, device: torch.device, amp) -> tuple[float, float]:
     """(seconds to cache the backbone features once, seconds of one head-only epoch on them)."""
-    model = build_model("resnet18", ["cat", "dog"], finetune="head")[0].to(device, memory_format=torch.channels_last)
+    model = build_model("resnet18", ["cat", "dog"])[0].to(device, memory_format=torch.channels_last)
+    model.set_frozen(True)  # head only
     out = {}
     cache = _timed(lambda: out.update(f=extract_features(model, Batches(x, y, args.batch_size), device, amp)),
                    device)

@@ -45,7 +45,8 @@ from kennel.data.images import load_array  # noqa: E402
 from kennel.data.shards import read_meta, read_split  # noqa: E402
 from kennel.evaluate.metrics import wilson_interval  # noqa: E402
 from kennel.model.inference import LoadedModel, predict_arrays  # noqa: E402
-from kennel.train.fine_tune import blend_weights, train  # noqa: E402
+from kennel.train.fine_tune import train  # noqa: E402
+from kennel.train.recipe import blend_weights  # noqa: E402
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> dict:

@@ -160,7 +160,7 @@ def test_every_params_key_is_in_the_readme_table_with_its_shipped_default():
 def test_what_each_mode_does_is_what_the_readme_says():
     import dataclasses
 
-    from kennel.train.fine_tune import describe_phases
+    from kennel.train.recipe import Recipe
 
     params = load_params(REPO / "params.yaml")
     rows = _readme_table("### What each mode does with the shipped params")
@@ -168,4 +168,4 @@ def test_what_each_mode_does_is_what_the_readme_says():
     for row in rows:
         mode = row["model.finetune"].strip("`")
         p = dataclasses.replace(params, model=dataclasses.replace(params.model, finetune=mode))
-        assert row["with pretrained weights"] == "; then ".join(describe_phases(p, pretrained=True)), mode
+        assert row["with pretrained weights"] == "; then ".join(Recipe.from_params(p, pretrained=True).describe()), mode

@@ -76,7 +76,8 @@ def test_grad_cam_finds_the_last_feature_map_of_every_family(arch, layer):
 
 def test_grad_cam_works_on_a_frozen_backbone():
     torch.manual_seed(0)
-    model, _ = build_model("resnet18", ["a", "b"], finetune="head")
+    model, _ = build_model("resnet18", ["a", "b"])
+    model.set_frozen(True)
     cam = grad_cam(model, torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8), torch.tensor([1]))
     assert cam.shape == (1, 64, 64) and cam.max() == pytest.approx(1)
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 import shutil
 
+import pytest
+import torch
+from torchvision.models import resnet18
+
 from kennel.audit.splits import write_audited
 from kennel.core.params import params_from_dict
 from kennel.data.shards import read_index, read_meta
+from kennel.train.fine_tune import train
 from kennel.train.lr_find import lr_find, plot, suggest
-from tests.conftest import REPO, build_dataset, project_runs, small_params, write_params
+from tests.conftest import REPO, Killed, build_dataset, kill_at, project_runs, small_params, write_params
 
 
 def test_suggestion_is_the_steepest_descent_before_the_minimum():
@@ -66,3 +71,36 @@ def test_cli_prints_the_suggestion_and_records_a_run_without_touching_pipeline_o
     suggestion = runs[0].data.metrics["lr_suggestion"]
     assert math.isfinite(suggestion) and f"{runs[0].data.tags['kennel.lr_suggestion']}" in out
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "lr_find")] == ["lr_find/lr_find.png"]
+
+
+@pytest.mark.parametrize("finetune,epochs", [("full", 2), ("staged", 3)])
+def test_the_sweep_is_the_optimizer_training_builds_for_that_phase(tmp_path, finetune, epochs):
+    """From pretrained weights: two groups, the backbone at lr x backbone_lr_mult, as the run's checkpoint in the
+    phase swept (the first all-layer one) holds them."""
+    data = build_dataset(tmp_path / "data", per_class=8)
+    torch.manual_seed(1)
+    torch.save(resnet18(num_classes=5).state_dict(), tmp_path / "pretrained.pth")  # another head: dropped
+    params = params_from_dict(small_params(**{
+        "model.finetune": finetune, "model.weights": str(tmp_path / "pretrained.pth"), "train.epochs": epochs,
+        "train.head_epochs": 1, "train.backbone_lr_mult": 0.1}))
+    result = lr_find(params, data, steps=6)
+    assert result.phase.index == epochs - 1 and not result.phase.frozen
+    head = 2  # fc weight and bias
+    assert [n for n, _ in result.groups] == [head, len(list(resnet18().parameters())) - head]
+    assert [ratio for _, ratio in result.groups] == pytest.approx([1.0, 0.1])
+    assert result.swept.startswith(f"phase {epochs - 1} of {finetune} (all layers;")
+
+    with pytest.raises(Killed):  # the checkpoint of the epoch before: inside the phase swept
+        train(params, data, on_epoch=kill_at(epochs), checkpoint=tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["phase"] == result.phase.index
+    trained = [(len(g["params"]), g["initial_lr"] / params.train.lr) for g in checkpoint["optimizer"]["param_groups"]]
+    assert [n for n, _ in trained] == [n for n, _ in result.groups]
+    assert [r for _, r in trained] == pytest.approx([r for _, r in result.groups])
+
+
+def test_head_mode_sweeps_the_head_alone(tmp_path):
+    data = build_dataset(tmp_path / "data", per_class=8)
+    result = lr_find(params_from_dict(small_params(**{"model.finetune": "head"})), data, steps=6)
+    assert result.phase.frozen and result.groups == [(2, 1.0)]
+    assert result.swept.startswith("phase 1 of head (the head on cached features;")

@@ -28,8 +28,9 @@ def test_uint8_input_is_normalised_inside_the_model():
     torch.testing.assert_close(model(x), model.backbone((x.float() / 255 - mean) / std), rtol=1e-4, atol=1e-4)
 
 
-def test_head_mode_freezes_everything_but_fc():
-    model, _ = build_model("resnet18", ["a", "b"], weights="none", finetune="head")
+def test_a_frozen_model_trains_only_fc():
+    model, _ = build_model("resnet18", ["a", "b"], weights="none")
+    model.set_frozen(True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"backbone.fc.weight", "backbone.fc.bias"}
     model.train()
@@ -39,8 +40,8 @@ def test_head_mode_freezes_everything_but_fc():
     assert torch.equal(before, model.backbone.bn1.running_mean)  # frozen BN statistics
 
 
-def test_full_mode_trains_everything():
-    model, _ = build_model("resnet18", ["a", "b"], weights="none", finetune="full")
+def test_a_built_model_trains_everything():
+    model, _ = build_model("resnet18", ["a", "b"], weights="none")
     assert all(p.requires_grad for p in model.parameters())
 
 

@@ -85,7 +85,8 @@ def test_head_mode_cached_features_equal_training_the_frozen_model(resized):
     # the same run without the cache: the frozen model sees the raw (un-augmented) images every epoch
     t = params.train
     generator = seed_everything(params.seed)
-    model, _ = build_model("resnet18", ["cat", "dog"], "none", "head")
+    model, _ = build_model("resnet18", ["cat", "dog"], "none")
+    model.set_frozen(True)
     model = model.to(memory_format=torch.channels_last)
     x, y = read_split(resized, "train")
     vx, vy = read_split(resized, "val")

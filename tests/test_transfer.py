@@ -17,7 +17,8 @@ from kennel.data.shards import read_split
 from kennel.model.file import load_model, save_model
 from kennel.model.network import build_model
 from kennel.model.weights import read_weights
-from kennel.train.fine_tune import find_resumable, phases, seed_everything, train
+from kennel.train.fine_tune import find_resumable, seed_everything, train
+from kennel.train.recipe import Recipe
 from tests.conftest import Killed, kill_at, small_params
 
 # one of each family; the smallest where a family has several sizes
@@ -57,7 +58,8 @@ def test_supported_archs_cover_every_family_and_others_are_refused():
 def test_every_family_builds_trains_and_caches_features(arch):
     torch.manual_seed(0)
     reference = get_model(arch)
-    model, _ = build_model(arch, ["a", "b", "c"], weights="none", finetune="head")
+    model, _ = build_model(arch, ["a", "b", "c"], weights="none")
+    model.set_frozen(True)
     # the head is the model's last Linear, replaced with one for 3 classes
     linears = [m for m in model.backbone.modules() if isinstance(m, nn.Linear)]
     assert model.head is linears[-1]
@@ -196,7 +198,8 @@ def _staged(**overrides):
 
 def test_staged_phase_one_freezes_the_backbone_and_phase_two_uses_two_rates(resized, tmp_path):
     params = _staged()
-    assert [(p.first, p.last, p.frozen) for p in phases(params)] == [(1, 1, True), (2, 3, False)]
+    phases = Recipe.from_params(params, pretrained=False).phases
+    assert [(p.first, p.last, p.frozen) for p in phases] == [(1, 1, True), (2, 3, False)]
     seed_everything(params.seed)
     initial, _ = build_model("resnet18", ["cat", "dog"])  # the same init train() draws
     with pytest.raises(Killed):

@@ -45,7 +45,7 @@ def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, re
     """Pooled features of the pretrained backbone, or the perceptual hash when ``weights`` are not pretrained."""
     info = WeightsInfo("none")
     if weights != "none":
-        model, info = build_model(arch, classes, weights=weights, finetune="full")
+        model, info = build_model(arch, classes, weights=weights)
     if not pretrained(info):
         log.warning("no pretrained weights (model.weights: %s): near-duplicates use a perceptual hash instead of "
                     "%s features (audit.hash_distance), and label checks are skipped", weights, arch)

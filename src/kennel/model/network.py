@@ -84,13 +84,9 @@ class Classifier(nn.Module):
         return self
 
 
-def build_model(
-    arch: str, classes: Sequence[str], weights: str = "none", finetune: str = "full"
-) -> tuple[Classifier, WeightsInfo]:
-    """``arch`` with its head replaced by ``Linear(in_features, len(classes))``, weights loaded per ``weights``.
-
-    ``finetune: head`` (and the first phase of ``staged``) starts frozen.
-    """
+def build_model(arch: str, classes: Sequence[str], weights: str = "none") -> tuple[Classifier, WeightsInfo]:
+    """``arch`` with its head replaced by ``Linear(in_features, len(classes))``, weights loaded per ``weights``;
+    every layer trainable (what a run freezes, and when, is its recipe's: ``kennel.train.recipe``)."""
     head = head_path(arch)
     if not head or arch not in list_models(module=torchvision.models):
         raise ValueError(f"model.arch = {arch!r}: allowed: {', '.join(supported_archs())}")
@@ -100,4 +96,4 @@ def build_model(
     state, info = read_weights(arch, weights, len(classes))
     if state is not None:
         backbone.load_state_dict(state, strict=False)  # read_weights checked that only the head is missing
-    return Classifier(backbone, classes, head, frozen=finetune in ("head", "staged")), info
+    return Classifier(backbone, classes, head), info

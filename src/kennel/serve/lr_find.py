@@ -41,11 +41,12 @@ def lr_find_cli(argv=None) -> int:
             for i, (lr, loss) in enumerate(zip(result.lrs, result.losses, strict=True)):
                 track.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, step=i)
             track.log_metrics({"lr_suggestion": result.suggestion})
-            track.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}"})
+            track.set_tags({"kennel.lr_suggestion": f"{result.suggestion:.3g}", "kennel.lr_find_swept": result.swept})
             track.log_artifacts([png], "lr_find")
     except (ConfigError, WeightsError, FileNotFoundError, track.TrackingUnavailable) as err:
         return fail("lr-find", str(err))
     print(f"suggested learning rate: {result.suggestion:.3g} (train.lr); {len(result.lrs)} steps, plot {png}"
           if math.isfinite(result.suggestion) else
           f"no suggested learning rate: {len(result.lrs)} steps are too few, or the loss never fell; plot {png}")
+    print(f"swept {result.swept}")
     return 0

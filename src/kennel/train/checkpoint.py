@@ -157,16 +157,3 @@ def restore_run(payload: dict, model: torch.nn.Module, generator: torch.Generato
                      tuple(payload["best_score"]), payload["best_state"], probe_from_payload(payload.get("probe")),
                      payload.get("start_state"))
     return state, payload["epoch"] + 1
-
-
-def restore_phase(payload: dict, *, first: int, last: int, optimizer: torch.optim.Optimizer, scheduler,
-                  scaler) -> None:
-    """The optimizer, schedule and grad scaler of the phase ``first..last``, if the checkpoint was made inside it
-    (a phase that ended at the checkpoint starts its successor fresh)."""
-    if not first <= payload["epoch"] < last:
-        return
-    optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload.get("scaler"):
-        scaler.load_state_dict(payload["scaler"])

@@ -1,4 +1,5 @@
-"""train(params, data_dir): data placement, model, optimizer, schedule, checkpoints and the fit loop, from params."""
+"""train(params, data_dir): the run around the recipe: device, data placement, each phase set up and fitted,
+checkpoints and resume, the weights kept (selection, blend, refit)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
-from kennel.data.augment import Augment
 from kennel.data.shards import read_meta, read_split
 from kennel.model.network import Classifier, build_model
 from kennel.model.weights import WeightsInfo
 from kennel.train.batches import Batches, make_batches
-from kennel.train.checkpoint import Checkpointer, restore_phase, restore_run
+from kennel.train.checkpoint import Checkpointer, restore_run
 from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict, snapshot
-from kennel.train.optim import build_optimizer, build_scheduler
 from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
+from kennel.train.recipe import Phase, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -108,56 +108,6 @@ def extract_features(model: Classifier, batches: Iterable, device: torch.device,
         return predict(model, batches, device, amp_dtype, desc="features")
 
 
-@dataclass(frozen=True)
-class Phase:
-    """Epochs ``first..last`` trained with one optimizer and one schedule; frozen = head only, on cached features."""
-
-    index: int
-    first: int
-    last: int
-    frozen: bool
-
-
-def phases(params: Params) -> list[Phase]:
-    """``head``: one frozen phase; ``full``: one phase of all layers; ``staged`` (fastai's fine_tune):
-    ``train.head_epochs`` frozen, then all layers with the schedule restarting."""
-    t, finetune = params.train, params.model.finetune
-    if finetune == "staged":
-        return [Phase(1, 1, t.head_epochs, True), Phase(2, t.head_epochs + 1, t.epochs, False)]
-    return [Phase(1, 1, t.epochs, finetune == "head")]
-
-
-def describe_phases(params: Params, pretrained: bool) -> list[str]:
-    """What each phase of ``params`` does, in words: the log's first line, and README's table of modes (a test
-    holds the two together)."""
-    t, a = params.train, params.train.augment
-    bn = "BatchNorm statistics kept" if freezes_bn(t.freeze_bn, pretrained) \
-        else "BatchNorm statistics updated"
-    words = []
-    for phase in phases(params):
-        epochs = f"{phase.last - phase.first + 1} epoch{'s' if phase.last > phase.first else ''}"
-        if phase.frozen:
-            start = "from the linear probe" if t.head_init == "probe" else "from random"
-            words.append(f"{epochs}: head only {start}, lr {t.lr:g}, on cached features (no augmentation)")
-            continue
-        discriminative = pretrained or phase.index > 1
-        lr = f"head lr {t.lr:g}, backbone lr {t.lr * t.backbone_lr_mult:g}" if discriminative else f"lr {t.lr:g}"
-        crop = f"crops of {a.scale_min:g}-{a.scale_max:g} of the area, flips {a.flip:g}" if a.enabled \
-            else "no augmentation"
-        blend = f"; kept: {t.blend:g} x the best of these epochs + {1 - t.blend:g} x the weights they started from" \
-            if phase.index > 1 and blends(t.blend, pretrained) else ""
-        words.append(f"{epochs}: all layers, {lr}, {bn}, {crop}{blend}")
-    return words
-
-
-def param_groups(model: Classifier, lr: float, backbone_lr_mult: float) -> list[dict]:
-    """Discriminative learning rates: the head at ``lr`` (first group, the one logged), the backbone slower."""
-    head = model.head_parameter_names()
-    named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if n in head], "lr": lr},
-            {"params": [p for n, p in named if n not in head], "lr": lr * backbone_lr_mult}]
-
-
 def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """A best state kept in a frozen phase (the head's keys only) as the whole model's: the backbone did not move."""
     if state is None or any(k.startswith("backbone.") for k in state):
@@ -167,20 +117,25 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
             **{prefix + k: v for k, v in state.items()}}
 
 
-def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Classifier, WeightsInfo]:
-    """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last; seed the RNG first."""
-    model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights,
-                                 params.model.finetune)
-    model.freeze_bn = freezes_bn(params.train.freeze_bn, weights.loaded > 0)
-    return model.to(device, memory_format=torch.channels_last), weights
+def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Classifier, Recipe, WeightsInfo]:
+    """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last, unfrozen, and the recipe that
+    fine-tunes it; seed the RNG first."""
+    model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights)
+    return model.to(device, memory_format=torch.channels_last), Recipe.from_params(params, weights.loaded > 0), weights
 
 
-def freezes_bn(setting: str | bool, pretrained: bool) -> bool:
-    """``train.freeze_bn``: auto = with pretrained weights. Statistics re-estimated from a few hundred augmented
-    photos are noisier than the pretrained ones and shift the features the head was fit on (measured on real
-    photos from another source: staged 0.967 -> 0.985, full 0.967 -> 0.982 with them kept); random-init
-    statistics mean nothing and must be learnt."""
-    return pretrained if setting == "auto" else bool(setting)
+@dataclass(frozen=True)
+class PhaseData:
+    """Where a run's phases take their batches from: the same for every phase of the run."""
+
+    dir: Path
+    splits: tuple[str, str]
+    resident: bool  # train + val held on the device
+    batch_size: int  # per process
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    generator: torch.Generator
+    ctx: Dist
 
 
 @dataclass
@@ -198,56 +153,48 @@ class PhaseSetup:
     probe: Probe | None = None
 
 
-def setup_phase(phase: Phase, *, params: Params, model: Classifier, data_dir: Path, resident: bool, batch_size: int,
-                device: torch.device, amp_dtype: torch.dtype | None, generator: torch.Generator,
-                ctx: Dist, fresh: bool = True, pretrained: bool = False, splits: tuple[str, str] = TRAIN_VAL,
+def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData, fresh: bool = True,
                 probe_cs: Sequence[float] = PROBE_CS) -> PhaseSetup:
-    """The data, module, optimizer, schedule and grad scaler of ``phase``.
+    """The data, module, optimizer, schedule and grad scaler of ``phase``, as ``recipe`` says.
 
     Frozen: the backbone's features never change, so they are computed once and the head trains on them
-    (no augmentation); the linear probe is fit on them, and with ``head_init: probe`` the head starts from it
-    unless the phase resumes (``fresh`` false: the checkpoint's head stands). All layers from ``pretrained``
-    weights or after a frozen phase: discriminative rates, the head at ``lr``, the backbone at
-    ``lr x backbone_lr_mult`` (it holds what was learnt; ``full`` from random init trains everything at ``lr``).
+    (no augmentation); the linear probe is fit on them, and the head may start from it (``fresh`` false: the
+    phase resumes, and the checkpoint's head stands). All layers: batches of images, augmented on the device.
     """
-    t = params.train
-    model.set_frozen(phase.frozen)
-    batches = dict(resident=resident, batch_size=batch_size, device=device, num_workers=t.num_workers)
+    recipe.prepare(model, phase)
+    device, ctx = data.device, data.ctx
+    batches = dict(resident=data.resident, batch_size=data.batch_size, device=device,
+                   num_workers=recipe.train.num_workers)
+    probe = None
     if phase.frozen:
         log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
                  phase.first, phase.last)
         (ftrain, ytrain), (fval, yval), test = [
-            extract_features(model, make_batches(data_dir, split, **batches), device, amp_dtype)
-            for split in (*splits, "test")]
+            extract_features(model, make_batches(data.dir, split, **batches), device, data.amp_dtype)
+            for split in (*data.splits, "test")]
         probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes), cs=probe_cs)
-        if t.head_init == "probe" and fresh:
+        if recipe.head_from_probe(fresh):
             load_head(model, probe)
         ftrain, fval = ftrain.to(device), fval.to(device)
-        train_batches: Iterable = Batches(ftrain, ytrain, batch_size, True, generator, ctx.rank, ctx.world)
-        val_batches: Iterable = Batches(fval, yval, batch_size, rank=ctx.rank, world=ctx.world)
-        module, groups, augment = model.head, list(model.head.parameters()), None
+        train_batches: Iterable = Batches(ftrain, ytrain, data.batch_size, True, data.generator, ctx.rank, ctx.world)
+        val_batches: Iterable = Batches(fval, yval, data.batch_size, rank=ctx.rank, world=ctx.world)
     else:
-        probe = None
         log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s", phase.first, phase.last,
-                 f", backbone lr x {t.backbone_lr_mult:g}" if pretrained or phase.index > 1 else "",
+                 f", backbone lr x {recipe.train.backbone_lr_mult:g}" if recipe.discriminative(phase) else "",
                  "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
-        train_batches = make_batches(data_dir, splits[0], **batches, shuffle=True, generator=generator, rank=ctx.rank,
-                                     world=ctx.world)
-        val_batches = make_batches(data_dir, splits[1], **batches, rank=ctx.rank, world=ctx.world)
-        module = model
-        groups = param_groups(model, t.lr, t.backbone_lr_mult) if pretrained or phase.index > 1 \
-            else list(model.parameters())
-        augment = Augment.from_params(t.augment)
+        train_batches = make_batches(data.dir, data.splits[0], **batches, shuffle=True, generator=data.generator,
+                                     rank=ctx.rank, world=ctx.world)
+        val_batches = make_batches(data.dir, data.splits[1], **batches, rank=ctx.rank, world=ctx.world)
+    module = recipe.trained_module(model, phase)
     trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 else module
-    if t.compile:
+    if recipe.train.compile:
         trained = torch.compile(trained)
-    optimizer = build_optimizer(t.optimizer, groups, t.lr, t.momentum, t.weight_decay, t.nesterov)
-    scheduler = build_scheduler(t.schedule, optimizer, phase.last - phase.first + 1, len(train_batches),
-                                t.warmup_epochs)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    step = StepConfig(amp_dtype, scaler, scheduler, criterion, t.grad_clip, augment, generator)
+    optimizer = recipe.optimizer(model, phase)
+    scheduler = recipe.scheduler(optimizer, phase, len(train_batches))
+    scaler = torch.amp.GradScaler(device.type) if data.amp_dtype == torch.float16 else None
+    step = StepConfig(data.amp_dtype, scaler, scheduler, recipe.criterion(), recipe.train.grad_clip,
+                      recipe.augment(phase), data.generator)
     return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step, probe)
 
 
@@ -272,47 +219,47 @@ def train(
     ctx: Dist | None = None,
     splits: tuple[str, str] = TRAIN_VAL,
     probe_cs: Sequence[float] = PROBE_CS,
+    recipe: Recipe | None = None,
 ) -> TrainResult:
     """Fine-tune per ``params`` on ``data_dir``'s train split, validating on val after every epoch (``splits``
-    names others: a refit trains on ``train+val`` and validates on nothing).
+    names others: a refit trains on ``train+val`` and validates on nothing). The recipe is the one ``params``
+    describe for the weights loaded, unless ``recipe`` is given (a refit's).
 
     With ``checkpoint``, the state after every epoch is saved there (by rank 0); ``resume`` (a payload from
     ``find_resumable``) continues such a run, in either phase of ``staged``, so that it ends exactly where an
     uninterrupted one would. ``on_start`` sees the built model, device and placement before the first epoch.
     """
-    t, ctx = params.train, ctx or Dist()
+    ctx = ctx or Dist()
     device, amp_dtype, generator = prepare_run(params, ctx)
-    model, weights = build_for(params, data_dir, device)
+    model, built, weights = build_for(params, data_dir, device)
+    recipe = recipe or built
+    t = recipe.train
     resident, n_train, n_val = placement(data_dir, device, t.data_on_device, splits)
-    batch_size = t.batch_size // ctx.world
+    data = PhaseData(data_dir, splits, resident, t.batch_size // ctx.world, device, amp_dtype, generator, ctx)
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
     result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
                          resumed_from=start - 1)
     log.info("training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
-             device, amp_name(amp_dtype), result.data_placement, n_train, n_val, batch_size, ctx.world,
+             device, amp_name(amp_dtype), result.data_placement, n_train, n_val, data.batch_size, ctx.world,
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
-    log.info("model.finetune %s: %s; %s, %s schedule", params.model.finetune,
-             "; then ".join(describe_phases(params, weights.loaded > 0)), t.optimizer, t.schedule)
+    log.info("model.finetune %s: %s; %s, %s schedule", recipe.finetune, "; then ".join(recipe.describe()),
+             t.optimizer, t.schedule)
     on_start(result)
 
     evaluated: nn.Module = model
     setup: PhaseSetup | None = None
-    for phase in phases(params):
+    for phase in recipe.phases:
         if phase.last < start:
             continue  # finished before the checkpoint we resume from
         if not phase.frozen and phase.index > 1:
             state.best_state = _model_state(model, state.best_state)
             # kept only when it will be blended; a run resumed inside the phase has it from the checkpoint
-            if start <= phase.first and blends(t.blend, weights.loaded > 0):
+            if start <= phase.first and recipe.keeps_start(phase):
                 state.start_state = snapshot(model)
-        setup = setup_phase(phase, params=params, model=model, data_dir=data_dir, resident=resident,
-                            batch_size=batch_size, device=device, amp_dtype=amp_dtype, generator=generator, ctx=ctx,
-                            fresh=start <= phase.first, pretrained=weights.loaded > 0, splits=splits,
-                            probe_cs=probe_cs)
+        setup = setup_phase(phase, recipe, model, data, fresh=start <= phase.first, probe_cs=probe_cs)
         if resume is not None:
-            restore_phase(resume, first=phase.first, last=phase.last, optimizer=setup.optimizer,
-                          scheduler=setup.scheduler, scaler=setup.scaler)
+            recipe.restore(resume, phase, setup.optimizer, setup.scheduler, setup.scaler)
 
         def after_epoch(epoch_result: EpochResult, fit_state: FitState, phase=phase, setup=setup) -> None:
             # Report first, then checkpoint: a kill in between repeats this epoch on resume (same numbers, logged
@@ -330,27 +277,11 @@ def train(
                     on_epoch=after_epoch)
     result = select_weights(result, model, state, evaluated, t.select, t.epochs)
     if state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
-        blend_weights(model, state.start_state, t.blend)
+        recipe.blend(model, state.start_state)
         result.blended_val = evaluate(model, setup.val_batches, device, amp_dtype)
         result.selected_reason += blend_reason(t.blend, result.selected_epoch, result.blended_val)
         log.info("blended: %s", result.selected_reason.rsplit("; ", 1)[-1])
-    return refit(params, data_dir, result, ctx) if t.refit else result
-
-
-def blends(blend: float, pretrained: bool) -> bool:
-    """``train.blend`` applies: below 1, and from pretrained weights. Both ends then share the pretrained backbone;
-    from random init the frozen phase's backbone is noise, and averaging towards it would undo training."""
-    return blend < 1 and pretrained
-
-
-def blend_weights(model: nn.Module, start: dict[str, torch.Tensor], blend: float) -> None:
-    """The model's weights become ``blend`` x its own + (1 - blend) x ``start`` (WiSE-FT, Wortsman et al. 2022: a
-    weight-space ensemble of the fine-tuned model and the one it started from, which both begin from the same
-    pretrained weights, keeps more of what transfers to photos of another source). Integer buffers (BatchNorm's
-    counters) stay the model's."""
-    mixed = {k: (blend * v + (1 - blend) * start[k].to(v.device, v.dtype)) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()}
-    model.load_state_dict(mixed)
+    return refit(params, data_dir, result, recipe, ctx) if t.refit else result
 
 
 def blend_reason(blend: float, epoch: int, val: tuple[float, float]) -> str:
@@ -360,17 +291,15 @@ def blend_reason(blend: float, epoch: int, val: tuple[float, float]) -> str:
             f"(train.blend): {scores}")
 
 
-def refit(params: Params, data_dir: Path, selected: TrainResult, ctx: Dist) -> TrainResult:
+def refit(params: Params, data_dir: Path, selected: TrainResult, recipe: Recipe, ctx: Dist) -> TrainResult:
     """The selected recipe trained again from the start on train + val for the selected number of epochs (staged
     that selected a frozen epoch: the head alone), the probe's C as chosen: all labelled photos but the test's
     end up in the model. Nothing is left to validate on, so the selection run's history stays the one reported."""
-    t, k = params.train, selected.selected_epoch
-    finetune = "head" if params.model.finetune == "staged" and k <= t.head_epochs else params.model.finetune
-    again_params = dataclasses.replace(params, model=dataclasses.replace(params.model, finetune=finetune),
-                                       train=dataclasses.replace(t, epochs=k, select="last", refit=False))
-    log.info("refit: %s for %d epoch(s) on train + val, as selected", finetune, k)
-    again = train(again_params, data_dir, ctx=ctx, splits=REFIT, probe_cs=(selected.probe.c,) if selected.probe
-                  else PROBE_CS)
+    k = selected.selected_epoch
+    again_recipe = recipe.for_refit(k)
+    log.info("refit: %s for %d epoch(s) on train + val, as selected", again_recipe.finetune, k)
+    again = train(params, data_dir, ctx=ctx, splits=REFIT, recipe=again_recipe,
+                  probe_cs=(selected.probe.c,) if selected.probe else PROBE_CS)
     return dataclasses.replace(again, history=selected.history, selected_epoch=k, probe=selected.probe,
                                selected_reason=f"{selected.selected_reason}; then trained again on train + val "
                                                f"for {k} epoch(s) (train.refit)"

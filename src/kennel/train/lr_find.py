@@ -1,7 +1,8 @@
 """The learning-rate range test (Smith 2015, fastai's lr_find): the lr rises exponentially, one batch per step,
 until the smoothed loss diverges; the suggestion is the lr where that loss falls fastest, past the sweep's start.
 
-It trains a throwaway copy of the model the params describe and writes nothing of the pipeline's.
+It trains a throwaway copy of the model the params describe, with the optimizer their recipe trains with, and
+writes nothing of the pipeline's.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 from tqdm import tqdm
 
 from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.core.plots import save_figure, subplots
-from kennel.data.augment import Augment
 from kennel.data.shards import read_split
 from kennel.train.batches import Batches, make_batches
-from kennel.train.fine_tune import build_for, extract_features, fits_resident, seed_everything
+from kennel.train.fine_tune import build_for, extract_features, fits_resident, load_head, seed_everything
 from kennel.train.loop import StepConfig, train_one_epoch
-from kennel.train.optim import build_optimizer
+from kennel.train.probe import fit_probe
+from kennel.train.recipe import Phase
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +34,45 @@ DIVERGED = 4.0  # stop once the smoothed loss is this many times its lowest valu
 
 @dataclass
 class LRFind:
-    lrs: list[float]
+    lrs: list[float]  # train.lr at each step; each param group ran at its ratio of it
     losses: list[float]  # smoothed
-    suggestion: float
+    suggestion: float  # for train.lr, as training uses it
+    phase: Phase  # the recipe's phase that was swept
+    groups: list[tuple[int, float]]  # (parameters, rate / train.lr) of each param group swept
+    swept: str  # which phase of which mode, and its groups' rates, in words
 
 
 def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0
             ) -> LRFind:
-    """Run the range test for ``params``' model and fine-tuning mode on ``data_dir``'s train split.
-
-    ``head`` and ``staged`` test the head on cached features (what their first epochs train), ``full`` all layers.
+    """Run the range test on ``data_dir``'s train split for the optimizer that ``params``' recipe trains with in
+    its sweep phase (the first all-layer phase of ``full`` and ``staged``, the head of ``head``): every param group
+    keeps its rate's ratio to ``train.lr`` (the backbone at ``backbone_lr_mult`` of it), so the suggestion is for
+    ``train.lr``. A sweep of ``staged``'s second phase starts the head at the linear probe when the recipe does
+    (``train.head_init: probe``), as near to where that phase starts as a range test gets without training.
     """
     t = params.train
     device = resolve_device(t.device)
     amp_dtype = resolve_amp(t.amp, device)
     generator = seed_everything(params.seed)
-    model, _ = build_for(params, data_dir, device)
+    model, recipe, _ = build_for(params, data_dir, device)
+    phase = recipe.sweep_phase()
     images, _ = read_split(data_dir, "train")
     resident = fits_resident(images.nbytes, device, t.data_on_device)
     how = dict(resident=resident, batch_size=t.batch_size, device=device, num_workers=t.num_workers)
+    recipe.prepare(model, phase)
     batches = make_batches(data_dir, "train", **how, shuffle=True, generator=generator)
-    module: nn.Module = model
-    augment = None
-    if model.frozen:
-        features, labels = extract_features(model, make_batches(data_dir, "train", **how), device, amp_dtype)
-        batches, module = Batches(features.to(device), labels, t.batch_size, True, generator), model.head
-    else:
-        augment = Augment.from_params(t.augment)
-    optimizer = build_optimizer(t.optimizer, module.parameters(), start_lr, t.momentum, t.weight_decay, t.nesterov)
-    step = StepConfig(amp_dtype, criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
-                      grad_clip=t.grad_clip, augment=augment, generator=generator)
+    if phase.frozen or (phase.index > 1 and recipe.head_from_probe(fresh=True)):
+        features = [extract_features(model, make_batches(data_dir, split, **how), device, amp_dtype)
+                    for split in ("train", "val", "test")]
+        if phase.frozen:
+            batches = Batches(features[0][0].to(device), features[0][1], t.batch_size, True, generator)
+        else:
+            load_head(model, fit_probe(*features, classes=len(model.classes)))
+    module = recipe.trained_module(model, phase)
+    optimizer = recipe.optimizer(model, phase)
+    ratios = [group["lr"] / t.lr for group in optimizer.param_groups]
+    step = StepConfig(amp_dtype, criterion=recipe.criterion(), grad_clip=t.grad_clip, augment=recipe.augment(phase),
+                      generator=generator)
 
     lrs, smoothed, average, best = [], [], 0.0, math.inf
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # as many epochs as the steps need
@@ -71,8 +80,8 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     for i, batch in zip(range(steps), stream, strict=False):
         bar.update()
         lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+            group["lr"] = lr * ratio
         loss, _, _ = train_one_epoch(module, [batch], optimizer, device, step, progress=False)
         if not math.isfinite(loss):
             break
@@ -84,7 +93,11 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
         if value > DIVERGED * best:
             break
     bar.close()
-    return LRFind(lrs, smoothed, suggest(lrs, smoothed))
+    groups = [(len(group["params"]), ratio) for group, ratio in zip(optimizer.param_groups, ratios, strict=True)]
+    what = "the head on cached features" if phase.frozen else "all layers"
+    rates = ", ".join(f"{n} tensors at {ratio:g} x" for n, ratio in groups)
+    swept = f"phase {phase.index} of {recipe.finetune} ({what}; {rates} the lr)"
+    return LRFind(lrs, smoothed, suggest(lrs, smoothed), phase, groups, swept)
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
