@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from kennel.core.params import params_from_dict  # noqa: E402
 from kennel.data.images import to_array  # noqa: E402
 from kennel.data.manifest import split_of  # noqa: E402
-from kennel.data.shards import read_meta, read_split, write_splits  # noqa: E402
+from kennel.data.shard_writer import write_splits  # noqa: E402
+from kennel.data.shards import read_meta, read_split  # noqa: E402
 from kennel.data.synthetic import CLASSES, render  # noqa: E402
 from kennel.train import fine_tune  # noqa: E402
 from kennel.train.batches import Batches  # noqa: E402

@@ -107,7 +107,7 @@ class Loader:
 def build(rows: list[tuple[str, str, str]], out: Path) -> pd.DataFrame:
     """(path, label, sha1) rows -> a manifest with hash splits and resized shards in ``out``, as prepare + resize."""
     from kennel.data.manifest import assign_splits
-    from kennel.data.shards import write_splits
+    from kennel.data.shard_writer import write_splits
 
     manifest = assign_splits(pd.DataFrame(rows, columns=["path", "label", "sha1"]), VAL, TEST, SEED)
     write_splits(manifest, Path("/"), SIZE, out, Loader(), workers="auto", recipe=MODE)

@@ -5,7 +5,7 @@
 The photos are the real ones of ../shared/realdata (photos/ and photos_other/, repeated up to N paths); the model is
 a MobileNetV2 with its real ImageNet features and a new 2-class head (predictions are not scored: speed only).
 Each measurement runs in its own process on warm files:
-  decode   the resize stage's own decode + resize (kennel.data.shards.write_split, workers=auto): the decode floor
+  decode   the resize stage's own decode + resize (plain_arrays.write_split, workers=auto): the decode floor
   model    the model alone on ready uint8 tensors, batch 32, mixed precision as `--amp auto` picks it
   evaluate the evaluate stage's pass (kennel.train.loop.predict over the decoded split)
   features feature extraction for head / staged (kennel.train.fine_tune.extract_features, the backbone only)
@@ -36,11 +36,11 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     sys.path.insert(0, str(SRC))
     import numpy as np
     import torch
+    from plain_arrays import read_plain, write_split
 
     from kennel.core.device import resolve_amp
     from kennel.data.dataset import ImageArrayDataset
     from kennel.data.images import load_array
-    from kennel.data.shards import read_split, write_split
     from kennel.model.inference import load_model_file, predict_arrays
     from kennel.serve.predict import predict_batches
     from kennel.train.batches import make_loader
@@ -59,7 +59,7 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
         out = work / f"ready-{len(paths)}"
         if not (out / "bench_x.npy").exists():
             write_split(out, "bench", paths, [0] * len(paths), model.size, partial(load_array, mode=model.mode), "auto")
-        images = np.array(read_split(out, "bench")[0])
+        images = np.array(read_plain(out, "bench")[0])
         loader = make_loader(ImageArrayDataset(out, "bench"), batch_size=32, num_workers=0, device=cpu)
         start = time.perf_counter()
         if method == "model":

@@ -6,7 +6,7 @@ Generates (does not ship) a mixed set of JPEGs, mostly 300-500 px with ~5% at 15
 own process on the same warm files:
   naive   the loop a notebook would write: Image.open -> convert("RGB") -> resize -> np.array, one process,
           arrays stacked at the end
-  kennel  kennel.data.shards.write_split with load_array (draft-mode JPEG decode, workers=auto, rows written
+  kennel  plain_arrays.write_split with load_array (draft-mode JPEG decode, workers=auto, rows written
           straight into the .npy file)
 at N/2 and N images, and prints images/s, the speed ratio, and the peak RSS of each (summed over worker processes).
 """
@@ -50,8 +50,9 @@ def naive(paths: list[str], size: int) -> None:
 
 def kennel(paths: list[str], size: int, out: str) -> None:
     sys.path.insert(0, str(SRC))
+    from plain_arrays import write_split
+
     from kennel.data.images import load_array
-    from kennel.data.shards import write_split
 
     write_split(Path(out), "bench", paths, [0] * len(paths), size, partial(load_array, mode="squash"), "auto")
 

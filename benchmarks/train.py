@@ -34,12 +34,13 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from plain_arrays import read_plain, write_split  # noqa: E402
+
 from kennel.core.device import amp_name, resolve_amp  # noqa: E402
-from kennel.data.augment import Augment  # noqa: E402
 from kennel.data.images import load_array  # noqa: E402
 from kennel.data.parallel import pmap, resolve_workers  # noqa: E402
-from kennel.data.shards import read_split, write_split  # noqa: E402
 from kennel.model.network import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
+from kennel.train.augment import Augment  # noqa: E402
 from kennel.train.batches import Batches  # noqa: E402
 from kennel.train.fine_tune import extract_features  # noqa: E402
 from kennel.train.loop import StepConfig, train_one_epoch  # noqa: E402
@@ -198,7 +199,7 @@ def main() -> None:
         paths = sorted(jpegs.glob("*/*.jpg"))
         labels = [0 if p.parent.name == "cat" else 1 for p in paths]
         write_split(Path(tmp), "train", paths, labels, args.size, partial(load_array, mode="center_crop"), "auto")
-        images, ys = read_split(Path(tmp), "train")
+        images, ys = read_plain(Path(tmp), "train")
         x, y = torch.from_numpy(np.array(images)).to(device), torch.from_numpy(ys).to(device)
         _say(f"{args.images} JPEGs generated and resized in {time.perf_counter() - start:.1f} s")
 

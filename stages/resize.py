@@ -14,7 +14,7 @@ from kennel.core.stage import run_stage
 from kennel.data.images import load_array
 from kennel.data.manifest import read_manifest
 from kennel.data.parallel import resolve_workers
-from kennel.data.shards import write_splits
+from kennel.data.shard_writer import write_splits
 
 log = logging.getLogger("kennel.resize")
 

@@ -170,7 +170,7 @@ def build_dataset(root: Path, per_class: int = 16, size: int = 32, seed: int = 0
     resized arrays, with the library functions the stages use."""
     from kennel.data.images import load_array
     from kennel.data.manifest import account, write_csv
-    from kennel.data.shards import write_splits
+    from kennel.data.shard_writer import write_splits
     from kennel.data.sources import find_images
     from kennel.data.validate import inspect_all
 
@@ -279,6 +279,38 @@ def doc_section(heading: str, files: Sequence[Path] | None = None) -> DocSection
                              f"{', '.join(f'{shown(s.path)}:{s.start + 1}' for s in found)} (the tests read that "
                              "section: keep the heading in one file, once)")
     return found[0]
+
+
+def leaking_copy(image, avoid: str, seed: int, val: float, test: float) -> bytes:
+    """A mirrored, 80 % resized, JPEG re-encoded copy of the PIL ``image`` whose hash split (under ``seed``, ``val``,
+    ``test``) is not ``avoid``: a near-copy that leaks across splits unless the audit moves it."""
+    import hashlib
+    import io
+
+    from PIL import ImageOps
+
+    from kennel.data.manifest import split_of
+
+    small = ImageOps.mirror(image.resize((int(image.width * 0.8), int(image.height * 0.8)))).convert("RGB")
+    for quality in range(50, 96):
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=quality)
+        if split_of(hashlib.sha1(buf.getvalue()).hexdigest(), seed, val, test) != avoid:
+            return buf.getvalue()
+    raise AssertionError("no quality gave another split")
+
+
+def random_model_file(path: Path, classes: Sequence[str], size: int) -> Path:
+    """A random-init resnet18 saved as the train stage saves it (no training: the numbers only need to be real)."""
+    import torch
+
+    from kennel.model.file import save_model
+    from kennel.model.network import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", classes, weights="none")
+    save_model(model, path, size=size, arch="resnet18", mode="squash")
+    return path
 
 
 def readme_blocks(heading: str, language: str) -> list[str]:

@@ -4,7 +4,6 @@ weights; the feature cache computes only new images; the audited splits are what
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image
 
 from kennel.audit.cache import update_cache
 from kennel.audit.near_duplicates import find_near_duplicates
@@ -25,20 +24,9 @@ from kennel.data.manifest import read_manifest, split_of
 from kennel.data.shards import read_index, read_meta, read_split
 from kennel.data.synthetic import render
 from kennel.evaluate.evaluation import split_paths
-from tests.conftest import build_dataset, small_params
+from tests.conftest import build_dataset, leaking_copy, small_params
 
 SEED, VAL, TEST = 0, 0.25, 0.25  # build_dataset's
-
-
-def copy_bytes(image: Image.Image, avoid: str, seed: int = SEED, val: float = VAL, test: float = TEST) -> bytes:
-    """A mirrored, 80 % resized, JPEG re-encoded copy of ``image`` whose hash split is not ``avoid``: a leak."""
-    small = ImageOps.mirror(image.resize((int(image.width * 0.8), int(image.height * 0.8)))).convert("RGB")
-    for quality in range(50, 96):
-        buf = io.BytesIO()
-        small.save(buf, "JPEG", quality=quality)
-        if split_of(hashlib.sha1(buf.getvalue()).hexdigest(), seed, val, test) != avoid:
-            return buf.getvalue()
-    raise AssertionError("no quality gave another split")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def planted(tmp_path_factory) -> Path:
             render(label, 0, i).save(path)
     original = root / "raw/cat/cat.3.png"
     split = split_of(hashlib.sha1(original.read_bytes()).hexdigest(), SEED, VAL, TEST)
-    (root / "raw/cat/copy of cat 3.jpg").write_bytes(copy_bytes(Image.open(original), split))
+    (root / "raw/cat/copy of cat 3.jpg").write_bytes(leaking_copy(Image.open(original), split, SEED, VAL, TEST))
     build_dataset(root, source="folder", size=64)
     return root
 

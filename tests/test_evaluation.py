@@ -8,26 +8,16 @@ from PIL import Image
 from kennel.data.shards import read_classes, read_split
 from kennel.data.synthetic import render
 from kennel.evaluate.evaluation import evaluate_model, file_name
-from kennel.model.file import save_model
-from kennel.model.network import build_model
-from tests.conftest import build_dataset
+from tests.conftest import build_dataset, random_model_file
 
 SIZE = 32
-
-
-def trained_on(root, classes):
-    """A random-init model saved as the train stage saves it (no training: the numbers only need to be real)."""
-    torch.manual_seed(0)
-    model, _ = build_model("resnet18", classes, weights="none")
-    save_model(model, root / "model.pt", size=SIZE, arch="resnet18", mode="squash")
-    return root / "model.pt"
 
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     resized = build_dataset(root, per_class=12, size=SIZE)
-    model = trained_on(root, read_classes(resized))
+    model = random_model_file(root / "model.pt", read_classes(resized), SIZE)
     return root, evaluate_model(model, resized, root / "manifest.csv", device="cpu", amp="off")
 
 
@@ -83,8 +73,8 @@ def test_three_classes_have_curves_per_class(tmp_path):
                 tmp_path / "raw" / label / f"{i}.png")
     resized = build_dataset(tmp_path, size=SIZE, source="folder", val=0.2, test=0.4)
     classes = read_classes(resized)
-    result = evaluate_model(trained_on(tmp_path, classes), resized, tmp_path / "manifest.csv", device="cpu",
-                            amp="off")
+    model = random_model_file(tmp_path / "model.pt", classes, SIZE)
+    result = evaluate_model(model, resized, tmp_path / "manifest.csv", device="cpu", amp="off")
     assert [c.name for c in result.curves] == ["cat", "dog", "fox sp."]
     assert set(result.metrics["one_vs_rest"]) == {"cat", "dog", "fox sp."}
     assert [f"prob_{c}" for c in classes] == list(result.predictions().columns[3:6])

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kennel.data import shards, validate
+from kennel.data import shard_writer, validate
 from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
-from kennel.data.shards import read_index, read_split, write_splits
+from kennel.data.shard_writer import write_splits
+from kennel.data.shards import read_index, read_split
 from kennel.data.sources import find_images
 from kennel.data.validate import file_stats, identity_table, inspect_all, read_scan, scan_table
 from tests.conftest import dvc, make_project, small_params, write_image, write_params
@@ -24,7 +25,7 @@ SIZE = 32
 
 @pytest.fixture(autouse=True)
 def small_shards(monkeypatch):
-    monkeypatch.setattr(shards, "SHARD_BYTES", 8 * 3 * SIZE * SIZE)  # 8 rows a shard: many shards from few images
+    monkeypatch.setattr(shard_writer, "SHARD_BYTES", 8 * 3 * SIZE * SIZE)  # 8 rows a shard: many shards from few images
 
 
 def _raw(raw: Path, n: int, start: int = 0) -> Path:

@@ -16,8 +16,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
-from kennel.data.augment import Augment
 from kennel.train import loop
+from kennel.train.augment import Augment
 from kennel.train.batches import Batches
 from kennel.train.loop import PROGRESS_EVERY, StepConfig, train_one_epoch
 from kennel.train.optim import build_scheduler

@@ -11,8 +11,7 @@ import pytest
 
 from kennel.data.manifest import split_of
 from kennel.data.synthetic import render
-from tests.conftest import dvc, make_project, run_stages, small_params, write_image
-from tests.test_audit import copy_bytes
+from tests.conftest import dvc, leaking_copy, make_project, run_stages, small_params, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +30,7 @@ def test_folder_source_end_to_end(tmp_path, monkeypatch):
     # a drawing and a mirrored, resized, re-encoded copy of it that the content hash puts in another split
     render("cat", 0, 1).save(raw / "red" / "drawing.png")
     split = split_of(hashlib.sha1((raw / "red/drawing.png").read_bytes()).hexdigest(), params["seed"], 0.2, 0.2)
-    (raw / "red" / "drawing copy.jpg").write_bytes(copy_bytes(render("cat", 0, 1), split, params["seed"], 0.2, 0.2))
+    (raw / "red" / "drawing copy.jpg").write_bytes(leaking_copy(render("cat", 0, 1), split, params["seed"], 0.2, 0.2))
     # in-process: what each stage writes is checked here; that `dvc repro` runs them is checked in test_pipeline.py
     run_stages(root, ["prepare", "resize", "audit", "train", "evaluate"], monkeypatch)
     dvc(["commit", "--force"], root)  # the lock, as a `dvc repro` would have written it

@@ -27,8 +27,7 @@ from kennel.data.shards import read_classes
 from kennel.evaluate import reports
 from kennel.evaluate.evaluation import evaluate_model
 from kennel.evaluate.metrics import classification_metrics
-from tests.conftest import REPO, build_dataset
-from tests.test_evaluation import trained_on
+from tests.conftest import REPO, build_dataset, random_model_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BINARY_FIGURES = ["top_losses.png", "top_losses_gradcam.png", "confusion_matrix.png", "reliability.png", "roc.png",
@@ -39,7 +38,7 @@ BINARY_FIGURES = ["top_losses.png", "top_losses_gradcam.png", "confusion_matrix.
 def binary(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
     resized = build_dataset(root, per_class=12, size=32)
-    model = trained_on(root, read_classes(resized))
+    model = random_model_file(root / "model.pt", read_classes(resized), 32)
     return evaluate_model(model, resized, root / "manifest.csv", device="cpu", amp="off", calibration_bins=5)
 
 

@@ -9,9 +9,9 @@ import torch
 
 from kennel.core.errors import ConfigError
 from kennel.core.params import params_from_dict
-from kennel.data.augment import Augment
 from kennel.data.shards import read_split
 from kennel.model.network import build_model
+from kennel.train.augment import Augment
 from kennel.train.batches import Batches, batch_order
 from kennel.train.checkpoint import mark_complete
 from kennel.train.fine_tune import find_resumable, seed_everything, selection_reason, train

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from kennel.core.device import to_device
-from kennel.data.augment import Augment
+from kennel.train.augment import Augment
 from kennel.train.probe import Probe
 
 log = logging.getLogger(__name__)

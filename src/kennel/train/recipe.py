@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from kennel.core.params import Params, TrainConfig
-from kennel.data.augment import Augment
 from kennel.model.network import Classifier
+from kennel.train.augment import Augment
 from kennel.train.optim import build_optimizer, build_scheduler
 
 
