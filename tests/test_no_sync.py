@@ -57,7 +57,7 @@ def _epoch(model: nn.Module, n: int, batch_size: int = 4, device: str = "cpu", a
     x, y = _data(n, device)
     batches = Batches(x, y, batch_size, shuffle=True, generator=gen)
     step = StepConfig(amp, scheduler=build_scheduler("cosine", opt, 1, len(batches), 0.5), grad_clip=1.0,
-                augment=Augment(), generator=gen)
+                augment=Augment(vflip=0.5, rot90=True), generator=gen)
     return train_one_epoch(model, batches, opt, torch.device(device), step)
 
 

@@ -41,6 +41,29 @@ def test_killed_run_resumes_to_the_exact_same_weights(resized, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 3
 
 
+def test_patience_counts_epochs_without_a_lower_val_loss_within_the_phase():
+    state = FitState()
+    for epoch, loss in enumerate([0.9, 0.7, 0.8, 0.75], start=1):
+        state.history.append(EpochResult(epoch, 1.0, 0.5, loss, 0.5, 1e-3, seconds=1.0, images_per_second=1.0))
+        state.consider(state.history[-1], torch.nn.Linear(1, 1))
+    assert state.best_epoch == 2 and state.stale(2) and not state.stale(3) and not state.stale(0)
+    assert not state.stale(2, since=3)  # a phase that began after epoch 3 has had one epoch, not two
+
+
+def test_patience_stops_training_and_a_resumed_run_stops_where_it_would_have(resized, tmp_path):
+    params = make_params(**{"train.epochs": 6, "train.patience": 1, "train.lr": 0.003, "train.select": "best"})
+    full = train(params, resized, checkpoint=tmp_path / "full.pt")  # a rate that makes val loss climb
+    stopped = full.history[-1].epoch
+    assert stopped < 6 and stopped - max(r.epoch for r in full.history if r.epoch == full.selected_epoch) == 1
+    assert f"training stopped after epoch {stopped}: val loss had not improved for 1 epochs" in full.selected_reason
+    with pytest.raises(Killed):
+        train(params, resized, on_epoch=kill_at(stopped), checkpoint=tmp_path / "ckpt.pt")
+    resumed = train(params, resized, checkpoint=tmp_path / "ckpt.pt",
+                    resume=find_resumable(tmp_path / "ckpt.pt", params, resized))
+    assert [r.epoch for r in resumed.history] == [r.epoch for r in full.history]
+    _equal_states(full.model.state_dict(), resumed.model.state_dict())
+
+
 def test_checkpoint_from_other_params_or_data_is_not_resumed(resized, tmp_path, caplog):
     params = make_params(**{"train.epochs": 1})
     train(params, resized, checkpoint=tmp_path / "ckpt.pt")
@@ -210,6 +233,22 @@ def test_augment_identity_and_flip_are_exact():
     flipped = Augment(flip=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, torch.Generator().manual_seed(1))
     torch.testing.assert_close(flipped, x.float().flip(-1), rtol=0, atol=1e-3)
     assert flipped.dtype == torch.float32 and flipped.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_vertical_flips_and_quarter_turns_are_exact_and_all_drawn():
+    x = _images(64)
+    whole = dict(flip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    upside_down = Augment(**whole, vflip=1.0)(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(upside_down, x.float().flip(-2), rtol=0, atol=1e-3)
+    turned = Augment(**whole, rot90=True)(x, torch.Generator().manual_seed(1))
+    turns = []
+    for image, out in zip(x.float(), turned, strict=True):
+        (k,) = [k for k in range(4) if torch.allclose(out, image.rot90(k, (-2, -1)), atol=1e-3)]
+        turns.append(k)
+    assert set(turns) == {0, 1, 2, 3}  # every quarter turn occurs, each image exactly one of them
+    # off, they draw nothing: the default recipe's crops are what they always were
+    plain = Augment()(x, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(Augment(vflip=0.0, rot90=False)(x, torch.Generator().manual_seed(5)), plain)
 
 
 def test_augment_crop_is_a_resized_region():

@@ -88,17 +88,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random resized crop + horizontal flip, applied per sample on the training device."""
+    """Random resized crop, flips and quarter turns, applied per sample on the training device."""
 
     flip: float  # probability of a horizontal flip
     scale_min: float  # crop area as a fraction of the image
     scale_max: float
     ratio_min: float  # crop aspect ratio (width / height)
     ratio_max: float
+    vflip: float  # probability of a vertical flip (images with no "up": overhead, microscope)
+    rot90: bool  # turn each image by 0, 1, 2 or 3 quarter turns
 
     def check(self) -> None:
-        if not 0 <= self.flip <= 1:
-            raise ConfigError(f"train.augment.flip = {self.flip!r}: allowed: a probability in [0, 1]")
+        for key, value in (("flip", self.flip), ("vflip", self.vflip)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"train.augment.{key} = {value!r}: allowed: a probability in [0, 1]")
+        if not isinstance(self.rot90, bool):
+            raise ConfigError(f"train.augment.rot90 = {self.rot90!r}: allowed: true | false")
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError(
                 f"train.augment.scale_min/scale_max = {self.scale_min!r}/{self.scale_max!r}: "
@@ -112,14 +117,16 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.flip > 0 or self.scale_min < 1 or self.ratio_min != 1 or self.ratio_max != 1
+        return (self.flip > 0 or self.vflip > 0 or self.rot90 or self.scale_min < 1 or self.ratio_min != 1
+                or self.ratio_max != 1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float
     batch_size: int  # global: split across processes when train.nproc > 1
-    epochs: int
+    epochs: int  # the budget: with patience, training may stop before
+    patience: int  # stop a phase once this many epochs in a row did not improve val loss; 0 = train every epoch
     optimizer: Literal["sgd", "adam", "adamw"]
     momentum: float
     nesterov: bool
@@ -150,6 +157,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr = {self.lr!r}: allowed: a finite number > 0")
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.patience", self.patience, 0)
         _at_least("train.num_workers", self.num_workers, 0)
         _at_least("train.nproc", self.nproc, 1)
         _in_unit_interval("train.momentum", self.momentum)

@@ -1,4 +1,4 @@
-"""On-device augmentation: per-sample random resized crop and horizontal flip for a whole batch."""
+"""On-device augmentation: per-sample random resized crop, flips and quarter turns for a whole batch."""
 
 from __future__ import annotations
 
@@ -13,21 +13,26 @@ from kennel.core.device import send
 
 @dataclass(frozen=True)
 class Augment:
-    """Per-sample random resized crop + horizontal flip for a whole batch with one ``grid_sample``.
+    """Per-sample random resized crop, horizontal and vertical flips and quarter turns for a whole batch, with one
+    ``grid_sample``.
 
     Parameters are drawn on the CPU from ``generator`` (so a run is repeatable and resumable on any device, and
     draws the same crops on each); they reach the device without a blocking copy, and the sampling runs wherever
-    the images are.
+    the images are. Vertical flips and quarter turns draw nothing when off, so a recipe without them draws what it
+    always drew.
     """
 
     flip: float = 0.5
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (0.75, 4 / 3)
+    vflip: float = 0.0  # overhead and microscope images have no "up"
+    rot90: bool = False  # a quarter turn 0-3 times, each equally likely
 
     @classmethod
     def from_params(cls, a) -> Augment | None:
         """``train.augment`` as an Augment; None when every part is off."""
-        return cls(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max)) if a.enabled else None
+        return cls(a.flip, (a.scale_min, a.scale_max), (a.ratio_min, a.ratio_max), a.vflip, a.rot90) \
+            if a.enabled else None
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         b = images.shape[0]
@@ -40,6 +45,16 @@ class Augment:
         sign = 1 - 2 * (torch.rand(b, generator=generator) < self.flip).float()
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+        if self.vflip > 0:
+            theta[:, 1, 1] *= 1 - 2 * (torch.rand(b, generator=generator) < self.vflip).float()
+        if self.rot90:
+            # the output's coordinates turned by k quarter turns before the crop's scale and flips apply: exact
+            # on the pixel grid of a square image
+            k = torch.randint(0, 4, (b,), generator=generator)
+            cos = torch.tensor([1.0, 0.0, -1.0, 0.0])[k]
+            sin = torch.tensor([0.0, 1.0, 0.0, -1.0])[k]
+            turn = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # b x 2 x 2
+            theta[:, :, :2] = theta[:, :, :2] @ turn
         theta = send(theta, images.device)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)

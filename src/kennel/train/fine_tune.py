@@ -274,8 +274,11 @@ def train(
             result.probe = state.probe = setup.probe
         state = fit(setup.trained, setup.train_batches, setup.val_batches, setup.optimizer, phase.last, device,
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
-                    on_epoch=after_epoch)
+                    on_epoch=after_epoch, patience=t.patience, since=phase.first - 1)
     result = select_weights(result, model, state, evaluated, t.select, t.epochs)
+    if state.stopped_after:
+        result.selected_reason += (f"; training stopped after epoch {state.stopped_after}: val loss had not improved "
+                                   f"for {t.patience} epochs (train.patience)")
     if state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
         recipe.blend(model, state.start_state)
         result.blended_val = evaluate(model, setup.val_batches, device, amp_dtype)

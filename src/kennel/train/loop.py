@@ -52,12 +52,21 @@ class FitState:
     best_state: dict[str, torch.Tensor] | None = None
     probe: Probe | None = None  # the frozen phase's linear probe, kept across a resume
     start_state: dict[str, torch.Tensor] | None = None  # staged: the weights the all-layer phase started from
+    stopped_after: int = 0  # the epoch after which train.patience stopped the phase (0: it ran to its end)
 
     def consider(self, result: EpochResult, model: nn.Module) -> None:
         score = (-result.val_loss, result.val_accuracy)
         if not math.isnan(result.val_loss) and score > self.best_score:
             self.best_epoch, self.best_score = result.epoch, score
             self.best_state = snapshot(model)
+
+    def stale(self, patience: int, since: int = 0) -> bool:
+        """Early stopping (``train.patience``): the last ``patience`` epochs after epoch ``since`` (where the phase
+        began) did not improve on the best val loss. Read from the history, so a run resumed from a checkpoint
+        decides as the uninterrupted one did."""
+        if patience <= 0 or not self.history or self.best_epoch == 0:
+            return False
+        return self.history[-1].epoch - max(self.best_epoch, since) >= patience
 
 
 
@@ -234,8 +243,11 @@ def fit(
     state: FitState | None = None,
     start_epoch: int = 1,
     on_epoch: Callable[[EpochResult, FitState], None] = lambda result, state: None,
+    patience: int = 0,
+    since: int = 0,
 ) -> FitState:
-    """Train epochs ``start_epoch..epochs``, evaluating ``eval_model`` (default ``model``) after each.
+    """Train epochs ``start_epoch..epochs``, evaluating ``eval_model`` (default ``model``) after each; with
+    ``patience``, stop once that many epochs in a row after epoch ``since`` did not improve on the best val loss.
 
     ``on_epoch`` sees every result with the state (to log, and to checkpoint: a resumed fit continues from the
     ``state`` and ``start_epoch`` a checkpoint gives back).
@@ -243,6 +255,11 @@ def fit(
     state = state or FitState()
     eval_model = eval_model or model
     for epoch in range(start_epoch, epochs + 1):
+        if state.stale(patience, since):
+            state.stopped_after = state.history[-1].epoch
+            log.info("stopping early: val loss has not improved for %d epochs (best: epoch %d)", patience,
+                     state.best_epoch)
+            break
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, seen = train_one_epoch(
