@@ -115,12 +115,15 @@ def test_binary_scalars_are_the_headline_numbers_and_each_class(binary):
     m = binary.metrics
     scalars = reports.scalar_metrics(m)
     assert list(scalars) == [
-        "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_macro_f1", "test_roc_auc",
-        "test_average_precision", "test_ece", "test_images",
+        "test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_macro_f1", "test_balanced_accuracy",
+        "test_worst_class_recall", "test_roc_auc", "test_average_precision", "test_ece", "test_images",
         "test_precision_cat", "test_recall_cat", "test_f1_cat", "test_precision_dog", "test_recall_dog", "test_f1_dog",
     ]
     assert scalars["test_accuracy"] == m["accuracy"] and scalars["test_macro_f1"] == m["macro_f1"]
     assert scalars["test_ece"] == m["ece"]
+    recalls = [m["per_class"][name]["recall"] for name in ("cat", "dog")]
+    assert scalars["test_balanced_accuracy"] == pytest.approx(sum(recalls) / 2)
+    assert scalars["test_worst_class_recall"] == min(recalls)
     assert scalars["test_roc_auc"] == m["roc_auc"] and scalars["test_average_precision"] == m["average_precision"]
     for name in ("cat", "dog"):
         for k in ("precision", "recall", "f1"):
@@ -140,7 +143,7 @@ def test_more_classes_log_each_one_vs_rest_score():
         assert scalars[f"test_roc_auc_{name}"] == m["one_vs_rest"][name]["roc_auc"]
         assert scalars[f"test_average_precision_{name}"] == m["one_vs_rest"][name]["average_precision"]
         assert scalars[f"test_f1_{name}"] == m["per_class"][name]["f1"]
-    assert len(scalars) == 6 + 3 * 3 + 3 * 2
+    assert len(scalars) == 8 + 3 * 3 + 3 * 2
 
 
 def test_figure_links_title_each_figure_then_the_data_figures(written):
@@ -154,12 +157,28 @@ def test_figure_links_title_each_figure_then_the_data_figures(written):
 
 
 def test_the_summary_line():
-    m = {"accuracy": 0.9375, "macro_f1": 0.93, "roc_auc": 0.981, "ece": 0.0412,
-         "per_class": {"cat": {"support": 8}, "dog": {"support": 8}}}  # 15 of 16 right
+    m = {"accuracy": 0.9375, "macro_f1": 0.93, "balanced_accuracy": 0.9375, "worst_class_recall": 0.875,
+         "roc_auc": 0.981, "ece": 0.0412,
+         "per_class": {"cat": {"support": 8, "recall": 0.875}, "dog": {"support": 8, "recall": 1.0}},
+         "worst_classes": ["cat", "dog"]}  # 15 of 16 right
     interval = "(95 % interval 0.717-0.989, 16 images)"
-    assert reports.summary_line(m) == f"test accuracy 0.9375 {interval}  macro F1 0.9300  ROC AUC 0.9810  ECE 0.0412"
+    head = f"test accuracy 0.9375 {interval}  macro F1 0.9300  balanced accuracy 0.9375"
+    assert reports.summary_line(m) == f"{head}  ROC AUC 0.9810  ECE 0.0412"
     del m["roc_auc"]
-    assert reports.summary_line(m) == f"test accuracy 0.9375 {interval}  macro F1 0.9300  ECE 0.0412"
+    assert reports.summary_line(m) == f"{head}  ECE 0.0412"
+    m["per_class"]["fox"] = {"support": 0, "recall": 0.0}  # more than two classes: the worst are named
+    assert reports.summary_line(m) == f"{head}  ECE 0.0412  worst recall: cat 0.88, dog 1.00"
+
+
+def test_balanced_accuracy_weighs_every_class_alike_and_names_the_worst():
+    from kennel.evaluate.metrics import classification_metrics
+
+    y = np.array([0] * 90 + [1] * 5 + [2] * 5)
+    probs = np.eye(3)[np.where(np.arange(100) < 95, 0, 2)]  # every image called "a" but the last five, all "c"
+    m = classification_metrics(y, probs, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.95)  # what accuracy hides: b is never found
+    assert m["balanced_accuracy"] == pytest.approx((1 + 0 + 1) / 3)
+    assert m["worst_class_recall"] == 0.0 and m["worst_classes"] == ["b", "a", "c"]
 
 
 def test_the_evaluate_library_does_not_load_mlflow_or_the_tracking_package():

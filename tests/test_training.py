@@ -302,3 +302,31 @@ def test_gpu_resident_bf16_training(resized):
     x = _images(4).cuda()
     out = Augment()(x, torch.Generator().manual_seed(0))
     assert out.device.type == "cuda" and out.shape == x.shape
+
+
+def test_class_weights_are_inverse_frequency_and_the_log_warns_about_imbalance():
+    from kennel.train.balance import balance_warnings, class_weights
+
+    assert class_weights(np.array([0] * 6 + [1] * 2), 3).tolist() == pytest.approx([8 / 12, 8 / 4, 0.0])
+    assert class_weights(np.array([0, 1, 0, 1]), 2).tolist() == [1.0, 1.0]
+    (imbalanced, few) = balance_warnings(np.array([0] * 40 + [1] * 10), np.array([0] * 12 + [1] * 3), ["a", "b"],
+                                         weighted=False)
+    assert imbalanced.startswith("imbalanced classes: a has 40 train images, b 10 (4.0 x)")
+    assert "train.class_weights: auto" in imbalanced and few.startswith("few val images for b (3)")
+    assert balance_warnings(np.array([0] * 30 + [1] * 10), np.array([0] * 10 + [1] * 10), ["a", "b"], False) == []
+
+
+def test_weighted_loss_trains_and_counts_a_rare_class_as_much(resized, caplog):
+    params = make_params(**{"train.epochs": 1, "train.class_weights": "auto"})
+    with caplog.at_level(logging.INFO):
+        result = train(params, resized)
+    assert result.history and math.isfinite(result.history[-1].train_loss)
+    from kennel.train.recipe import Recipe
+
+    y = np.array([0] * 9 + [1])  # train labels: class 1 is rare
+    loss = Recipe.from_params(params, pretrained=False).criterion(y, 2)
+    logits, targets = torch.tensor([[2.0, -2.0], [2.0, -2.0]]), torch.tensor([0, 1])  # right on 0, wrong on 1
+    each = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    w = torch.tensor([10 / 18, 10 / 2])  # n / (classes x count)
+    assert loss(logits, targets).item() == pytest.approx(((w * each).sum() / w.sum()).item())
+    assert loss(logits, targets).item() > each.mean().item()  # the rare class's error counts 9 x

@@ -132,6 +132,7 @@ class TrainConfig:
     nesterov: bool
     weight_decay: float
     label_smoothing: float
+    class_weights: Literal["none", "auto"]  # auto: the loss weighs each class by its inverse train frequency
     schedule: Literal["none", "cosine", "onecycle"]
     warmup_epochs: float
     grad_clip: float  # max global gradient norm; 0 = off

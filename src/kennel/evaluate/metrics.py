@@ -125,11 +125,22 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> tuple[
     return ece, table
 
 
+def class_balance(report: dict[str, dict[str, float]]) -> dict:
+    """Balanced accuracy (the mean recall of the classes that have test images: each class counts the same however
+    many images it has) and the worst such class's recall, with its name and the three worst classes."""
+    present = {name: r["recall"] for name, r in report.items() if r["support"] > 0}
+    worst = sorted(present, key=lambda name: (present[name], name))
+    return {"balanced_accuracy": float(np.mean(list(present.values()))) if present else 0.0,
+            "worst_class_recall": present[worst[0]] if worst else 0.0,
+            "worst_classes": worst[:3]}
+
+
 def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], calibration_bins: int = 10
 ) -> dict:
-    """Everything evaluate reports: accuracy, macro F1, per-class P/R/F1, confusion matrix, expected calibration
-    error; ROC AUC and average precision (binary) or both per class, one-vs-rest (more classes)."""
+    """Everything evaluate reports: accuracy, macro F1, balanced accuracy and the worst class's recall, per-class
+    P/R/F1, confusion matrix, expected calibration error; ROC AUC and average precision (binary) or both per
+    class, one-vs-rest (more classes)."""
     y_true = np.asarray(y_true)
     y_pred = probs.argmax(axis=1)
     cm = confusion_matrix(y_true, y_pred, len(classes))
@@ -137,6 +148,7 @@ def classification_metrics(
     out = {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
         "macro_f1": float(np.mean([r["f1"] for r in report.values()])),
+        **class_balance(report),
         "per_class": report,
         "confusion_matrix": cm.tolist(),
         "ece": calibration(y_true, probs, calibration_bins)[0],

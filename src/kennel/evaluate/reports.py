@@ -70,12 +70,14 @@ def write_reports(result: Evaluation, *, top_losses: int, calibration_bins: int)
 
 def headline_metrics(metrics: Mapping) -> dict[str, float]:
     """The numbers a person compares runs by, under the names the MLflow run has too: test_accuracy with its 95 %
-    interval (test_accuracy_low/high), test_macro_f1, test_roc_auc and test_average_precision where defined,
+    interval (test_accuracy_low/high), test_macro_f1, test_balanced_accuracy, test_worst_class_recall (imbalanced
+    or many classes: what accuracy hides), test_roc_auc and test_average_precision where defined,
     test_ece and test_images (how many the accuracy is over)."""
     m = metrics
     n, low, high = accuracy_interval(m)
     scalars = {"test_accuracy": m["accuracy"], "test_accuracy_low": low, "test_accuracy_high": high,
-               "test_macro_f1": m["macro_f1"]}
+               "test_macro_f1": m["macro_f1"], "test_balanced_accuracy": m["balanced_accuracy"],
+               "test_worst_class_recall": m["worst_class_recall"]}
     for key in ("roc_auc", "average_precision"):
         if key in m:
             scalars[f"test_{key}"] = m[key]
@@ -102,11 +104,15 @@ def figure_links(figures: Sequence[Path]) -> list[tuple[str, str]]:
 
 
 def summary_line(metrics: Mapping) -> str:
-    """The line the stage prints: test accuracy with its interval, macro F1, ROC AUC where defined, ECE."""
+    """The line the stage prints: test accuracy with its interval, macro F1, balanced accuracy, ROC AUC where
+    defined, ECE, and with more than two classes the three worst classes by recall."""
     m, h = metrics, headline_metrics(metrics)
+    worst = ", ".join(f"{name} {m['per_class'][name]['recall']:.2f}" for name in m["worst_classes"])
     return (f"test accuracy {m['accuracy']:.4f} (95 % interval {h['test_accuracy_low']:.3f}-"
             f"{h['test_accuracy_high']:.3f}, {h['test_images']} images)  macro F1 {m['macro_f1']:.4f}"
-            + (f"  ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else "") + f"  ECE {m['ece']:.4f}")
+            f"  balanced accuracy {m['balanced_accuracy']:.4f}"
+            + (f"  ROC AUC {m['roc_auc']:.4f}" if "roc_auc" in m else "") + f"  ECE {m['ece']:.4f}"
+            + (f"  worst recall: {worst}" if len(m["per_class"]) > 2 else ""))
 
 
 def write_curves(result: Evaluation) -> list[Path]:

@@ -22,6 +22,7 @@ from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
 from kennel.model.network import Classifier, build_model
 from kennel.model.weights import WeightsInfo
+from kennel.train.balance import balance_warnings
 from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_run
 from kennel.train.distributed import Dist
@@ -136,6 +137,7 @@ class PhaseData:
     amp_dtype: torch.dtype | None
     generator: torch.Generator
     ctx: Dist
+    train_labels: np.ndarray  # the train split's, for the loss's class weights
 
 
 @dataclass
@@ -193,8 +195,9 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
     optimizer = recipe.optimizer(model, phase)
     scheduler = recipe.scheduler(optimizer, phase, len(train_batches))
     scaler = torch.amp.GradScaler(device.type) if data.amp_dtype == torch.float16 else None
-    step = StepConfig(data.amp_dtype, scaler, scheduler, recipe.criterion(), recipe.train.grad_clip,
-                      recipe.augment(phase), data.generator)
+    criterion = recipe.criterion(data.train_labels, len(model.classes), device)
+    step = StepConfig(data.amp_dtype, scaler, scheduler, criterion, recipe.train.grad_clip, recipe.augment(phase),
+                      data.generator)
     return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step, probe)
 
 
@@ -235,7 +238,9 @@ def train(
     recipe = recipe or built
     t = recipe.train
     resident, n_train, n_val = placement(data_dir, device, t.data_on_device, splits)
-    data = PhaseData(data_dir, splits, resident, t.batch_size // ctx.world, device, amp_dtype, generator, ctx)
+    train_labels, val_labels = (read_split(data_dir, split)[1] for split in splits)
+    data = PhaseData(data_dir, splits, resident, t.batch_size // ctx.world, device, amp_dtype, generator, ctx,
+                     train_labels)
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
     result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
@@ -245,6 +250,8 @@ def train(
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
     log.info("model.finetune %s: %s; %s, %s schedule", recipe.finetune, "; then ".join(recipe.describe()),
              t.optimizer, t.schedule)
+    for warning in balance_warnings(train_labels, val_labels, model.classes, t.class_weights == "auto"):
+        log.warning(warning)
     on_start(result)
 
     evaluated: nn.Module = model

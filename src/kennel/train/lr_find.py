@@ -71,7 +71,8 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     module = recipe.trained_module(model, phase)
     optimizer = recipe.optimizer(model, phase)
     ratios = [group["lr"] / t.lr for group in optimizer.param_groups]
-    step = StepConfig(amp_dtype, criterion=recipe.criterion(), grad_clip=t.grad_clip, augment=recipe.augment(phase),
+    criterion = recipe.criterion(read_split(data_dir, "train")[1], len(model.classes), device)
+    step = StepConfig(amp_dtype, criterion=criterion, grad_clip=t.grad_clip, augment=recipe.augment(phase),
                       generator=generator)
 
     lrs, smoothed, average, best = [], [], 0.0, math.inf

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from kennel.core.params import Params, TrainConfig
 from kennel.model.network import Classifier
 from kennel.train.augment import Augment
+from kennel.train.balance import class_weights
 from kennel.train.optim import build_optimizer, build_scheduler
 
 
@@ -114,8 +116,13 @@ class Recipe:
         t = self.train
         return build_scheduler(t.schedule, optimizer, phase.epochs, steps_per_epoch, t.warmup_epochs)
 
-    def criterion(self) -> nn.Module:
-        return nn.CrossEntropyLoss(label_smoothing=self.train.label_smoothing)
+    def criterion(self, labels: np.ndarray, num_classes: int, device: torch.device | None = None) -> nn.Module:
+        """Cross-entropy with ``train.label_smoothing``; ``train.class_weights: auto`` weighs each class by its
+        inverse frequency in ``labels`` (the train split's), so a rare class counts as much as a common one."""
+        weight = None
+        if self.train.class_weights == "auto":
+            weight = torch.tensor(class_weights(labels, num_classes), dtype=torch.float32, device=device)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.train.label_smoothing)
 
     def augment(self, phase: Phase) -> Augment | None:
         """On-device augmentation for all-layer phases; a frozen phase trains on features computed once."""
