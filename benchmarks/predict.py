@@ -11,7 +11,7 @@ Each measurement runs in its own process on warm files:
   features feature extraction for head / staged (kennel.train.fine_tune.extract_features, the backbone only)
   before   every file decoded in the main process, then the model in fp32: what `kennel predict` did before
   serial   the same with mixed precision (workers 0)
-  predict  kennel.serve.predict.predict_batches as the CLI runs it (workers auto, amp auto), after start-up
+  predict  kennel.cli.predict.predict_batches as the CLI runs it (workers auto, amp auto), after start-up
 and prints images/s, predict / min(decode, model) (the goal: >= 0.85), and the peak RSS at N/20 and N files.
 """
 
@@ -38,11 +38,11 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     import torch
     from plain_arrays import read_plain, write_split
 
+    from kennel.cli.predict import predict_batches
     from kennel.core.device import resolve_amp
     from kennel.data.dataset import ImageArrayDataset
     from kennel.data.images import load_array
     from kennel.model.inference import load_model_file, predict_arrays
-    from kennel.serve.predict import predict_batches
     from kennel.train.batches import make_loader
     from kennel.train.fine_tune import extract_features
     from kennel.train.loop import predict

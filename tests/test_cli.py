@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from kennel import track
-from kennel.serve.cli import ui_url
+from kennel.cli.ui import ui_url
 from tests.conftest import REPO, free_port
 
 
@@ -75,7 +75,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked")
 
 sys.meta_path.insert(0, Block())
-from kennel.serve.cli import main
+from kennel.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -55,7 +55,7 @@ def test_range_test_on_tiny_data_gives_a_finite_lr_and_a_plot(tmp_path):
 
 def test_cli_prints_the_suggestion_and_records_a_run_without_touching_pipeline_outputs(tmp_path, monkeypatch,
                                                                                       capsys):
-    from kennel.serve.cli import main
+    from kennel.cli.main import main
 
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     write_params(tmp_path / "params.yaml", small_params(**{"model.finetune": "head"}))

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from kennel.serve.cli import main as kennel
+from kennel.cli.main import main as kennel
 from tests.conftest import (
     command_lines,
     dvc,
@@ -132,7 +132,7 @@ def test_a_git_tracked_image_folder_gets_the_command_that_frees_it_for_dvc(tmp_p
 
 
 def test_reproduce_restores_the_images_from_the_remote_when_the_cache_lacks_them(tmp_path):
-    from kennel.serve.reproduce import restore_inputs
+    from kennel.cli.reproduce import restore_inputs
 
     root = make_project(tmp_path / "p", small_params(**{"data.source": "folder"}))
     own_images(root / "data/raw", per_class=3)

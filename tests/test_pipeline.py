@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
+from kennel.cli.main import main as kennel
 from kennel.data.shards import read_split
-from kennel.serve.cli import main as kennel
 from tests.conftest import (
     BIN,
     PIPELINE_EPOCHS,

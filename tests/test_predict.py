@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from kennel import track
+from kennel.cli.main import main
+from kennel.cli.predict import expand, predict_files, resolve_model
 from kennel.core.params import params_from_dict
 from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
@@ -27,12 +29,16 @@ from kennel.data.validate import inspect_all
 from kennel.model.file import save_model
 from kennel.model.inference import LoadedModel, load_model_file, preprocess, softmax
 from kennel.model.network import Classifier
-from kennel.serve.predict import expand, predict_cli, predict_files, resolve_model
 from kennel.train.fine_tune import train
 from tests.conftest import REPO, build_dataset, isolate, small_params
 
 SIZE = 32
 MODE = "squash"  # what build_dataset resizes with (load_array's default)
+
+
+def kennel_predict(argv: list[str]) -> int:
+    """``python -m kennel predict ARGV`` in this process: its exit status, its errors on stderr."""
+    return main(["predict", *argv])
 
 
 @dataclass
@@ -144,7 +150,7 @@ def test_model_file_without_mode_means_center_crop(trained, tmp_path):
 
 def test_cli_prints_a_table_for_the_default_model(trained, batch, monkeypatch, capsys):
     monkeypatch.chdir(trained.root)
-    assert predict_cli([str(batch)]) == 0
+    assert kennel_predict([str(batch)]) == 0
     out = capsys.readouterr().out
     assert "a.jpg" in out and "notes.jpg" in out and "UnidentifiedImageError" in out
     assert "5 file(s), 3 predicted, 2 failed" in out and str(trained.root / "models" / "model.pt") in out
@@ -153,7 +159,7 @@ def test_cli_prints_a_table_for_the_default_model(trained, batch, monkeypatch, c
 def test_cli_writes_csv(trained, batch, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained.root)
     out_csv = tmp_path / "out" / "predictions.csv"
-    assert predict_cli([str(batch), "--output", str(out_csv), "--batch-size", "3", "--amp", "off"]) == 0
+    assert kennel_predict([str(batch), "--output", str(out_csv), "--batch-size", "3", "--amp", "off"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and str(out_csv) in printed[0]
     written = pd.read_csv(out_csv, keep_default_na=False, na_values=[""])
@@ -180,13 +186,13 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_csv(trained, batch, tmp
         shutil.copytree(batch, files / str(i))
     whole, resumed = tmp_path / "whole.csv", tmp_path / "resumed.csv"
     argv = [str(files), "--batch-size", "4", "--amp", "off", "--workers", "0"]
-    assert predict_cli([*argv, "--output", str(whole)]) == 0
+    assert kennel_predict([*argv, "--output", str(whole)]) == 0
     lines = whole.read_text().splitlines(keepends=True)
     resumed.write_text("".join(lines[:13]) + lines[13][:20])  # killed mid-row, 12 rows in
-    assert predict_cli([*argv, "--output", str(resumed), "--resume"]) == 0
+    assert kennel_predict([*argv, "--output", str(resumed), "--resume"]) == 0
     assert "12 kept from the earlier run" in capsys.readouterr().out
     assert resumed.read_text() == whole.read_text()
-    assert predict_cli([*argv, "--output", str(resumed), "--resume"]) == 0  # nothing left: nothing added
+    assert kennel_predict([*argv, "--output", str(resumed), "--resume"]) == 0  # nothing left: nothing added
     assert resumed.read_text() == whole.read_text()
 
 
@@ -217,13 +223,13 @@ def test_resume_after_killing_the_process(trained, batch, tmp_path):
 def test_device_and_mixed_precision_flags(trained, batch, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained.root)
     exact, bf16 = tmp_path / "exact.csv", tmp_path / "bf16.csv"
-    assert predict_cli([str(batch), "--device", "cpu", "--amp", "off", "--output", str(exact)]) == 0
-    assert predict_cli([str(batch), "--device", "cpu", "--amp", "bf16", "--output", str(bf16)]) == 0
+    assert kennel_predict([str(batch), "--device", "cpu", "--amp", "off", "--output", str(exact)]) == 0
+    assert kennel_predict([str(batch), "--device", "cpu", "--amp", "bf16", "--output", str(bf16)]) == 0
     a, b = (pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in (exact, bf16))
     np.testing.assert_allclose(_probabilities(a, trained.loaded.classes), _probabilities(b, trained.loaded.classes),
                                atol=0.05, equal_nan=True)  # bf16 rounds, it does not change the answer
     if not torch.cuda.is_available():
-        assert predict_cli([str(batch), "--device", "cuda"]) == 2
+        assert kennel_predict([str(batch), "--device", "cuda"]) == 2
         assert "no cuda device is available" in capsys.readouterr().err
 
 
@@ -262,7 +268,7 @@ def test_the_progress_bar_shows_on_a_terminal_only(trained, batch, tmp_path):
 def test_cli_refuses_a_bad_model_reference(trained, batch, tmp_path, monkeypatch, capsys, ref, says):
     monkeypatch.chdir(tmp_path)  # no mlflow.db here
     (tmp_path / ".dvc").mkdir()
-    assert predict_cli([str(batch), "--model", ref]) == 2
+    assert kennel_predict([str(batch), "--model", ref]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kennel predict: error: cannot load model:") and says in err, err
     assert not (tmp_path / "mlflow.db").exists()  # looking a reference up creates no store
@@ -270,13 +276,13 @@ def test_cli_refuses_a_bad_model_reference(trained, batch, tmp_path, monkeypatch
 
 def test_cli_refuses_a_model_file_that_is_not_one(batch, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
-    assert predict_cli([str(batch), "--model", str(tmp_path / "junk.pt")]) == 2
+    assert kennel_predict([str(batch), "--model", str(tmp_path / "junk.pt")]) == 2
     assert f"'{tmp_path / 'junk.pt'}': not a kennel model file" in capsys.readouterr().err
 
 
 def test_cli_refuses_when_no_path_exists(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained.root)
-    assert predict_cli([str(tmp_path / "nothing"), str(tmp_path / "none.jpg")]) == 2
+    assert kennel_predict([str(tmp_path / "nothing"), str(tmp_path / "none.jpg")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kennel predict: error: no such file or folder:") and "none.jpg" in err
 
@@ -302,7 +308,7 @@ def test_cli_loads_mlflow_references(trained, registered, batch, tmp_path, monke
     for ref in (run_id, "models:/kennel-predict-test@champion", f"models:/kennel-predict-test/{version}"):
         out_csv = tmp_path / "predictions.csv"
         argv = [str(batch), "--model", ref, "--output", str(out_csv), "--amp", "off"]
-        assert predict_cli(argv) == 0, capsys.readouterr().err
+        assert kennel_predict(argv) == 0, capsys.readouterr().err
         assert ref in capsys.readouterr().out
         written = pd.read_csv(out_csv, keep_default_na=False, na_values=[""])
         assert list(written["class"].fillna("")) == list(expected["class"])
@@ -323,12 +329,11 @@ def test_resolve_model_names_what_is_missing(trained, registered):
 
 def test_cli_refuses_an_unreachable_tracking_server(batch, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens, on loopback
-    assert predict_cli([str(batch), "--model", "models:/kennel-predict-test@champion"]) == 2
+    assert kennel_predict([str(batch), "--model", "models:/kennel-predict-test@champion"]) == 2
     err = capsys.readouterr().err
     assert "'models:/kennel-predict-test@champion'" in err and "http://127.0.0.1:9" in err and "unreachable" in err
 
 
 def test_cli_refuses_a_bad_batch_size(batch, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        predict_cli([str(batch), "--batch-size", "0"])
-    assert exit_info.value.code == 2 and "expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    assert kennel_predict([str(batch), "--batch-size", "0"]) == 2
+    assert "expected a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from kennel.serve.cli import main as kennel
+from kennel.cli.main import main as kennel
 from tests.conftest import REPO, command_lines, copy_project, project_runs, readme_blocks, run
 
 pytestmark = pytest.mark.slow

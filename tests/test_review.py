@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from kennel.audit.labels import CSV_COLUMNS
+from kennel.cli.main import main
 from kennel.data.decisions import read_decisions
-from kennel.serve.cli import main
 
 SHA = {name: name[0] * 40 for name in ("a", "b", "c", "d", "e", "f")}
 

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from kennel import track
+from kennel.cli.predict import predict_files
 from kennel.model.file import save_model
 from kennel.model.inference import load_model_file
 from kennel.model.network import build_model
-from kennel.serve.predict import predict_files
 from kennel.track.serving import log_serving_model
 from tests.conftest import free_port, stop_process_group, wait_for_http
 

@@ -324,8 +324,8 @@ def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_
     import numpy as np
     from stages.audit import main as audit
 
+    from kennel.cli.predict import resolve_model
     from kennel.model.inference import load_model_file, predict_arrays
-    from kennel.serve.predict import resolve_model
     from tests.conftest import make_project, project_runs, run_stages, write_params
 
     body = {k: v for k, v in imagenet_like.items() if not k.startswith("classifier.3.")}

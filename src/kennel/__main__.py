@@ -1,5 +1,5 @@
 import sys
 
-from kennel.serve.cli import main
+from kennel.cli.main import main
 
 sys.exit(main())

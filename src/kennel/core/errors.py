@@ -1,5 +1,11 @@
-"""Every error kennel raises about a user's input or setup, in one place: the stage runner and the CLIs catch these,
-print the message (which names the file, key or reference) and exit 2, without a traceback."""
+"""Every error kennel raises about a user's input or setup, in one place: the stage runner and the command dispatcher
+catch these, print the message (which names the file, key or reference) as one line and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import re
+import sys
+
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file, the key and what is allowed."""
@@ -28,6 +34,17 @@ class ReproduceError(RuntimeError):
 class ModelRefError(ValueError):
     """A ``--model`` reference that cannot be resolved; the message names it and says why."""
 
+
 # What a stage or command reports as a one-line error (exit 2) rather than a traceback.
 USER_ERRORS = (ConfigError, DataError, WeightsError, TrackingUnavailable, GitError, ReproduceError, ModelRefError,
                FileNotFoundError)
+USER_ERROR_STATUS = 2  # argparse's own exit status for a bad command line
+
+
+def report_user_error(name: str, err: BaseException | str) -> int:
+    """Print ``kennel <name>: error: <message>`` on stderr and return the exit status; the stages and the commands
+    share it, so every user error reads the same. Line breaks in the message (a YAML parser's report spans several)
+    are folded: one error, one line."""
+    message = re.sub(r"\s*\n\s*", " ", str(err).strip())
+    print(f"kennel {name}: error: {message}", file=sys.stderr)
+    return USER_ERROR_STATUS

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable, Sequence
 
-from kennel.core.errors import USER_ERRORS
+from kennel.core.errors import USER_ERRORS, report_user_error
 from kennel.core.params import Params, load_params
 
 
@@ -24,6 +23,5 @@ def run_stage(
         params = load_params(args.params)
         body(params)
     except USER_ERRORS as err:
-        print(f"kennel {name}: error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error(name, err)
     return 0

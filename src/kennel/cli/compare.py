@@ -11,13 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from kennel.cli.command import command_parser, mlflow_names, positive_int
+from kennel.core.paths import project_root
+from kennel.core.plots import save_figure, subplots
+from kennel.track.runs import RunView, find_train_run, load_run
 
 HEADLINE = ("test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_macro_f1", "test_roc_auc",
             "test_average_precision", "test_ece", "test_images", "data_kept")
 SKIP_PARAMS = ("mlflow.",)  # where a run was recorded is not how it differs
 
 
-def params_table(runs: Sequence) -> pd.DataFrame:
+def params_table(runs: Sequence[RunView]) -> pd.DataFrame:
     """The params whose values differ between ``runs`` (a row each, a column per run); '' where one lacks it."""
     keys = sorted({k for r in runs for k in r.params if not k.startswith(SKIP_PARAMS)})
     rows = {k: [r.params.get(k, "") for r in runs] for k in keys}
@@ -26,7 +32,7 @@ def params_table(runs: Sequence) -> pd.DataFrame:
     return table.rename_axis("param")
 
 
-def metrics_table(runs: Sequence) -> pd.DataFrame:
+def metrics_table(runs: Sequence[RunView]) -> pd.DataFrame:
     """The headline metrics (and the selected epoch) of each run; NaN where a run lacks one."""
     rows = {k: [r.metrics.get(k, float("nan")) for r in runs] for k in HEADLINE
             if any(k in r.metrics for r in runs)}
@@ -34,7 +40,7 @@ def metrics_table(runs: Sequence) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=_labels(runs)).rename_axis("metric")
 
 
-def changed_images(a, b, top: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def changed_images(a: RunView, b: RunView, top: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Between runs ``a`` and ``b``: (most improved, most worsened, predicted class changed) test images by loss,
     ``top`` of each, over the paths both evaluated."""
     if a.predictions is None or b.predictions is None:
@@ -49,7 +55,7 @@ def changed_images(a, b, top: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
     return improved[improved["change"] < 0], worsened[worsened["change"] > 0], flipped
 
 
-def report(runs: Sequence, top: int = 5) -> str:
+def report(runs: Sequence[RunView], top: int = 5) -> str:
     """The whole comparison as text."""
     lines = [f"{label}: {r.ref} -> run {r.run_id} ({r.name})" for label, r in zip(_labels(runs), runs, strict=True)]
     params = params_table(runs)
@@ -71,17 +77,13 @@ def report(runs: Sequence, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: Sequence, path: Path) -> Path:
+def plot_curves(runs: Sequence[RunView], path: Path) -> Path:
     """Loss (log scale) and accuracy per epoch, train dashed and val solid, a colour per run."""
-    from matplotlib.ticker import MaxNLocator
-
-    from kennel.core.plots import save_figure, subplots
-
     fig, (loss, acc) = subplots(1, 2, figsize=(10, 3.8), dpi=100)
-    for label, run, color in zip(_labels(runs), runs, [f"C{i}" for i in range(len(runs))], strict=False):
+    for label, view, color in zip(_labels(runs), runs, [f"C{i}" for i in range(len(runs))], strict=False):
         for split, style in (("train", "--"), ("val", "-")):
             for ax, name in ((loss, f"{split}_loss"), (acc, f"{split}_accuracy")):
-                points = run.history.get(name, [])
+                points = view.history.get(name, [])
                 if points:
                     ax.plot(*zip(*points, strict=True), style, color=color, label=f"{label} {split}")
     loss.set_yscale("log")  # a first-epoch val loss of 100+ would flatten everything on a linear axis
@@ -101,31 +103,23 @@ def _number(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
 
 
-def _labels(runs: Sequence) -> list[str]:
+def _labels(runs: Sequence[RunView]) -> list[str]:
     return [chr(ord("A") + i) for i in range(len(runs))]
 
 
-def compare_cli(argv: Sequence[str] | None = None) -> int:
-    from kennel.core.errors import ModelRefError, TrackingUnavailable
-    from kennel.core.paths import project_root
-    from kennel.serve.cli import command_parser, experiment_name, fail, registered_model_name
-
+def run(argv: Sequence[str]) -> int:
     parser = command_parser("compare", __doc__)
     parser.add_argument("refs", nargs="+", metavar="REF", help="run id, DVC experiment name, git commit or champion")
-    parser.add_argument("--top", type=int, default=5, metavar="N", help="images in each changed-images list")
+    parser.add_argument("--top", type=positive_int, default=5, metavar="N", help="images in each changed-images list")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also write the runs' training curves here")
     args = parser.parse_args(argv)
     if len(args.refs) < 2:
-        return fail("compare", "give at least two runs to compare")
-    from kennel.track.runs import find_train_run, load_run  # mlflow: only once there is something to compare
-
+        parser.error("give at least two runs to compare")
     root = project_root()
-    try:
-        runs = [load_run(ref, find_train_run(ref, root, experiment_name(root), registered_model_name(root)), root)
-                for ref in args.refs]
-    except (ModelRefError, TrackingUnavailable) as err:
-        return fail("compare", str(err))
+    names = mlflow_names(root)
+    runs = [load_run(ref, find_train_run(ref, root, names.experiment, names.registered_model), root)
+            for ref in args.refs]
     print(report(runs, args.top))
     if args.plot:
-        print(f"\ntraining curves: {plot_curves(runs, root / args.plot if not args.plot.is_absolute() else args.plot)}")
+        print(f"\ntraining curves: {plot_curves(runs, root / args.plot)}")  # an absolute --plot stays as it is
     return 0

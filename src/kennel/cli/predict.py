@@ -12,13 +12,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from kennel.cli.command import command_parser, number, positive_int
 from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.errors import ModelRefError
-from kennel.core.paths import MODEL
+from kennel.core.paths import MODEL, project_root
 from kennel.core.versioning import RUN_ID
 from kennel.data.images import load_array
 from kennel.data.parallel import resolve_workers
 from kennel.model.inference import CPU, LoadedModel, load_model_file, place, predict_arrays, result_frame
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_model(ref: str | None, root: Path) -> LoadedModel:
@@ -33,7 +36,8 @@ def resolve_model(ref: str | None, root: Path) -> LoadedModel:
             raise ModelRefError(f"{path}: no model file; run `dvc repro train` first, or pass --model")
         return _load_file(path, str(path))
     if ref.startswith("models:/"):
-        from kennel.track.refs import load_logged_model, registered_run_id  # mlflow only for MLflow references
+        # mlflow (5 s to import) only for MLflow references: predicting from a model file never imports it
+        from kennel.track.refs import load_logged_model, registered_run_id
 
         return load_logged_model(registered_run_id(ref, root), root, ref)
     path = Path(ref)
@@ -43,7 +47,7 @@ def resolve_model(ref: str | None, root: Path) -> LoadedModel:
         raise ModelRefError(f"{ref!r}: a folder, not a model file")
     if not RUN_ID.fullmatch(ref):
         raise ModelRefError(f"{ref!r}: no such model file, and not an MLflow run id or models:/ URI")
-    from kennel.track.refs import load_logged_model
+    from kennel.track.refs import load_logged_model  # as above: mlflow only for an MLflow reference
 
     return load_logged_model(ref, root, ref)
 
@@ -146,19 +150,25 @@ def done_paths(output: Path) -> set[str]:
         return set()
 
 
-def _positive(text: str) -> int:
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+        return number(int, 0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
+
+
+def _device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(DEVICES)})")
+    try:
+        return resolve_device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"no {name} device is available here: use auto or cpu") from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kennel.serve.cli import command_parser
-
     parser = command_parser("predict", "Predict the class of image files (folders: every file).")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--model", metavar="REF", help="model file, MLflow run id, models:/<name>@<alias> or "
@@ -167,68 +177,59 @@ def _parser() -> argparse.ArgumentParser:
                         help="write the predictions here, batch by batch, instead of a table at the end")
     parser.add_argument("--resume", action="store_true",
                         help="with --output: keep the rows it already has and predict only the other files")
-    parser.add_argument("--batch-size", type=_positive, default=32, metavar="N")
-    parser.add_argument("--workers", default="auto", metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    parser.add_argument("--workers", type=_workers, default="auto", metavar="N",
                         help="processes that decode files while the model runs (auto: all CPUs with a GPU, one "
                              "per four on a CPU; 0: none)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", type=_device, default="auto", metavar="{" + ",".join(DEVICES) + "}")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="mixed precision (auto: bf16 where the hardware runs it natively)")
     return parser
 
 
-def predict_cli(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str]) -> int:
     """``python -m kennel predict PATH... [--model REF] [--output CSV [--resume]] [--device D] [--amp A] ...``."""
-    args = _parser().parse_args(argv)
-
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.resume and not args.output:
+        parser.error("--resume needs --output (the file whose rows are kept)")
     missing = [p for p in args.paths if not Path(p).exists()]
     if len(missing) == len(args.paths):
-        _error(f"no such file or folder: {', '.join(missing)}")
-        return 2
-    if args.resume and not args.output:
-        _error("--resume needs --output (the file whose rows are kept)")
-        return 2
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
     try:
-        workers = "auto" if args.workers == "auto" else int(args.workers)
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as err:
-        _error(str(err) if isinstance(err, RuntimeError) else f"--workers {args.workers!r}: auto or a number")
-        return 2
-    from kennel.core.paths import project_root
-
-    try:
-        model = place(resolve_model(args.model, project_root()), device)
+        model = place(resolve_model(args.model, project_root()), args.device)
     except ModelRefError as err:
-        _error(f"cannot load model: {err}")
-        return 2
+        raise ModelRefError(f"cannot load model: {err}") from None
     files = expand(args.paths)
     done = done_paths(args.output) if args.resume else set()
     todo = [f for f in files if str(f) not in done]
-    batches = predict_batches(todo, model, batch_size=args.batch_size, workers=workers, device=device,
-                              amp_dtype=resolve_amp(args.amp, device))
-    total = failed = 0
+    batches = predict_batches(todo, model, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                              amp_dtype=resolve_amp(args.amp, args.device))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        header = not done
-        with open(args.output, "a" if done else "w", newline="") as out:
-            for frame in batches:  # each batch reaches the disk as it is done: a crash keeps what was predicted
-                frame.to_csv(out, index=False, header=header)
-                out.flush()
-                header, total, failed = False, total + len(frame), failed + int((frame["error"] != "").sum())
-        kept = f", {len(done)} kept from the earlier run" if done else ""
-        print(f"kennel predict: {total} file(s), {total - failed} predicted, {failed} failed{kept}; written to "
-              f"{args.output} (model {model.source})")
+        _write(batches, args.output, done, model.source)
     else:
-        frames = list(batches)
-        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "class", "error"])
-        failed = int((frame["error"] != "").sum())
-        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
-        print(f"kennel predict: {len(frame)} file(s), {len(frame) - failed} predicted, {failed} failed "
-              f"(model {model.source})")
+        _print(batches, model.source)
     return 0
 
 
-def _error(message: str) -> None:
-    from kennel.serve.cli import fail
+def _write(batches: Iterator[pd.DataFrame], output: Path, done: set[str], source: str) -> None:
+    """Each batch reaches the disk as it is done: a crash keeps what was predicted."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header, total, failed = not done, 0, 0
+    with open(output, "a" if done else "w", newline="") as out:
+        for frame in batches:
+            frame.to_csv(out, index=False, header=header)
+            out.flush()
+            header, total, failed = False, total + len(frame), failed + int((frame["error"] != "").sum())
+    kept = f", {len(done)} kept from the earlier run" if done else ""
+    print(f"kennel predict: {total} file(s), {total - failed} predicted, {failed} failed{kept}; written to "
+          f"{output} (model {source})")
 
-    fail("predict", message)
+
+def _print(batches: Iterator[pd.DataFrame], source: str) -> None:
+    frames = list(batches)
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "class", "error"])
+    failed = int((frame["error"] != "").sum())
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
+    print(f"kennel predict: {len(frame)} file(s), {len(frame) - failed} predicted, {failed} failed "
+          f"(model {source})")

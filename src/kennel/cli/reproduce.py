@@ -20,14 +20,15 @@ from pathlib import Path
 
 import yaml
 
-from kennel.core.errors import ConfigError, GitError, ReproduceError
+from kennel.cli.command import command_parser, number
+from kennel.core.errors import ReproduceError
 from kennel.core.params import load_params
+from kennel.core.paths import project_root, tracking_uri
 from kennel.core.versioning import RUN_ID, commit_unversioned_reason, committed_files, git
+from kennel.track import find_run
 
 METRICS = ("accuracy", "macro_f1", "roc_auc")
 DATA_STAGES = ("prepare", "resize", "audit")  # restored from the cache, in pipeline order
-
-
 
 
 @dataclass
@@ -52,12 +53,10 @@ def compared_metrics(metrics_json: dict) -> dict[str, float]:
 
 
 def _from_run(run_id: str, root: Path) -> Target | None:
-    from kennel.track import find_run
-
-    run = find_run(root, run_id)
-    if run is None:
+    found = find_run(root, run_id)
+    if found is None:
         return None
-    tags = run.data.tags
+    tags = found.data.tags
     if "git.commit" not in tags:
         raise ReproduceError(f"run {run_id} records no git commit: it was not made inside a git repository")
     if tags.get("git.dirty") == "true":
@@ -67,8 +66,8 @@ def _from_run(run_id: str, root: Path) -> Target | None:
         )
     if tags.get("kennel.data_versioned") == "false":
         raise ReproduceError(f"run {run_id} is {tags.get('kennel.data_warning', 'not reproducible from its commit')}")
-    recorded = {k: run.data.metrics[f"test_{k}"] for k in METRICS if f"test_{k}" in run.data.metrics}
-    return Target(run_id, tags["git.commit"], recorded, dict(run.data.params), run_id)
+    recorded = {k: found.data.metrics[f"test_{k}"] for k in METRICS if f"test_{k}" in found.data.metrics}
+    return Target(run_id, tags["git.commit"], recorded, dict(found.data.params), run_id)
 
 
 def resolve(ref: str, root: Path) -> Target:
@@ -145,8 +144,6 @@ def restore_inputs(tree: Path, commit: str, root: Path, env: dict) -> None:
 
 def reproduce(target: Target, root: Path) -> dict[str, float]:
     """Rerun ``target`` in a temporary worktree; returns the reproduced test metrics."""
-    from kennel.track import tracking_uri
-
     tmp = Path(tempfile.mkdtemp(prefix="kennel-reproduce-"))
     tree = tmp / "worktree"
     git(["worktree", "add", "--detach", str(tree), target.commit], root, check=True)
@@ -189,25 +186,18 @@ def compare(recorded: dict[str, float], reproduced: dict[str, float], tolerance:
     return ok, "\n".join(lines)
 
 
-def reproduce_cli(argv: Sequence[str] | None = None) -> int:
-    from kennel.serve.cli import command_parser, fail
-
+def run(argv: Sequence[str]) -> int:
     parser = command_parser("reproduce", __doc__)
     parser.add_argument("ref", help="MLflow run id, git commit/branch/tag, or DVC experiment name")
-    parser.add_argument("--tolerance", type=float, default=0.0,
+    parser.add_argument("--tolerance", type=number(float, 0.0), default=0.0,
                         help="largest allowed absolute difference per metric (default 0: exact, as on a CPU)")
     args = parser.parse_args(argv)
-    from kennel.core.paths import project_root
-
     root = project_root()
-    try:
-        target = resolve(args.ref, root)
-        print(f"reproducing {args.ref} at commit {target.commit[:12]}"
-              + (f" with the params of run {target.run_id}" if target.run_id else ""), flush=True)
-        reproduced = reproduce(target, root)
-    except (ReproduceError, ConfigError, GitError) as err:
-        return fail("reproduce", str(err))
-    ok, table = compare(target.recorded, reproduced, args.tolerance)
+    target = resolve(args.ref, root)
+    print(f"reproducing {args.ref} at commit {target.commit[:12]}"
+          + (f" with the params of run {target.run_id}" if target.run_id else ""), flush=True)
+    ok, table = compare(target.recorded, reproduce(target, root), args.tolerance)
     print(table)
     print("reproduced" if ok else f"NOT reproduced (tolerance {args.tolerance:g})")
     return 0 if ok else 1
+

@@ -18,10 +18,21 @@ from pathlib import Path
 import pandas as pd
 
 from kennel.audit.labels import CSV_COLUMNS
+from kennel.cli.command import command_parser, positive_int
 from kennel.core.errors import DataError
+from kennel.core.paths import (
+    EXCLUDE,
+    EXCLUDE_DRAFT,
+    LABEL_ISSUES,
+    NEAR_DUPLICATES,
+    RELABEL,
+    RELABEL_DRAFT,
+    project_root,
+)
 from kennel.data.decisions import EXCLUDE_COLUMNS, RELABEL_COLUMNS, Decisions, Row, read_decisions
 
 TOP = 20  # suspects and near-duplicate groups per draft: what a person reviews in one sitting
+COMMIT = f"  git add {EXCLUDE} {RELABEL} && git commit -m 'Review the data' && dvc repro"
 DUPLICATE_COLUMNS = ["group", "path", "sha1", "similarity"]
 
 
@@ -61,15 +72,6 @@ def read_report(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def write_draft(draft: pd.DataFrame, path: Path, force: bool) -> None:
-    """``draft`` at ``path``; an existing draft (maybe half edited) is only replaced with ``force``."""
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: a draft is already there (edited?); apply it (--apply), delete it, or pass "
-                              "--force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draft.to_csv(path, index=False)
-
-
 def apply_drafts(drafts: Decisions, decided: Decisions, exclude: Path, relabel: Path) -> tuple[int, int]:
     """Append the rows of the (edited) drafts to the reviewed files, leaving out rows they already hold; returns
     (exclude rows, relabel rows) appended. A draft that relabels bytes the reviewed file labels otherwise stops it."""
@@ -102,60 +104,56 @@ def _append(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> None:
         writer.writerows({"path": r.path, "sha1": r.sha1, "label": r.label, "reason": r.reason} for r in rows)
 
 
-def review_cli(argv: Sequence[str] | None = None) -> int:
-    from kennel.core.errors import USER_ERRORS
-    from kennel.core.paths import (
-        EXCLUDE,
-        EXCLUDE_DRAFT,
-        LABEL_ISSUES,
-        NEAR_DUPLICATES,
-        RELABEL,
-        RELABEL_DRAFT,
-        project_root,
-    )
-    from kennel.serve.cli import command_parser, fail
-
+def run(argv: Sequence[str]) -> int:
     parser = command_parser("review", __doc__.split("\n\n")[1].replace("``", ""))
-    parser.add_argument("--top", type=int, default=TOP, help=f"suspects and near-duplicate groups (default {TOP})")
+    parser.add_argument("--top", type=positive_int, default=TOP,
+                        help=f"suspects and near-duplicate groups (default {TOP})")
     parser.add_argument("--force", action="store_true", help="replace drafts that are already there")
     parser.add_argument("--apply", action="store_true",
                         help="after editing: append the drafts' rows to data/exclude.csv and data/relabel.csv "
                              "(rows they hold already are left out) and remove the drafts")
     args = parser.parse_args(argv)
-    if args.top < 1:
-        return fail("review", f"--top {args.top}: allowed: a number >= 1")
     root = project_root()
-    commit = f"  git add {EXCLUDE} {RELABEL} && git commit -m 'Review the data' && dvc repro"
-    try:
-        decided = read_decisions(root / EXCLUDE, root / RELABEL)
-        if args.apply:
-            if not (root / EXCLUDE_DRAFT).exists() and not (root / RELABEL_DRAFT).exists():
-                raise FileNotFoundError(f"{EXCLUDE_DRAFT}, {RELABEL_DRAFT}: no draft to apply; run "
-                                        "`python -m kennel review` first")
-            drafts = read_decisions(root / EXCLUDE_DRAFT, root / RELABEL_DRAFT)
-            excluded, relabelled = apply_drafts(drafts, decided, root / EXCLUDE, root / RELABEL)
-            for path in (EXCLUDE_DRAFT, RELABEL_DRAFT):
-                (root / path).unlink(missing_ok=True)
-            print(f"{EXCLUDE}: {excluded} row(s) added\n{RELABEL}: {relabelled} row(s) added\n\nNext:\n{commit}")
-            return 0
-        if not (root / LABEL_ISSUES).exists():
-            raise FileNotFoundError(f"{LABEL_ISSUES}: not found; run the audit stage first (dvc repro audit)")
-        issues = read_report(root / LABEL_ISSUES, CSV_COLUMNS)
-        duplicates = (read_report(root / NEAR_DUPLICATES, DUPLICATE_COLUMNS)
-                      if (root / NEAR_DUPLICATES).exists() else None)
-        drafts = [(relabel_draft(issues, decided, args.top), RELABEL_DRAFT, "label suspect(s)"),
-                  (exclude_draft(duplicates, decided, args.top), EXCLUDE_DRAFT, "near duplicate(s)")]
-        for draft, path, _ in drafts:
-            if len(draft):
-                write_draft(draft, root / path, args.force)
-    except (*USER_ERRORS, FileExistsError) as err:
-        return fail("review", str(err))
-    for draft, path, what in drafts:
-        print(f"{path}: {len(draft)} {what}" if len(draft) else f"{what}: none to review")
+    decided = read_decisions(root / EXCLUDE, root / RELABEL)
+    if args.apply:
+        apply(decided, root)
+    else:
+        draft(decided, root, args.top, args.force)
+    return 0
+
+
+def apply(decided: Decisions, root: Path) -> None:
+    """``--apply``: the edited drafts appended to the reviewed files, then removed."""
+    if not (root / EXCLUDE_DRAFT).exists() and not (root / RELABEL_DRAFT).exists():
+        raise FileNotFoundError(f"{EXCLUDE_DRAFT}, {RELABEL_DRAFT}: no draft to apply; run "
+                                "`python -m kennel review` first")
+    drafts = read_decisions(root / EXCLUDE_DRAFT, root / RELABEL_DRAFT)
+    excluded, relabelled = apply_drafts(drafts, decided, root / EXCLUDE, root / RELABEL)
+    for path in (EXCLUDE_DRAFT, RELABEL_DRAFT):
+        (root / path).unlink(missing_ok=True)
+    print(f"{EXCLUDE}: {excluded} row(s) added\n{RELABEL}: {relabelled} row(s) added\n\nNext:\n{COMMIT}")
+
+
+def draft(decided: Decisions, root: Path, top: int, force: bool) -> None:
+    """The drafts of the audit's first ``top`` suspects and near-duplicate groups, and what to do next."""
+    if not (root / LABEL_ISSUES).exists():
+        raise FileNotFoundError(f"{LABEL_ISSUES}: not found; run the audit stage first (dvc repro audit)")
+    issues = read_report(root / LABEL_ISSUES, CSV_COLUMNS)
+    duplicates = read_report(root / NEAR_DUPLICATES, DUPLICATE_COLUMNS) if (root / NEAR_DUPLICATES).exists() else None
+    drafts = [(relabel_draft(issues, decided, top), RELABEL_DRAFT, "label suspect(s)"),
+              (exclude_draft(duplicates, decided, top), EXCLUDE_DRAFT, "near duplicate(s)")]
+    for frame, path, _ in drafts:  # both checked before either is written
+        if len(frame) and (root / path).exists() and not force:
+            raise DataError(f"{path}: a draft is already there (edited?); apply it (--apply), delete it, or pass "
+                            "--force to replace it")
+    for frame, path, what in drafts:
+        if len(frame):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(root / path, index=False)
+        print(f"{path}: {len(frame)} {what}" if len(frame) else f"{what}: none to review")
     if duplicates is None:
         print(f"({NEAR_DUPLICATES} not found: no near-duplicate drafts)")
-    if any(len(draft) for draft, _, _ in drafts):
+    if any(len(frame) for frame, _, _ in drafts):
         print(f"\nNext: look at each row (the grid: {LABEL_ISSUES.with_suffix('.png')}) and delete the rows you "
               f"disagree with; a suspect that belongs to no class goes to {EXCLUDE_DRAFT} as ',<sha1>,<reason>'. "
-              f"Then:\n  python -m kennel review --apply\n{commit}")
-    return 0
+              f"Then:\n  python -m kennel review --apply\n{COMMIT}")

@@ -1,1 +1,0 @@
-"""The commands around the pipeline: ``kennel predict``, ``reproduce``, ``ui`` and ``lr-find``."""
