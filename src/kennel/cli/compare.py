@@ -18,8 +18,8 @@ from kennel.core.paths import project_root
 from kennel.core.plots import save_figure, subplots
 from kennel.track.runs import RunView, find_train_run, load_run
 
-HEADLINE = ("test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_macro_f1", "test_roc_auc",
-            "test_average_precision", "test_ece", "test_images", "data_kept")
+HEADLINE = ("test_accuracy", "test_accuracy_low", "test_accuracy_high", "test_macro_f1", "test_balanced_accuracy",
+            "test_worst_class_recall", "test_roc_auc", "test_average_precision", "test_ece", "test_images", "data_kept")
 SKIP_PARAMS = ("mlflow.",)  # where a run was recorded is not how it differs
 
 
