@@ -79,3 +79,12 @@ def test_three_classes_have_curves_per_class(tmp_path):
     assert set(result.metrics["one_vs_rest"]) == {"cat", "dog", "fox sp."}
     assert [f"prob_{c}" for c in classes] == list(result.predictions().columns[3:6])
     assert file_name("fox sp.") == "fox_sp"
+    # many classes: recall and precision per class, worst recall first, beside the confusion matrix of shares
+    from kennel.evaluate.figures import confusion_png, per_class_png
+
+    report = result.metrics["per_class"]
+    png = per_class_png(report, tmp_path / "per_class.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    worst = result.metrics["worst_classes"]
+    assert [report[c]["recall"] for c in worst] == sorted(report[c]["recall"] for c in classes)
+    assert confusion_png(np.array(result.metrics["confusion_matrix"]), classes, tmp_path / "cm.png").exists()

@@ -1,4 +1,5 @@
-"""The evaluation's figures: confusion matrix, ROC, precision-recall and reliability."""
+"""The evaluation's figures: confusion matrix, per-class recall and precision, ROC, precision-recall and
+reliability."""
 
 from __future__ import annotations
 
@@ -13,15 +14,39 @@ from kennel.evaluate.metrics import Curves
 
 
 def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    fig, ax = subplots(figsize=(1.2 + 0.8 * len(classes), 1 + 0.8 * len(classes)), dpi=100)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    """Counts, coloured by the share of each true class (row): a rare class's errors show as strongly as a
+    common one's, and each cell reads "count" over "share of the row"."""
+    totals = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+    n = len(classes)
+    fig, ax = subplots(figsize=(1.6 + 0.8 * n, 1.2 + 0.8 * n), dpi=100)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), [f"{c} ({int(t)})" for c, t in zip(classes, totals[:, 0], strict=True)])
     ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
+    ax.set_ylabel("actual (test images)")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_title("confusion matrix (test)")
+        if v or i == j:
+            ax.text(j, i, f"{v}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8 if n > 6 else 10,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_title("confusion matrix (test), shaded by share of each actual class")
+    return save_figure(fig, path)
+
+
+def per_class_png(per_class: dict[str, dict[str, float]], path: Path) -> Path:
+    """Recall and precision of every class, worst recall first: which classes a model fails, at a glance."""
+    order = sorted(per_class, key=lambda name: (per_class[name]["recall"], name))
+    y = np.arange(len(order))
+    fig, ax = subplots(figsize=(6.5, 1.2 + 0.35 * len(order)), dpi=100)
+    ax.barh(y - 0.2, [per_class[c]["recall"] for c in order], height=0.4, label="recall", color="tab:blue")
+    ax.barh(y + 0.2, [per_class[c]["precision"] for c in order], height=0.4, label="precision", color="tab:orange")
+    ax.set_yticks(y, [f"{c} ({per_class[c]['support']})" for c in order])
+    ax.invert_yaxis()  # the worst at the top
+    ax.set_xlim(0, 1.32)  # room on the right for the legend, clear of the bars
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("on the test split (test images per class in brackets)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("per class, worst recall first")
     return save_figure(fig, path)
 
 

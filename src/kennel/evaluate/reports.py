@@ -26,13 +26,13 @@ from kennel.core.paths import (
 from kennel.core.plots import image_grid
 from kennel.data.report import DATA_FIGURES
 from kennel.evaluate.evaluation import Evaluation, file_name
-from kennel.evaluate.figures import confusion_png, pr_png, reliability_png, roc_png
+from kennel.evaluate.figures import confusion_png, per_class_png, pr_png, reliability_png, roc_png
 from kennel.evaluate.metrics import accuracy_interval
 
 FIGURE_TITLES = {
     "top_losses.png": "top losses", "top_losses_gradcam.png": "top losses, Grad-CAM",
     "confusion_matrix.png": "confusion matrix", "roc.png": "ROC", "pr.png": "precision-recall",
-    "reliability.png": "reliability",
+    "reliability.png": "reliability", "per_class.png": "per class, worst recall first",
 }
 
 
@@ -129,8 +129,9 @@ def write_curves(result: Evaluation) -> list[Path]:
 
 
 def write_figures(result: Evaluation, *, top_losses: int, calibration_bins: int) -> list[Path]:
-    """The top-loss grids (plain and Grad-CAM), the confusion matrix, the reliability diagram and, where there are
-    curves, ROC and PR; returns the PNGs in that order."""
+    """The top-loss grids (plain and Grad-CAM), the confusion matrix, the reliability diagram, where there are
+    curves ROC and PR, and with more than two classes recall and precision per class; returns the PNGs in that
+    order."""
     top = result.top_losses(top_losses)
     images, captions = [np.array(result.images[i]) for i in top], result.captions(top)
     colors = ["black" if result.labels[i] == result.predicted[i] else "tab:red" for i in top]
@@ -144,4 +145,6 @@ def write_figures(result: Evaluation, *, top_losses: int, calibration_bins: int)
     ]
     if result.curves:
         figures += [roc_png(result.curves, FIGURES / "roc.png"), pr_png(result.curves, FIGURES / "pr.png")]
+    if len(result.classes) > 2:  # two classes: the confusion matrix already says it all
+        figures.append(per_class_png(result.metrics["per_class"], FIGURES / "per_class.png"))
     return figures
