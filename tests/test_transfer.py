@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -358,3 +359,37 @@ def test_pipeline_refuses_a_bad_weights_file_then_trains_staged_from_a_backbone_
     assert from_file.module.tta == "flip"
     images = np.array(read_split(root / "data/resized", "test")[0][:4])
     np.testing.assert_allclose(predict_arrays(images, from_run), predict_arrays(images, from_file), atol=1e-5)
+
+
+def test_batchnorm_shift_is_near_zero_on_the_images_the_statistics_came_from():
+    from kennel.model.statistics import batchnorm_shift
+
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", ["a", "b"])
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    before = batchnorm_shift(model, x)  # random init: running mean 0, variance 1, far from these activations
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: one pass sets the statistics of this very batch
+    model.train()
+    with torch.no_grad():
+        model(x)
+    after = batchnorm_shift(model, x)
+    assert after < 0.05 < before and model.training  # measuring leaves the mode as it was
+    assert batchnorm_shift(torch.nn.Linear(2, 2), torch.zeros(1, 2)) is None
+
+
+def test_auto_batchnorm_is_decided_by_the_shift_and_says_why(resized, pretrained):
+    from kennel.train.recipe import BN_SHIFT
+
+    params = _staged(**pretrained)
+    near = Recipe.from_params(params, pretrained=True)
+    assert near.measures_bn and near.freeze_bn  # not measured: kept, as before
+    assert dataclasses.replace(near, bn_shift=BN_SHIFT / 2).freeze_bn
+    far = dataclasses.replace(near, bn_shift=BN_SHIFT * 1.5)
+    assert not far.freeze_bn and far.batchnorm_reason().startswith("updated: the train images sit 0.30 from")
+    assert not Recipe.from_params(params, pretrained=False).freeze_bn
+    assert not Recipe.from_params(_staged(**{"model.finetune": "head"}), pretrained=True).measures_bn
+    result = train(params, resized)  # measured on the run's own train images, logged, kept on the result
+    decision = result.decisions["batchnorm"]
+    assert decision.startswith(("kept: the train images sit", "updated: the train images sit")), decision

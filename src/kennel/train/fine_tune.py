@@ -9,7 +9,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
 from kennel.model.network import Classifier, build_model
+from kennel.model.statistics import batchnorm_shift
 from kennel.model.weights import WeightsInfo
 from kennel.train.balance import balance_warnings
 from kennel.train.batches import Batches, make_batches
@@ -36,6 +37,7 @@ TRAIN_VAL = ("train", "val")  # the splits a run trains and validates on
 REFIT = ("train+val", "")  # a refit: both together, nothing held out for validation
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
+BN_SAMPLE = 128  # train images the BatchNorm shift is measured on (one forward pass: seconds)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TrainResult:
     blended_val: tuple[float, float] | None = None
     selected_epoch: int = 0  # the epoch whose weights the model holds
     selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
+    decisions: dict[str, str] = field(default_factory=dict)  # what the recipe decided from the data, and why
 
     def baseline_metrics(self) -> dict[str, float]:
         """The probe's scores (baseline_val_accuracy, baseline_test_accuracy, baseline_c); none without a probe."""
@@ -120,9 +123,16 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
 
 def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Classifier, Recipe, WeightsInfo]:
     """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last, unfrozen, and the recipe that
-    fine-tunes it; seed the RNG first."""
+    fine-tunes it (with the BatchNorm shift of the first train images measured when the recipe decides on it); seed
+    the RNG first."""
     model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights)
-    return model.to(device, memory_format=torch.channels_last), Recipe.from_params(params, weights.loaded > 0), weights
+    model = model.to(device, memory_format=torch.channels_last)
+    recipe = Recipe.from_params(params, weights.loaded > 0)
+    if recipe.measures_bn:
+        images, _ = read_split(data_dir, "train")
+        sample = torch.from_numpy(np.array(images[:BN_SAMPLE])).to(device)
+        recipe = dataclasses.replace(recipe, bn_shift=batchnorm_shift(model, sample))
+    return model, recipe, weights
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,8 @@ def train(
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
     log.info("model.finetune %s: %s; %s, %s schedule", recipe.finetune, "; then ".join(recipe.describe()),
              t.optimizer, t.schedule)
+    result.decisions["batchnorm"] = recipe.batchnorm_reason()
+    log.info("BatchNorm statistics %s", result.decisions["batchnorm"])
     for warning in balance_warnings(train_labels, val_labels, model.classes, t.class_weights == "auto"):
         log.warning(warning)
     on_start(result)
