@@ -11,7 +11,8 @@ own test split's accuracy and, with ``--other``, the accuracy on every photo of 
 it (the path a user takes), each with its 95 % Wilson interval; the run's linear probe (``head``, ``staged``) and,
 with ``--other``, a probe fit here the same way (scikit-learn on the same pretrained features of the same train
 split, C chosen on val) scored on DIR; the epoch kept and the pipeline's seconds after resize.
-Modes: ``head``, ``staged`` and ``full`` from FILE, and ``none``: full fine-tuning from random init, for contrast.
+Modes: ``auto`` (the shipped choice), ``head``, ``staged`` and ``full`` from FILE, and ``none``: full fine-tuning
+from random init, for contrast.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 # What each mode changes in the shipped params.yaml: the mode, nothing else.
 RECIPES = {
+    "auto": {"model.finetune": "auto"},
     "head": {"model.finetune": "head"},
     "staged": {"model.finetune": "staged"},
     "full": {"model.finetune": "full"},
@@ -57,11 +59,16 @@ def set_params(params: dict, overrides: dict) -> dict:
 
 def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
     """Run ``cmd``; returns its seconds, or stops with its output when it fails."""
+    return run(cmd, cwd, env)[0]
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, str]:
+    """Run ``cmd``; returns its seconds and its output (stdout, then stderr), or stops with it when it fails."""
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out.stdout + out.stderr
 
 
 def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, other: Path | None) -> dict:
@@ -71,20 +78,29 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
     shutil.copytree(prepared, root, symlinks=True)
     params = set_params(json.loads(json.dumps(base)), {**RECIPES[mode], **overrides})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    seconds = sh([str(BIN / "dvc"), "repro"], root, env)
+    seconds, output = run([str(BIN / "dvc"), "repro"], root, env)
     test = json.loads((root / "reports/metrics.json").read_text())
     live = json.loads((root / "dvclive/metrics.json").read_text())
     row = {"mode": mode, "test_accuracy": test["test_accuracy"], "test_low": test["test_accuracy_low"],
            "test_high": test["test_accuracy_high"], "test_images": test["test_images"],
            "val_accuracy": live["selected_val_accuracy"], "selected_epoch": live["selected_epoch"],
            "epochs": live["step"], "probe_test": live.get("baseline_test_accuracy"),
-           "probe_val": live.get("baseline_val_accuracy"), "seconds": seconds}
+           "probe_val": live.get("baseline_val_accuracy"), "seconds": seconds,
+           "decided": decided_mode(output)}
     if other is not None:
         out = root / "other.csv"
         sh([str(BIN / "python"), "-m", "kennel", "predict", str(other), "--model", "models/model.pt", "--output",
             str(out)], root, {**env, "PYTHONPATH": str(root / "src")})
         row.update(other_scores(pd.read_csv(out, keep_default_na=False)))
     return row
+
+
+def decided_mode(output: str) -> str:
+    """What ``model.finetune: auto`` chose, from the train stage's log (empty for a mode set by hand)."""
+    for line in output.splitlines():
+        if "(model.finetune auto)" in line and "model.finetune " in line:
+            return line.split("model.finetune ", 1)[1].split(":", 1)[0]
+    return ""
 
 
 def other_scores(predictions: pd.DataFrame) -> dict:
@@ -138,6 +154,59 @@ def interval(row: dict, key: str) -> str:
     return f"{row[key]:.4f} ({low:.3f}-{high:.3f})" if low is not None else f"{row[key]:.4f}"
 
 
+def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: list[str], overrides: dict,
+            jobs: int = 1, threads: int | None = None) -> dict:
+    """Every mode on ``photos`` (and ``other``): the rows, the probe fit here, the data and the machine's note."""
+    other = other.resolve() if other else None  # read from each mode's project folder
+    base = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
+        "data.source": "folder", "data.raw_dir": str(photos.resolve()), "model.arch": arch,
+        "model.weights": str(weights.resolve()),
+    })
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    note = (f"{machine()}; arch {arch}; weights {weights.name}; photos {photos}"
+            f"{f'; other {other}' if other else ''}; {jobs} mode(s) at a time, "
+            f"{threads or 'default'} torch thread(s) each; params.yaml as shipped but data.*, model.arch, "
+            f"model.weights, model.finetune{''.join(f', {k}={v}' for k, v in overrides.items())}")
+    print(note, flush=True)
+
+    def one(mode: str) -> dict:
+        r = run_mode(prepared, base, mode, env, overrides, other)
+        print(f"{mode}: test {interval(r, 'test_accuracy')}  other {interval(r, 'other_accuracy')}  "
+              f"epoch {r['selected_epoch']} of {r['epochs']}  {r['seconds']:.0f} s  {r.get('decided', '')}",
+              flush=True)
+        return r
+
+    with tempfile.TemporaryDirectory(prefix="kennel-realdata-") as tmp:
+        prepared = Path(tmp) / "prepared"
+        prepared.mkdir()
+        make_project(prepared, lambda _: base)
+        prep = sh([str(BIN / "dvc"), "repro", "resize"], prepared)
+        summary = json.loads((prepared / "reports/data_summary.json").read_text())
+        print(f"prepare + resize: {prep:.0f} s; {summary['kept']} photos kept of {summary['found']}", flush=True)
+        probe = probe_scores(prepared, arch, weights, other) if other else {}
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(one, mode) for mode in modes]
+            rows = [f.result() for f in futures]  # a mode that failed stops here, with its output
+    return {"machine": note, "prepare_resize_seconds": prep, "overrides": overrides, "probe": probe,
+            "rows": rows, "kept": summary["kept"]}
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{"mode": r["mode"] + (f" ({r['decided']})" if r.get("decided") else ""),
+                          "own test": interval(r, "test_accuracy"),
+                          "other source": interval(r, "other_accuracy"),
+                          "probe (run) val / test": "" if r["probe_val"] is None else
+                          f"{r['probe_val']:.4f} / {r['probe_test']:.4f}",
+                          "epoch kept": f"{r['selected_epoch']} of {r['epochs']}",
+                          "seconds after resize": f"{r['seconds']:.0f}"} for r in rows])
+
+
+def probe_line(probe: dict) -> str:
+    return (f"linear probe (C {probe['probe_c']:g} chosen on val, fit on the train split): val "
+            f"{probe['probe_val']:.4f}, own test {probe['probe_test']:.4f}, other source "
+            f"{interval(probe, 'probe_other')}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path, help="ImageFolder of photos, read in place")
@@ -151,52 +220,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per mode (OMP_NUM_THREADS; default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    args.other = args.other.resolve() if args.other else None  # read from each mode's project folder
-
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    base = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
-        "data.source": "folder", "data.raw_dir": str(args.photos.resolve()), "model.arch": args.arch,
-        "model.weights": str(args.weights.resolve()),
-    })
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    env_note = (f"{machine()}; arch {args.arch}; weights {args.weights.name}; photos {args.photos}"
-                f"{f'; other {args.other}' if args.other else ''}; {args.jobs} mode(s) at a time, "
-                f"{args.threads or 'default'} torch thread(s) each; params.yaml as shipped but data.*, model.arch, "
-                f"model.weights, model.finetune{''.join(f', {k}={v}' for k, v in overrides.items())}")
-    print(env_note, flush=True)
-
-    def one(mode: str) -> dict:
-        r = run_mode(prepared, base, mode, env, overrides, args.other)
-        print(f"{mode}: test {interval(r, 'test_accuracy')}  other {interval(r, 'other_accuracy')}  "
-              f"epoch {r['selected_epoch']} of {r['epochs']}  {r['seconds']:.0f} s", flush=True)
-        return r
-
-    with tempfile.TemporaryDirectory(prefix="kennel-realdata-") as tmp:
-        prepared = Path(tmp) / "prepared"
-        prepared.mkdir()
-        make_project(prepared, lambda _: base)
-        prep = sh([str(BIN / "dvc"), "repro", "resize"], prepared)
-        summary = json.loads((prepared / "reports/data_summary.json").read_text())
-        print(f"prepare + resize: {prep:.0f} s; {summary['kept']} photos kept of {summary['found']}", flush=True)
-        probe = probe_scores(prepared, args.arch, args.weights, args.other) if args.other else {}
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(one, mode) for mode in args.modes.split(",")]
-            rows = [f.result() for f in futures]  # a mode that failed stops here, with its output
-    table = pd.DataFrame([{"mode": r["mode"], "own test": interval(r, "test_accuracy"),
-                           "other source": interval(r, "other_accuracy"),
-                           "probe (run) val / test": "" if r["probe_val"] is None else
-                           f"{r['probe_val']:.4f} / {r['probe_test']:.4f}",
-                           "epoch kept": f"{r['selected_epoch']} of {r['epochs']}",
-                           "seconds after resize": f"{r['seconds']:.0f}"} for r in rows])
-    print(f"\n{env_note}\n")
-    print(table.to_markdown(index=False))
-    if probe:
-        print(f"\nlinear probe (C {probe['probe_c']:g} chosen on val, fit on the {summary['per_class'] and ''}"
-              f"train split): val {probe['probe_val']:.4f}, own test {probe['probe_test']:.4f}, other source "
-              f"{interval(probe, 'probe_other')}")
+    result = measure(args.photos, args.weights, args.arch, args.other, args.modes.split(","), overrides, args.jobs,
+                     args.threads)
+    print(f"\n{result['machine']}\n")
+    print(table(result["rows"]).to_markdown(index=False))
+    if result["probe"]:
+        print(f"\n{probe_line(result['probe'])}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": env_note, "prepare_resize_seconds": prep, "overrides": overrides,
-                                         "probe": probe, "rows": rows}, indent=2, default=str))
+        args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 

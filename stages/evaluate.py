@@ -45,7 +45,7 @@ def evaluate_stage(params: Params) -> None:
             m, data, experiment_id=track.experiment_id(mf.experiment, root),
             run_id=run_id, selected_epoch=track.run_tag(run_id, "kennel.selected_epoch"), epochs=t.epochs,
             select=t.select, selected_reason=track.run_tag(run_id, "kennel.selected_reason"),
-            figures=figure_links(reports.figures),
+            figures=figure_links(reports.figures), decisions=track.run_tags_under(run_id, "kennel.decision."),
             warnings=[track.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights", "baseline")],
         ))
         if mf.registered_model:

@@ -85,8 +85,11 @@ def small_params(**overrides) -> dict:
     if overrides.get("data.source", "synthetic") != "synthetic":
         p["data"]["raw_dir"] = "data/raw"  # where the README puts a user's own images
     for dotted, value in overrides.items():
-        section, _, key = dotted.rpartition(".")
-        (p[section] if section else p)[key] = value
+        *sections, key = dotted.split(".")
+        node = p
+        for section in sections:
+            node = node[section]
+        node[key] = value
     return p
 
 

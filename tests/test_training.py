@@ -11,12 +11,13 @@ from kennel.core.errors import ConfigError
 from kennel.core.params import params_from_dict
 from kennel.data.shards import read_split
 from kennel.model.network import build_model
-from kennel.train.augment import Augment
+from kennel.train.augment import Augment, Mix
 from kennel.train.batches import Batches, batch_order
 from kennel.train.checkpoint import mark_complete
 from kennel.train.fine_tune import find_resumable, seed_everything, selection_reason, train
 from kennel.train.loop import EpochResult, FitState, StepConfig, fit
 from kennel.train.optim import WarmupCosine, build_optimizer, build_scheduler
+from kennel.train.recipe import Recipe
 from tests.conftest import Killed, build_dataset, kill_at, make_params, small_params
 
 
@@ -198,6 +199,9 @@ BAD = [
     ("train.augment.flip", 1.5, "[0, 1]"),
     ("train.augment.scale_min", 0.0, "0 < scale_min"),
     ("train.augment.ratio_max", 0.5, "ratio_min <= ratio_max"),
+    ("train.augment.policy", "autoaugment", "none | trivial | randaugment"),
+    ("train.augment.mixup", -0.2, ">= 0"),
+    ("train.augment.cutmix", "yes", "number"),
 ]
 
 
@@ -249,6 +253,35 @@ def test_vertical_flips_and_quarter_turns_are_exact_and_all_drawn():
     # off, they draw nothing: the default recipe's crops are what they always were
     plain = Augment()(x, torch.Generator().manual_seed(5))
     torch.testing.assert_close(Augment(vflip=0.0, rot90=False)(x, torch.Generator().manual_seed(5)), plain)
+
+
+def test_a_policy_changes_each_image_on_its_own_and_mixing_gives_class_shares():
+    x = _images(16)
+    whole = dict(flip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.manual_seed(0)
+    out = Augment(**whole, policy="trivial")(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 255
+    changed = [not torch.allclose(o, i.float(), atol=1e-3) for o, i in zip(out, x, strict=True)]
+    assert 0 < sum(changed)  # most images get an op that changes them (identity is one of the ops)
+    torch.manual_seed(0)
+    again = Augment(**whole, policy="trivial")(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again, out)  # seeded: the checkpoint's global generator repeats it
+    labels = torch.arange(16) % 4
+    for mix in (Mix(0.4, 0.0, 4), Mix(0.0, 1.0, 4), Mix(0.4, 1.0, 4)):
+        images, targets = mix(x.float(), labels)
+        assert images.shape == x.shape and targets.shape == (16, 4)
+        torch.testing.assert_close(targets.sum(1), torch.ones(16))
+        assert (targets.max(1).values < 1).any()  # some images really are mixed
+    assert Mix.from_params(make_params().train.augment, 4) is None  # shipped: off
+
+
+def test_mixup_trains_on_soft_labels_and_reports_accuracy_against_the_own_label(resized):
+    result = train(make_params(**{"train.augment.mixup": 0.4, "train.augment.cutmix": 1.0,
+                                  "train.augment.policy": "randaugment"}), resized)
+    assert all(0 <= r.train_accuracy <= 1 and r.train_loss > 0 for r in result.history)
+    assert "randaugment policy, mixup 0.4, cutmix 1" in Recipe.from_params(
+        make_params(**{"train.augment.mixup": 0.4, "train.augment.cutmix": 1.0,
+                       "train.augment.policy": "randaugment"}), pretrained=False).decide().describe()[0]
 
 
 def test_augment_crop_is_a_resized_region():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 
 import pytest
@@ -19,7 +20,7 @@ from kennel.model.file import load_model, save_model
 from kennel.model.network import build_model
 from kennel.model.weights import read_weights
 from kennel.train.fine_tune import find_resumable, seed_everything, train
-from kennel.train.recipe import Recipe
+from kennel.train.recipe import AUTO_HEAD, BLENDS, Recipe
 from tests.conftest import Killed, kill_at, small_params
 
 # one of each family; the smallest where a family has several sizes
@@ -279,6 +280,49 @@ def test_blend_leaves_a_kept_frozen_epoch_alone_and_survives_a_resume_in_phase_t
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert straight.blended_val is not None and all(torch.equal(a[k], b[k]) for k in a)
     assert straight.blended_val == resumed.blended_val
+
+
+def test_blend_auto_keeps_the_candidate_with_the_lowest_val_loss_and_equals_that_blend_set_by_hand(resized,
+                                                                                                 pretrained):
+    auto = train(_staged(**pretrained, **{"train.blend": "auto"}), resized)
+    assert auto.blend in BLENDS and auto.selected_epoch == 3
+    tried = dict(part.split(": ") for part in auto.decisions["blend"].split("(", 1)[1].split(";")[0].split(", "))
+    assert [float(w) for w in tried] == list(BLENDS)
+    assert float(tried[f"{auto.blend:g}"]) == pytest.approx(min(map(float, tried.values())), abs=1e-4)
+    assert f"then blended {auto.blend:g} x epoch 3" in auto.selected_reason and "train.blend auto" in \
+        auto.selected_reason
+    by_hand = train(_staged(**pretrained, **{"train.blend": auto.blend}), resized)
+    a, b = auto.model.state_dict(), by_hand.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and auto.blended_val == by_hand.blended_val
+
+
+@pytest.mark.parametrize("probe_val,mode", [(0.99, "head"), (0.97, "head"), (0.9, "staged"), (math.nan, "staged")])
+def test_finetune_auto_is_head_when_the_probe_is_already_right_on_val_else_staged(probe_val, mode):
+    params = params_from_dict(small_params(**{"model.finetune": "auto"}))
+    decided = Recipe.from_params(params, pretrained=True).decide(probe_val)
+    assert decided.finetune == mode and decided.auto
+    assert decided.finetune_reason().startswith(f"{mode}: ")
+    assert "model.finetune auto" in decided.finetune_reason()
+    random_init = Recipe.from_params(params, pretrained=False).decide()
+    assert random_init.finetune == "full" and random_init.finetune_reason().startswith("full: random init")
+    by_hand = Recipe.from_params(dataclasses.replace(params, model=dataclasses.replace(params.model,
+                                                                                         finetune="head")), True)
+    assert by_hand.decide(0.5) is by_hand
+
+
+def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
+    """The run decides on the linear probe's val accuracy, says so, and ends bitwise where that mode set by hand
+    ends; from random init auto is full."""
+    auto = train(_staged(**pretrained, **{"model.finetune": "auto"}), resized)
+    mode = "head" if auto.probe.val_accuracy >= AUTO_HEAD else "staged"
+    assert auto.decisions["finetune"].startswith(f"{mode}: the linear probe on the pretrained features scores "
+                                                 f"{auto.probe.val_accuracy:.4f} on val")
+    by_hand = train(_staged(**pretrained, **{"model.finetune": mode}), resized)
+    a, b = auto.model.state_dict(), by_hand.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.val_loss for r in auto.history] == [r.val_loss for r in by_hand.history]
+    scratch = train(_staged(**{"model.finetune": "auto", "train.epochs": 2}), resized)
+    assert scratch.decisions["finetune"].startswith("full: random init") and scratch.probe is None
 
 
 @pytest.mark.parametrize("overrides,words", [

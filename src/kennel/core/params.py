@@ -77,7 +77,7 @@ class ResizeConfig:
 class ModelConfig:
     arch: str  # a torchvision classification model in a family whose head kennel knows
     weights: str  # auto | imagenet | none | path to a state dict
-    finetune: Literal["full", "head", "staged"]
+    finetune: Literal["auto", "full", "head", "staged"]  # auto: head or staged, decided by the linear probe on val
 
     def check(self) -> None:
         if self.arch not in supported_archs():
@@ -97,6 +97,9 @@ class AugmentConfig:
     ratio_max: float
     vflip: float  # probability of a vertical flip (images with no "up": overhead, microscope)
     rot90: bool  # turn each image by 0, 1, 2 or 3 quarter turns
+    policy: Literal["none", "trivial", "randaugment"]  # a stronger per-image policy (torchvision.transforms.v2)
+    mixup: float  # alpha of mixup's Beta(alpha, alpha) mixing weight; 0 = off
+    cutmix: float  # alpha of cutmix's; 0 = off (both on: one of the two per batch)
 
     def check(self) -> None:
         for key, value in (("flip", self.flip), ("vflip", self.vflip)):
@@ -104,6 +107,9 @@ class AugmentConfig:
                 raise ConfigError(f"train.augment.{key} = {value!r}: allowed: a probability in [0, 1]")
         if not isinstance(self.rot90, bool):
             raise ConfigError(f"train.augment.rot90 = {self.rot90!r}: allowed: true | false")
+        for key, value in (("mixup", self.mixup), ("cutmix", self.cutmix)):
+            if value < 0 or not math.isfinite(value):
+                raise ConfigError(f"train.augment.{key} = {value!r}: allowed: a number >= 0 (0 = off)")
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError(
                 f"train.augment.scale_min/scale_max = {self.scale_min!r}/{self.scale_max!r}: "
@@ -118,7 +124,7 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         return (self.flip > 0 or self.vflip > 0 or self.rot90 or self.scale_min < 1 or self.ratio_min != 1
-                or self.ratio_max != 1)
+                or self.ratio_max != 1 or self.policy != "none")
 
 
 @dataclass(frozen=True)
@@ -149,8 +155,9 @@ class TrainConfig:
     deterministic: bool
     select: Literal["best", "last"]
     refit: bool  # after selection, train the recipe again on train + val for the selected epochs
-    # staged from pretrained weights: keep blend x the kept all-layer epoch's + (1 - blend) x those it started from
-    blend: float
+    # staged from pretrained weights: keep blend x the kept all-layer epoch's + (1 - blend) x those it started from;
+    # auto: the candidate with the lowest val loss
+    blend: float | Literal["auto"]
     nproc: int
 
     def check(self) -> None:
@@ -163,8 +170,8 @@ class TrainConfig:
         _at_least("train.nproc", self.nproc, 1)
         _in_unit_interval("train.momentum", self.momentum)
         _in_unit_interval("train.label_smoothing", self.label_smoothing)
-        if not 0 <= self.blend <= 1:
-            raise ConfigError(f"train.blend = {self.blend!r}: allowed: a number in [0, 1] (1 = no blending)")
+        if self.blend != "auto" and not 0 <= self.blend <= 1:
+            raise ConfigError(f"train.blend = {self.blend!r}: allowed: auto or a number in [0, 1] (1 = no blending)")
         for key, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
                            ("warmup_epochs", self.warmup_epochs)):
             if value < 0 or not math.isfinite(value):
@@ -245,17 +252,24 @@ class Params:
         for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.audit, self.mlflow):
             section.check()
         if self.model.finetune == "staged":
-            t = self.train
+            t, mode = self.train, self.model.finetune
             if not 1 <= t.head_epochs < t.epochs:
                 raise ConfigError(
-                    f"train.head_epochs = {t.head_epochs}: allowed with model.finetune staged: "
+                    f"train.head_epochs = {t.head_epochs}: allowed with model.finetune {mode}: "
                     f"1 to train.epochs - 1 ({t.epochs - 1}), so that both phases train"
                 )
             if t.schedule == "cosine" and t.warmup_epochs >= t.epochs - t.head_epochs:
                 raise ConfigError(
-                    f"train.warmup_epochs = {t.warmup_epochs!r}: allowed with model.finetune staged: fewer than "
+                    f"train.warmup_epochs = {t.warmup_epochs!r}: allowed with model.finetune {mode}: fewer than "
                     f"the second phase's train.epochs - train.head_epochs ({t.epochs - t.head_epochs})"
                 )
+
+    @property
+    def stages_fit(self) -> bool:
+        """``train.epochs``, ``head_epochs`` and ``warmup_epochs`` leave room for staged's two phases."""
+        t = self.train
+        return 1 <= t.head_epochs < t.epochs and not (t.schedule == "cosine"
+                                                       and t.warmup_epochs >= t.epochs - t.head_epochs)
 
     def flat(self) -> dict[str, Any]:
         """Params as ``{"train.lr": 0.001, ...}``, the names MLflow and ``dvc exp show`` use."""

@@ -13,8 +13,10 @@ SELECT = {"best": "the lowest validation loss", "last": "the last epoch"}
 def run_note(
     metrics: Mapping, data: Mapping, *, experiment_id: str, run_id: str, selected_epoch: str, epochs: int,
     select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (), selected_reason: str = "",
+    decisions: Mapping[str, str] | None = None,
 ) -> str:
-    """``metrics`` as in evaluation.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs."""
+    """``metrics`` as in evaluation.json, ``data`` the prepare summary, ``figures`` (title, artifact path) pairs,
+    ``decisions`` what the recipe decided from the data (``{"batchnorm": "kept: ..."}``)."""
     n_test, low, high = accuracy_interval(metrics)
     scores = [f"macro F1 {metrics['macro_f1']:.3f}"]
     if "roc_auc" in metrics:
@@ -29,6 +31,7 @@ def run_note(
         f"of epoch {selected_epoch or '?'} of {epochs} (train.select: {select}, "
         f"{selected_reason or SELECT.get(select, select)}).",
         "",
+        *([f"Decided from the data: {'; '.join(f'{k}: {v}' for k, v in decisions.items())}.", ""] if decisions else []),
         "Figures: " + " · ".join(f"[{title}]({artifact_link(experiment_id, run_id, path)})" for title, path in figures),
         "",
         f"Data: {data['found']} files found, {data['kept']} kept, {data['rejected']} rejected"

@@ -31,6 +31,7 @@ from kennel.track.store import (  # noqa: E402
     run_exists,
     run_name,
     run_tag,
+    run_tags_under,
     set_tags,
     store_lock,
     write_run_file,
@@ -44,5 +45,5 @@ __all__ = [
     "CHAMPION", "Registration", "TrackingUnavailable", "check_reachable", "data_fingerprint", "experiment_id",
     "find_experiment", "find_run", "log_artifacts", "log_dict", "log_epoch", "log_manifest", "log_metrics", "log_model",
     "log_params", "note", "open_run", "provenance_tags", "read_run_file", "register_and_promote", "retry",
-    "run_exists", "run_name", "run_tag", "set_tags", "store_lock", "tracking_uri", "write_run_file",
+    "run_exists", "run_name", "run_tag", "run_tags_under", "set_tags", "store_lock", "tracking_uri", "write_run_file",
 ]

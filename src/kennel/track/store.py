@@ -154,6 +154,12 @@ def run_tag(run_id: str, key: str) -> str:
     return retry(mlflow.MlflowClient().get_run, run_id).data.tags.get(key, "")
 
 
+def run_tags_under(run_id: str, prefix: str) -> dict[str, str]:
+    """The run's tags whose key starts with ``prefix``, by the rest of the key."""
+    tags = retry(mlflow.MlflowClient().get_run, run_id).data.tags
+    return {k.removeprefix(prefix): v for k, v in sorted(tags.items()) if k.startswith(prefix)}
+
+
 def run_name(flat_params: Mapping[str, Any]) -> str:
     """The DVC experiment name when there is one, else the params that usually differ, and the commit."""
     if os.environ.get("DVC_EXP_NAME"):

@@ -81,7 +81,8 @@ def log_start(result: TrainResult, world: int) -> None:
 def save_and_log_model(result: TrainResult, params: Params) -> None:
     """The model file (a DVC output), then the exported model and the servable classifier."""
     store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.selected_reason": result.selected_reason,
-                    "kennel.tta": params.evaluate.tta})
+                    "kennel.tta": params.evaluate.tta,
+                    **{f"kennel.decision.{k}": v for k, v in result.decisions.items()}})  # the blend's, now
     store.log_metrics(result.baseline_metrics())
     if result.blended_val is not None and not math.isnan(result.blended_val[0]):  # NaN: no val split to score on
         store.log_metrics(dict(zip(("blended_val_loss", "blended_val_accuracy"), result.blended_val, strict=True)))

@@ -29,7 +29,7 @@ from kennel.train.checkpoint import Checkpointer, restore_run
 from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict, snapshot
 from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
-from kennel.train.recipe import Phase, Recipe
+from kennel.train.recipe import BLENDS, Phase, Recipe, blend_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class TrainResult:
     refit_images: int = 0  # train.refit: the images the final weights were trained on (train + val)
     # train.blend: (val loss, val accuracy) of the blended weights kept, which are no epoch's; None otherwise
     blended_val: tuple[float, float] | None = None
+    blend: float | None = None  # the blend weight kept (train.blend, or the one auto chose)
     selected_epoch: int = 0  # the epoch whose weights the model holds
     selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
     decisions: dict[str, str] = field(default_factory=dict)  # what the recipe decided from the data, and why
@@ -121,18 +122,46 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
             **{prefix + k: v for k, v in state.items()}}
 
 
-def build_for(params: Params, data_dir: Path, device: torch.device) -> tuple[Classifier, Recipe, WeightsInfo]:
+def build_for(params: Params, data_dir: Path, device: torch.device, amp_dtype: torch.dtype | None = None,
+              probe_cs: Sequence[float] = PROBE_CS) -> tuple[Classifier, Recipe, WeightsInfo, FrozenStart | None]:
     """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last, unfrozen, and the recipe that
-    fine-tunes it (with the BatchNorm shift of the first train images measured when the recipe decides on it); seed
-    the RNG first."""
+    fine-tunes it, with what it decides from the data settled: ``model.finetune: auto`` by the linear probe on the
+    pretrained features (returned with them, so the head's phase does not compute them again), then BatchNorm by
+    the shift of the first train images. Seed the RNG first."""
     model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights)
     model = model.to(device, memory_format=torch.channels_last)
     recipe = Recipe.from_params(params, weights.loaded > 0)
+    frozen = None
+    if recipe.decides_on_probe:
+        frozen = frozen_start(model, data_dir, TRAIN_VAL, device, amp_dtype, params.train.batch_size,
+                              params.train.num_workers, probe_cs)
+        recipe = recipe.decide(frozen.probe.val_accuracy)
+    recipe = recipe.decide()
     if recipe.measures_bn:
         images, _ = read_split(data_dir, "train")
         sample = torch.from_numpy(np.array(images[:BN_SAMPLE])).to(device)
         recipe = dataclasses.replace(recipe, bn_shift=batchnorm_shift(model, sample))
-    return model, recipe, weights
+    return model, recipe, weights, frozen
+
+
+@dataclass
+class FrozenStart:
+    """The pretrained backbone's features of the run's splits and the linear probe fit on them: what a frozen phase
+    starts from (computed once, while the backbone has not moved)."""
+
+    splits: tuple[str, str]
+    features: list[tuple[torch.Tensor, torch.Tensor]]  # (features, labels) of train, val, test
+    probe: Probe
+
+
+def frozen_start(model: Classifier, data_dir: Path, splits: tuple[str, str], device: torch.device,
+                 amp_dtype: torch.dtype | None, batch_size: int, num_workers: int,
+                 probe_cs: Sequence[float] = PROBE_CS) -> FrozenStart:
+    """Features of ``splits`` and the test split (streamed: they are read once) and the probe fit on them."""
+    features = [extract_features(model, make_batches(data_dir, split, resident=False, batch_size=batch_size,
+                                                     device=device, num_workers=num_workers), device, amp_dtype)
+                for split in (*splits, "test")]
+    return FrozenStart(splits, features, fit_probe(*features, classes=len(model.classes), cs=probe_cs))
 
 
 @dataclass(frozen=True)
@@ -166,12 +195,13 @@ class PhaseSetup:
 
 
 def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData, fresh: bool = True,
-                probe_cs: Sequence[float] = PROBE_CS) -> PhaseSetup:
+                probe_cs: Sequence[float] = PROBE_CS, frozen: FrozenStart | None = None) -> PhaseSetup:
     """The data, module, optimizer, schedule and grad scaler of ``phase``, as ``recipe`` says.
 
     Frozen: the backbone's features never change, so they are computed once and the head trains on them
     (no augmentation); the linear probe is fit on them, and the head may start from it (``fresh`` false: the
-    phase resumes, and the checkpoint's head stands). All layers: batches of images, augmented on the device.
+    phase resumes, and the checkpoint's head stands); ``frozen`` holds them when they were computed already. All
+    layers: batches of images, augmented on the device.
     """
     recipe.prepare(model, phase)
     device, ctx = data.device, data.ctx
@@ -181,10 +211,14 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
     if phase.frozen:
         log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
                  phase.first, phase.last)
-        (ftrain, ytrain), (fval, yval), test = [
-            extract_features(model, make_batches(data.dir, split, **batches), device, data.amp_dtype)
-            for split in (*data.splits, "test")]
-        probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes), cs=probe_cs)
+        if frozen is not None and frozen.splits == data.splits:  # computed already, to decide model.finetune
+            (ftrain, ytrain), (fval, yval), _ = frozen.features
+            probe = frozen.probe
+        else:
+            (ftrain, ytrain), (fval, yval), test = [
+                extract_features(model, make_batches(data.dir, split, **batches), device, data.amp_dtype)
+                for split in (*data.splits, "test")]
+            probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes), cs=probe_cs)
         if recipe.head_from_probe(fresh):
             load_head(model, probe)
         ftrain, fval = ftrain.to(device), fval.to(device)
@@ -207,7 +241,7 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
     scaler = torch.amp.GradScaler(device.type) if data.amp_dtype == torch.float16 else None
     criterion = recipe.criterion(data.train_labels, len(model.classes), device)
     step = StepConfig(data.amp_dtype, scaler, scheduler, criterion, recipe.train.grad_clip, recipe.augment(phase),
-                      data.generator)
+                      data.generator, recipe.mix(phase, len(model.classes)))
     return PhaseSetup(trained, module, train_batches, val_batches, optimizer, scheduler, scaler, step, probe)
 
 
@@ -244,8 +278,11 @@ def train(
     """
     ctx = ctx or Dist()
     device, amp_dtype, generator = prepare_run(params, ctx)
-    model, built, weights = build_for(params, data_dir, device)
-    recipe = recipe or built
+    if recipe is None:
+        model, recipe, weights, frozen = build_for(params, data_dir, device, amp_dtype, probe_cs)
+    else:  # a refit's, decided already
+        model, _, weights, frozen = build_for(dataclasses.replace(params, model=dataclasses.replace(
+            params.model, finetune=recipe.finetune)), data_dir, device)
     t = recipe.train
     resident, n_train, n_val = placement(data_dir, device, t.data_on_device, splits)
     train_labels, val_labels = (read_split(data_dir, split)[1] for split in splits)
@@ -260,6 +297,9 @@ def train(
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
     log.info("model.finetune %s: %s; %s, %s schedule", recipe.finetune, "; then ".join(recipe.describe()),
              t.optimizer, t.schedule)
+    result.decisions["finetune"] = recipe.finetune_reason()
+    if recipe.auto:
+        log.info("model.finetune %s", result.decisions["finetune"])
     result.decisions["batchnorm"] = recipe.batchnorm_reason()
     log.info("BatchNorm statistics %s", result.decisions["batchnorm"])
     for warning in balance_warnings(train_labels, val_labels, model.classes, t.class_weights == "auto"):
@@ -276,7 +316,8 @@ def train(
             # kept only when it will be blended; a run resumed inside the phase has it from the checkpoint
             if start <= phase.first and recipe.keeps_start(phase):
                 state.start_state = snapshot(model)
-        setup = setup_phase(phase, recipe, model, data, fresh=start <= phase.first, probe_cs=probe_cs)
+        setup = setup_phase(phase, recipe, model, data, fresh=start <= phase.first, probe_cs=probe_cs,
+                            frozen=frozen)
         if resume is not None:
             recipe.restore(resume, phase, setup.optimizer, setup.scheduler, setup.scaler)
 
@@ -299,18 +340,50 @@ def train(
         result.selected_reason += (f"; training stopped after epoch {state.stopped_after}: val loss had not improved "
                                    f"for {t.patience} epochs (train.patience)")
     if state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
-        recipe.blend(model, state.start_state)
-        result.blended_val = evaluate(model, setup.val_batches, device, amp_dtype)
-        result.selected_reason += blend_reason(t.blend, result.selected_epoch, result.blended_val)
+        result.blend, result.blended_val, tried = blend_kept(model, state.start_state, t.blend, setup.val_batches,
+                                                             device, amp_dtype)
+        result.selected_reason += blend_reason(result.blend, result.selected_epoch, result.blended_val, tried)
+        if tried:
+            result.decisions["blend"] = blend_decision(result.blend, tried)
         log.info("blended: %s", result.selected_reason.rsplit("; ", 1)[-1])
     return refit(params, data_dir, result, recipe, ctx) if t.refit else result
 
 
-def blend_reason(blend: float, epoch: int, val: tuple[float, float]) -> str:
+def blend_kept(model: nn.Module, start: dict[str, torch.Tensor], blend: float | str, val_batches: Iterable,
+               device: torch.device, amp_dtype: torch.dtype | None
+               ) -> tuple[float, tuple[float, float], dict[float, tuple[float, float]]]:
+    """Blend the model's weights toward ``start`` (``train.blend``; auto: each of ``BLENDS`` scored on val, the
+    lowest loss kept). Returns the weight, the kept weights' (val loss, val accuracy) and, for auto, each
+    candidate's."""
+    if blend != "auto":
+        blend_weights(model, start, blend)
+        return blend, evaluate(model, val_batches, device, amp_dtype), {}
+    kept = snapshot(model)
+    tried = {}
+    for weight in BLENDS:
+        model.load_state_dict(kept)
+        blend_weights(model, start, weight)
+        tried[weight] = evaluate(model, val_batches, device, amp_dtype)
+    scored = [w for w in BLENDS if not math.isnan(tried[w][0])]
+    best = min(scored, key=lambda w: tried[w][0]) if scored else 0.5  # no val split: halfway
+    model.load_state_dict(kept)
+    blend_weights(model, start, best)
+    return best, tried[best], tried
+
+
+def blend_decision(blend: float, tried: dict[float, tuple[float, float]]) -> str:
+    """``train.blend: auto``'s choice and every candidate's val loss, in words (the run's tag)."""
+    scores = ", ".join(f"{w:g}: {loss:.4f}" for w, (loss, _) in tried.items())
+    return f"{blend:g}: the lowest val loss of the weights tried ({scores}; train.blend auto)"
+
+
+def blend_reason(blend: float, epoch: int, val: tuple[float, float], tried: dict | None = None) -> str:
     """What the selection reason gains when the kept weights are a blend, with the blend's own val numbers."""
     scores = f"val loss {val[0]:.4f}, accuracy {val[1]:.4f}" if not math.isnan(val[0]) else "no val split"
+    how = f"train.blend auto, the lowest val loss of {', '.join(f'{w:g}' for w in tried)}" if tried else \
+        "train.blend"
     return (f"; then blended {blend:g} x epoch {epoch} + {1 - blend:g} x the frozen phase's weights "
-            f"(train.blend): {scores}")
+            f"({how}): {scores}")
 
 
 def refit(params: Params, data_dir: Path, selected: TrainResult, recipe: Recipe, ctx: Dist) -> TrainResult:
@@ -318,7 +391,7 @@ def refit(params: Params, data_dir: Path, selected: TrainResult, recipe: Recipe,
     that selected a frozen epoch: the head alone), the probe's C as chosen: all labelled photos but the test's
     end up in the model. Nothing is left to validate on, so the selection run's history stays the one reported."""
     k = selected.selected_epoch
-    again_recipe = recipe.for_refit(k)
+    again_recipe = recipe.for_refit(k, selected.blend)
     log.info("refit: %s for %d epoch(s) on train + val, as selected", again_recipe.finetune, k)
     again = train(params, data_dir, ctx=ctx, splits=REFIT, recipe=again_recipe,
                   probe_cs=(selected.probe.c,) if selected.probe else PROBE_CS)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from kennel.core.device import to_device
-from kennel.train.augment import Augment
+from kennel.train.augment import Augment, Mix
 from kennel.train.probe import Probe
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class StepConfig:
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     augment: Augment | None = None
     generator: torch.Generator | None = None  # draws the augmentation
+    mix: Mix | None = None  # mixup / cutmix: the loss then takes each image's class shares
 
 
 def train_one_epoch(
@@ -120,10 +121,13 @@ def train_one_epoch(
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         if step.augment is not None:
             images = step.augment(images, step.generator)
+        targets = labels
+        if step.mix is not None:  # train accuracy stays against each image's own label
+            images, targets = step.mix(images, labels)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
-            loss = criterion(logits.float(), labels)
+            loss = criterion(logits.float(), targets)
         if scaler is not None:
             scaler.scale(loss).backward()
             if grad_clip:

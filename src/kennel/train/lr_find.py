@@ -54,7 +54,7 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     device = resolve_device(t.device)
     amp_dtype = resolve_amp(t.amp, device)
     generator = seed_everything(params.seed)
-    model, recipe, _ = build_for(params, data_dir, device)
+    model, recipe, _, frozen = build_for(params, data_dir, device, amp_dtype)  # model.finetune auto decided
     phase = recipe.sweep_phase()
     images, _ = read_split(data_dir, "train")
     resident = fits_resident(images.nbytes, device, t.data_on_device)
@@ -62,8 +62,9 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     recipe.prepare(model, phase)
     batches = make_batches(data_dir, "train", **how, shuffle=True, generator=generator)
     if phase.frozen or (phase.index > 1 and recipe.head_from_probe(fresh=True)):
-        features = [extract_features(model, make_batches(data_dir, split, **how), device, amp_dtype)
-                    for split in ("train", "val", "test")]
+        features = frozen.features if frozen is not None else \
+            [extract_features(model, make_batches(data_dir, split, **how), device, amp_dtype)
+             for split in ("train", "val", "test")]
         if phase.frozen:
             batches = Batches(features[0][0].to(device), features[0][1], t.batch_size, True, generator)
         else:
@@ -73,7 +74,7 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     ratios = [group["lr"] / t.lr for group in optimizer.param_groups]
     criterion = recipe.criterion(read_split(data_dir, "train")[1], len(model.classes), device)
     step = StepConfig(amp_dtype, criterion=criterion, grad_clip=t.grad_clip, augment=recipe.augment(phase),
-                      generator=generator)
+                      generator=generator, mix=recipe.mix(phase, len(model.classes)))
 
     lrs, smoothed, average, best = [], [], 0.0, math.inf
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # as many epochs as the steps need
