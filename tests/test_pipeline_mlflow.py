@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -34,11 +33,12 @@ def test_unreachable_server_stops_train_before_any_training(project_copy):
     shutil.rmtree(root / "models")
     uri = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": "src"}
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "stages/train.py"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2 and f"MLflow tracking server {uri}" in out.stderr and "unreachable" in out.stderr
-    assert time.perf_counter() - start < 60  # seconds (mostly imports), not MLflow's minutes of retries
+    # stopped by the one health check, before MLflow's client made a request (and its minutes of retries): not a
+    # stopwatch, which a loaded machine fails
+    assert "Start it, or unset MLFLOW_TRACKING_URI" in out.stderr and "Retry" not in out.stderr
     assert not (root / "models").exists()
 
 

@@ -248,6 +248,8 @@ class Recipe:
         two together)."""
         t, a = self.train, self.train.augment
         bn = "BatchNorm statistics kept" if self.freeze_bn else "BatchNorm statistics updated"
+        if self.measures_bn and self.bn_shift is None:  # before the data is looked at
+            bn = "BatchNorm statistics kept or updated as the train images decide (freeze_bn auto)"
         words = []
         for phase in self.phases:
             epochs = f"{phase.epochs} epoch{'s' if phase.epochs > 1 else ''}"
