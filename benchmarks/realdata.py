@@ -21,11 +21,13 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -78,7 +80,7 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
     shutil.copytree(prepared, root, symlinks=True)
     params = set_params(json.loads(json.dumps(base)), {**RECIPES[mode], **overrides})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    seconds, output = run([str(BIN / "dvc"), "repro"], root, env)
+    seconds = sh([str(BIN / "dvc"), "repro"], root, env)
     test = json.loads((root / "reports/metrics.json").read_text())
     live = json.loads((root / "dvclive/metrics.json").read_text())
     row = {"mode": mode, "test_accuracy": test["test_accuracy"], "test_low": test["test_accuracy_low"],
@@ -86,7 +88,7 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
            "val_accuracy": live["selected_val_accuracy"], "selected_epoch": live["selected_epoch"],
            "epochs": live["step"], "probe_test": live.get("baseline_test_accuracy"),
            "probe_val": live.get("baseline_val_accuracy"), "seconds": seconds,
-           "decided": decided_mode(output)}
+           "decided": decided_mode(root)}
     if other is not None:
         out = root / "other.csv"
         sh([str(BIN / "python"), "-m", "kennel", "predict", str(other), "--model", "models/model.pt", "--output",
@@ -95,12 +97,11 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
     return row
 
 
-def decided_mode(output: str) -> str:
-    """What ``model.finetune: auto`` chose, from the train stage's log (empty for a mode set by hand)."""
-    for line in output.splitlines():
-        if "(model.finetune auto)" in line and "model.finetune " in line:
-            return line.split("model.finetune ", 1)[1].split(":", 1)[0]
-    return ""
+def decided_mode(root: Path) -> str:
+    """What ``model.finetune: auto`` chose: the run's tag in the project's store (empty for a mode set by hand)."""
+    with closing(sqlite3.connect(root / "mlflow.db")) as db:
+        row = db.execute("SELECT value FROM tags WHERE key = 'kennel.decision.finetune'").fetchone()
+    return row[0].split(":", 1)[0] if row and "model.finetune auto" in row[0] else ""
 
 
 def other_scores(predictions: pd.DataFrame) -> dict:
