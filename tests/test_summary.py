@@ -18,6 +18,16 @@ def test_the_note_says_how_good_on_what_and_links_the_figures():
     assert "70 files found, 66 kept, 4 rejected (duplicate: 1, empty file: 3); train/val/test 44/6/16" in note
     assert "classes cat (34), dog (32)" in note
     assert "[top losses](#/experiments/7/runs/abc123/artifacts/evaluation/top%20losses.png)" in note
+    assert "Decided from the data" not in note  # nothing decided, no line
+
+
+def test_what_the_recipe_decided_from_the_data_is_in_the_note():
+    decisions = {"batchnorm": "updated: the train images sit 0.30 from the pretrained statistics",
+                 "finetune": "staged: the linear probe on the pretrained features scores 0.9255 on val"}
+    note = run_note(METRICS, DATA, experiment_id="7", run_id="r", selected_epoch="3", epochs=4, select="best",
+                    figures=[], decisions=decisions)
+    assert ("Decided from the data: batchnorm: updated: the train images sit 0.30 from the pretrained statistics; "
+            "finetune: staged: the linear probe on the pretrained features scores 0.9255 on val.") in note
 
 
 def test_a_weights_warning_leads_the_note():
