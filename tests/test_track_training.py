@@ -55,7 +55,7 @@ def test_train_and_log_records_one_complete_run(prepared):
     assert torch.load(root / "models/checkpoint.pt", weights_only=True)["complete"] is True
 
 
-def test_a_staged_run_from_pretrained_weights_logs_the_probe_and_the_blend(prepared):
+def test_a_staged_run_from_pretrained_weights_logs_the_probe_the_blend_and_its_decisions(prepared):
     import torchvision
 
     root, _ = prepared
@@ -73,7 +73,12 @@ def test_a_staged_run_from_pretrained_weights_logs_the_probe_and_the_blend(prepa
     assert metrics["baseline_c"] == result.probe.c
     assert result.blended_val is not None  # epoch 2 (all layers) kept, then blended with the frozen phase's end
     assert [metrics["blended_val_loss"], metrics["blended_val_accuracy"]] == pytest.approx(list(result.blended_val))
-    assert "then blended 0.5 x epoch 2" in run.data.tags["kennel.selected_reason"]
+    assert f"then blended {result.blend:g} x epoch 2" in run.data.tags["kennel.selected_reason"]
+    # the shipped train.blend auto chose it on val; every decision is a tag of the run
+    assert run.data.tags["kennel.decision.blend"] == result.decisions["blend"]
+    assert run.data.tags["kennel.decision.blend"].startswith(f"{result.blend:g}: the lowest val loss")
+    assert run.data.tags["kennel.decision.finetune"] == "staged: model.finetune staged"
+    assert run.data.tags["kennel.decision.batchnorm"] == result.decisions["batchnorm"]
     live = json.loads((root / "dvclive/metrics.json").read_text())
     assert live["baseline_val_accuracy"] == pytest.approx(result.probe.val_accuracy)
     assert live["selected_val_accuracy"] == pytest.approx(result.blended_val[1])  # the weights kept, not epoch 2's
