@@ -104,13 +104,13 @@ class Loader:
         return load_array(io.BytesIO(buf.getvalue()), size, mode=MODE)
 
 
-def build(rows: list[tuple[str, str, str]], out: Path) -> pd.DataFrame:
+def build(rows: list[tuple[str, str, str]], out: Path, loader=None) -> pd.DataFrame:
     """(path, label, sha1) rows -> a manifest with hash splits and resized shards in ``out``, as prepare + resize."""
     from kennel.data.manifest import assign_splits
     from kennel.data.shard_writer import write_splits
 
     manifest = assign_splits(pd.DataFrame(rows, columns=["path", "label", "sha1"]), VAL, TEST, SEED)
-    write_splits(manifest, Path("/"), SIZE, out, Loader(), workers="auto", recipe=MODE)
+    write_splits(manifest, Path("/"), SIZE, out, loader or Loader(), workers="auto", recipe=MODE)
     return manifest
 
 

@@ -1,4 +1,5 @@
-"""Pairs of images closer than a threshold, and the groups they chain into.
+"""Pairs of images closer than a threshold, or nearest neighbours that stand out from the rest, and the groups they
+chain into.
 
 Cosine pairs are found block against block with faiss (an exact inner-product index over one block, a range
 search with another): memory holds two blocks and the pairs found, never an N x N matrix; time grows with N^2
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+NEIGHBOURS = 10  # nearest neighbours kept per image: a group of copies and the level around it
 BLOCK = 8192  # vectors per block: two blocks of 1280 float32 features are 80 MB
 PAIR_COLUMNS = ["a", "b", "similarity"]  # positions a < b, and how alike: cosine, or 1 - bits / hash bits
 
@@ -43,6 +45,55 @@ def cosine_pairs(block: Callable[[int, int], np.ndarray], n: int, threshold: flo
             bar.update()
     bar.close()
     return _tidy(found)
+
+
+def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int,
+            size: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar other vectors of each of the ``n`` L2-normalised vectors: (N x k cosine similarities,
+    most similar first; N x k positions, -1 where fewer than ``k`` others exist). Exact, block against block: memory
+    holds two blocks and the N x k answer."""
+    k = max(1, k)
+    starts = list(range(0, n, size))
+    best_sims = np.full((n, k), -np.inf, dtype=np.float32)
+    best_ids = np.full((n, k), -1, dtype=np.int64)
+    bar = tqdm(total=len(starts) ** 2, desc="neighbours", unit="block", disable=None, leave=False)
+    for qi in starts:
+        queries = np.ascontiguousarray(block(qi, qi + size), dtype=np.float32)
+        rows = slice(qi, qi + len(queries))
+        for qj in starts:
+            base = queries if qj == qi else np.ascontiguousarray(block(qj, qj + size), dtype=np.float32)
+            index = faiss.IndexFlatIP(base.shape[1])
+            index.add(base)
+            sims, ids = index.search(queries, min(k + 1, len(base)))
+            ids = np.where(ids >= 0, ids + qj, -1)
+            own = ids == np.arange(qi, qi + len(queries))[:, None]  # an image is not its own neighbour
+            sims = np.where(own | (ids < 0), -np.inf, sims)
+            merged_sims = np.concatenate([best_sims[rows], sims], axis=1)
+            merged_ids = np.concatenate([best_ids[rows], ids], axis=1)
+            order = np.argsort(-merged_sims, axis=1, kind="stable")[:, :k]
+            best_sims[rows] = np.take_along_axis(merged_sims, order, axis=1)
+            best_ids[rows] = np.take_along_axis(merged_ids, order, axis=1)
+            bar.update()
+    bar.close()
+    best_ids[~np.isfinite(best_sims)] = -1
+    return best_sims, best_ids
+
+
+def margin_pairs(sims: np.ndarray, ids: np.ndarray, threshold: float, floor: float, margin: float) -> pd.DataFrame:
+    """The near-copies among each image's nearest neighbours (``nearest``): a pair at or above ``threshold``, or at
+    or above ``floor`` when it also stands ``margin`` above each member's next neighbour (the second nearest: a
+    copy is far closer to its original than any other image is, while a crowd of alike but distinct images,
+    sea tiles or one breed's portraits, is close to everything around it)."""
+    n, k = sims.shape
+    level = sims[:, 1] if k > 1 else np.full(n, -np.inf)
+    level = np.where(np.isfinite(level), level, -1.0).astype(np.float64)
+    a = np.repeat(np.arange(n), k)
+    b, s = ids.ravel(), sims.ravel().astype(np.float64)
+    keep = (b >= 0) & (s >= floor)
+    a, b, s = a[keep], b[keep], s[keep]
+    keep = (s >= threshold) | (s >= np.maximum(level[a], level[b]) + margin)
+    a, b, s = a[keep], b[keep], s[keep]
+    return _tidy([pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": s})])
 
 
 def hash_pairs(hashes: np.ndarray, max_bits: int) -> pd.DataFrame:
