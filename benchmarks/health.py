@@ -49,19 +49,30 @@ HASH_BITS = [8, 12, 16, 20, 24, 28, 32, 40]
 
 def near_copy(path: Path, kind: str, rng: random.Random) -> bytes:
     """The bytes of a near-copy of the photo at ``path``: ``kind``'s edits, then JPEG at quality 50-70."""
-    img = Image.open(path).convert("RGB")
+    return edited(Image.open(path), kind, rng, crop=(0.85, 0.95), scale=(0.6, 0.9), quality=(50, 70), centred=True)
+
+
+def edited(img: Image.Image, kind: str, rng: random.Random, *, crop: tuple[float, float], scale: tuple[float, float],
+           quality: tuple[int, int], centred: bool) -> bytes:
+    """JPEG bytes of ``img`` after ``kind``'s edits: "crop" keeps a share in ``crop`` of each side (one share for
+    both, centred; or one per side at a random place), "resize" scales by a factor in ``scale``, "mirror"."""
+    img = img.convert("RGB")
     if "crop" in kind:
-        f = rng.uniform(0.85, 0.95)
-        w, h = round(img.width * f), round(img.height * f)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
+        if centred:
+            f = rng.uniform(*crop)
+            w, h = round(img.width * f), round(img.height * f)
+            left, top = (img.width - w) // 2, (img.height - h) // 2
+        else:
+            w, h = round(img.width * rng.uniform(*crop)), round(img.height * rng.uniform(*crop))
+            left, top = rng.randint(0, img.width - w), rng.randint(0, img.height - h)
         img = img.crop((left, top, left + w, top + h))
     if "resize" in kind:
-        f = rng.uniform(0.6, 0.9)
+        f = rng.uniform(*scale)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
     if "mirror" in kind:
         img = ImageOps.mirror(img)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=rng.randint(50, 70))
+    img.save(buf, "JPEG", quality=rng.randint(*quality))
     return buf.getvalue()
 
 

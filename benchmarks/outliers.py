@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import yaml
 from hostinfo import machine
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -67,9 +68,15 @@ def main(argv=None) -> int:
     others = {name: (files(SHARED / name), embed(files(SHARED / name), args.work / f"{name}.npz"))
               for name in ("eurosat", "xray")}
     planted_n = round(args.rate * len(pets))
+    for name, (paths, x) in {"pets": (pets, pet_x), **others}.items():  # each set alone: the clean tail
+        classes = sorted({p.parent.name for p in paths})
+        alone = outlier_scores(x, np.array([classes.index(p.parent.name) for p in paths]), classes)["score"]
+        print(f"{name} alone ({len(paths)} images, no plants): score quantiles 0.5 / 0.9 / 0.99 / max "
+              f"{' / '.join(f'{q:.2f}' for q in np.quantile(alone, [0.5, 0.9, 0.99, 1]))}")
     print(f"## outliers planted among {len(pets)} pet photos: {machine()}; {planted_n} planted ({args.rate:.0%})\n")
-    print("| planted | seed | in top 2x planted | in top 1x planted | lowest planted score | highest pet score |\n"
-          "|---|---|---|---|---|---|")
+    cut = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["audit"]["outlier_score"]
+    print(f"| planted | seed | in top 2x planted | in top 1x planted | lowest planted score | highest pet score | "
+          f"planted at or above {cut} (audit.outlier_score) | pets at or above |\n|---|---|---|---|---|---|---|---|")
     for kind, sources in KINDS.items():
         for seed in args.seeds:
             rng = random.Random(f"{kind}-{seed}")
@@ -83,8 +90,9 @@ def main(argv=None) -> int:
             score = dict(zip(ranked["index"], ranked["score"], strict=True))
             print(f"| {kind} | {seed} | {len(planted & set(order[:2 * planted_n])) / planted_n:.3f} | "
                   f"{len(planted & set(order[:planted_n])) / planted_n:.3f} | "
-                  f"{min(score[i] for i in planted):.2f} | {max(score[i] for i in range(len(pets))):.2f} |",
-                  flush=True)
+                  f"{min(score[i] for i in planted):.2f} | {max(score[i] for i in range(len(pets))):.2f} | "
+                  f"{sum(score[i] >= cut for i in planted)}/{planted_n} | "
+                  f"{sum(score[i] >= cut for i in range(len(pets)))}/{len(pets)} |", flush=True)
             if args.figure and kind == "mix" and seed == args.seeds[0]:
                 import pandas as pd
 

@@ -71,7 +71,7 @@ def find_near_duplicates(resized_dir: Path, manifest: pd.DataFrame, cache_dir: P
     neighbours = None
     if featurizer.kind == "embedding":
         neighbours = nearest(features.block, len(features), NEIGHBOURS)
-        pairs = margin_pairs(*neighbours, cfg.duplicate_threshold, cfg.duplicate_floor, cfg.duplicate_margin)
+        pairs = margin_pairs(*neighbours, cfg.duplicate_floor, cfg.duplicate_margin)
     else:
         pairs = hash_pairs(features.block(0, len(features)), cfg.hash_distance)
     groups = connected_groups(len(index), pairs)

@@ -79,21 +79,21 @@ def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int,
     return best_sims, best_ids
 
 
-def margin_pairs(sims: np.ndarray, ids: np.ndarray, threshold: float, floor: float, margin: float) -> pd.DataFrame:
-    """The near-copies among each image's nearest neighbours (``nearest``): a pair at or above ``threshold``, or at
-    or above ``floor`` when it also stands ``margin`` above each member's next neighbour (the second nearest: a
-    copy is far closer to its original than any other image is, while a crowd of alike but distinct images,
-    sea tiles or one breed's portraits, is close to everything around it)."""
+def margin_pairs(sims: np.ndarray, ids: np.ndarray, floor: float, margin: float) -> pd.DataFrame:
+    """The near-copies among each image's nearest neighbours (``nearest``: similarities most similar first): the
+    neighbours before the last drop of at least ``margin`` from one neighbour to the next, among those at or above
+    ``floor``. A copy sits far closer to its original (and to the original's other copies) than any other image
+    does, so a drop follows the group; a crowd of alike but distinct images (sea tiles, one breed's portraits,
+    X-rays) is close to everything around it, with no drop, and gives no pair whatever its similarity. The last
+    of the k neighbours has no next one to drop to, so it is never a copy on its own list."""
     n, k = sims.shape
-    level = sims[:, 1] if k > 1 else np.full(n, -np.inf)
-    level = np.where(np.isfinite(level), level, -1.0).astype(np.float64)
-    a = np.repeat(np.arange(n), k)
-    b, s = ids.ravel(), sims.ravel().astype(np.float64)
-    keep = (b >= 0) & (s >= floor)
-    a, b, s = a[keep], b[keep], s[keep]
-    keep = (s >= threshold) | (s >= np.maximum(level[a], level[b]) + margin)
-    a, b, s = a[keep], b[keep], s[keep]
-    return _tidy([pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": s})])
+    s = np.where(ids >= 0, sims, -np.inf).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        gap = (s[:, :-1] >= floor) & (s[:, :-1] - s[:, 1:] >= margin) & np.isfinite(s[:, 1:])
+    kept = np.where(gap.any(axis=1), k - 1 - np.argmax(gap[:, ::-1], axis=1), 0)  # neighbours before the last drop
+    rows, cols = np.nonzero(np.arange(k)[None, :] < kept[:, None])
+    a, b, sim = rows, ids[rows, cols], s[rows, cols]
+    return _tidy([pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": sim})])
 
 
 def hash_pairs(hashes: np.ndarray, max_bits: int) -> pd.DataFrame:

@@ -201,9 +201,8 @@ class EvaluateConfig:
 class AuditConfig:
     """The audit stage: near-copies of one photo, within and across splits, found from pooled backbone features."""
 
-    duplicate_threshold: float  # cosine similarity of two images' pooled features at or above which they are copies
-    duplicate_floor: float  # ... below which they never are; in between, when they stand out:
-    duplicate_margin: float  # by this much above each one's next nearest neighbour
+    duplicate_floor: float  # cosine similarity of two images' pooled features below which they are never copies
+    duplicate_margin: float  # an image's copies: its neighbours above the floor before a drop this large
     hash_distance: int  # without pretrained weights: perceptual-hash bits (of 256) at or below which they are copies
     group_splits: bool  # a group of near-copies never straddles splits: its members follow one member's split
     outlier_score: float  # outlier score (distance to the nearest class centre / that class's median) counted
@@ -211,12 +210,9 @@ class AuditConfig:
     batch_size: int  # images per forward pass while embedding
 
     def check(self) -> None:
-        if not 0 < self.duplicate_threshold <= 1:
-            raise ConfigError(f"audit.duplicate_threshold = {self.duplicate_threshold!r}: "
+        if not 0 < self.duplicate_floor <= 1:
+            raise ConfigError(f"audit.duplicate_floor = {self.duplicate_floor!r}: "
                               "allowed: a cosine similarity in (0, 1]")
-        if not 0 < self.duplicate_floor <= self.duplicate_threshold:
-            raise ConfigError(f"audit.duplicate_floor = {self.duplicate_floor!r}: allowed: a cosine similarity in "
-                              f"(0, audit.duplicate_threshold = {self.duplicate_threshold}]")
         if not 0 <= self.duplicate_margin < 1:
             raise ConfigError(f"audit.duplicate_margin = {self.duplicate_margin!r}: allowed: a number in [0, 1)")
         if not 0 <= self.hash_distance < 256:
