@@ -168,6 +168,15 @@ def test_nearest_neighbours_by_blocks_equal_the_full_matrix():
     assert np.allclose(sims, np.take_along_axis(full, ids, axis=1), atol=1e-5)
 
 
+def test_past_the_exact_size_an_hnsw_graph_finds_the_same_neighbours():
+    x = unit(np.random.default_rng(2).normal(size=(300, 16)))
+    exact = nearest(lambda start, stop: x[start:stop], len(x), 5, size=128)
+    graph = nearest(lambda start, stop: x[start:stop], len(x), 5, size=128, exact_max=100)
+    assert (graph[1] != np.arange(300)[:, None]).all()  # never an image itself
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact[1], graph[1], strict=True)])
+    assert recall > 0.95 and np.allclose(graph[0][:, 0], exact[0][:, 0], atol=1e-4)
+
+
 def test_the_margin_rule_finds_a_copy_a_fixed_threshold_misses_and_ignores_a_dense_crowd():
     """A cropped copy at cosine 0.90 stands out from the photos around it (<= ~0.6); a crowd of distinct but
     alike images (sea tiles, all above 0.91 to each other) does not stand out from itself."""

@@ -70,7 +70,7 @@ def find_near_duplicates(resized_dir: Path, manifest: pd.DataFrame, cache_dir: P
     start = time.perf_counter()
     neighbours = None
     if featurizer.kind == "embedding":
-        neighbours = nearest(features.block, len(features), NEIGHBOURS)
+        neighbours = nearest(features.block, len(features), NEIGHBOURS, exact_max=cfg.exact_search_max)
         pairs = margin_pairs(*neighbours, cfg.duplicate_floor, cfg.duplicate_margin)
     else:
         pairs = hash_pairs(features.block(0, len(features)), cfg.hash_distance)

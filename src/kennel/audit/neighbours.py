@@ -47,12 +47,16 @@ def cosine_pairs(block: Callable[[int, int], np.ndarray], n: int, threshold: flo
     return _tidy(found)
 
 
-def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int,
-            size: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int, size: int = BLOCK,
+            exact_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar other vectors of each of the ``n`` L2-normalised vectors: (N x k cosine similarities,
-    most similar first; N x k positions, -1 where fewer than ``k`` others exist). Exact, block against block: memory
-    holds two blocks and the N x k answer."""
+    most similar first; N x k positions, -1 where fewer than ``k`` others exist). Exact, block against block (memory
+    holds two blocks and the N x k answer; time grows with N^2) up to ``exact_max`` vectors; past it, a faiss HNSW
+    graph (all vectors and the graph in memory; time grows with about N log N; recall against the exact search
+    measured in benchmarks/RESULTS.md)."""
     k = max(1, k)
+    if exact_max is not None and n > exact_max:
+        return _nearest_hnsw(block, n, k, size)
     starts = list(range(0, n, size))
     best_sims = np.full((n, k), -np.inf, dtype=np.float32)
     best_ids = np.full((n, k), -1, dtype=np.int64)
@@ -77,6 +81,32 @@ def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int,
     bar.close()
     best_ids[~np.isfinite(best_sims)] = -1
     return best_sims, best_ids
+
+
+HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 80, 128  # graph degree, build and search beam: see RESULTS.md
+
+
+def _nearest_hnsw(block: Callable[[int, int], np.ndarray], n: int, k: int,
+                  size: int) -> tuple[np.ndarray, np.ndarray]:
+    first = np.ascontiguousarray(block(0, size), dtype=np.float32)
+    index = faiss.IndexHNSWFlat(first.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_BUILD
+    index.add(first)
+    for start in tqdm(range(size, n, size), desc="index", unit="block", disable=None, leave=False):
+        index.add(np.ascontiguousarray(block(start, start + size), dtype=np.float32))
+    index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
+    sims = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    for start in tqdm(range(0, n, size), desc="neighbours", unit="block", disable=None, leave=False):
+        queries = np.ascontiguousarray(block(start, start + size), dtype=np.float32)
+        found_sims, found_ids = index.search(queries, k + 1)
+        own = found_ids == np.arange(start, start + len(queries))[:, None]
+        found_sims = np.where(own | (found_ids < 0), -np.inf, found_sims)
+        order = np.argsort(-found_sims, axis=1, kind="stable")[:, :k]
+        sims[start:start + len(queries)] = np.take_along_axis(found_sims, order, axis=1)
+        ids[start:start + len(queries)] = np.take_along_axis(found_ids, order, axis=1)
+    ids[~np.isfinite(sims)] = -1
+    return sims, ids
 
 
 def margin_pairs(sims: np.ndarray, ids: np.ndarray, floor: float, margin: float) -> pd.DataFrame:

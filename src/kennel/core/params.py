@@ -205,6 +205,7 @@ class AuditConfig:
     duplicate_margin: float  # an image's copies: its neighbours above the floor before a drop this large
     hash_distance: int  # without pretrained weights: perceptual-hash bits (of 256) at or below which they are copies
     group_splits: bool  # a group of near-copies never straddles splits: its members follow one member's split
+    exact_search_max: int  # images up to which neighbours are searched exactly; past it, an HNSW graph
     outlier_score: float  # outlier score (distance to the nearest class centre / that class's median) counted
     figure_pairs: int  # the most similar pairs drawn side by side in reports/audit/near_duplicates.png
     batch_size: int  # images per forward pass while embedding
@@ -219,6 +220,7 @@ class AuditConfig:
             raise ConfigError(f"audit.hash_distance = {self.hash_distance!r}: allowed: an integer in [0, 255]")
         if not self.outlier_score > 0:
             raise ConfigError(f"audit.outlier_score = {self.outlier_score!r}: allowed: a number > 0")
+        _at_least("audit.exact_search_max", self.exact_search_max, 1)
         _at_least("audit.figure_pairs", self.figure_pairs, 1)
         _at_least("audit.batch_size", self.batch_size, 1)
 
