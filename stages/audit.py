@@ -72,8 +72,9 @@ def audit(params: Params) -> None:
 
 
 def check_labels(found, seed: int) -> int:
-    """Suspected label errors -> label_issues.csv and its grid; how many were flagged. A hash says nothing about
-    what is in a photo, so without pretrained features the report is empty and says why."""
+    """Every image ranked for label review (cleanlab's flagged first) -> label_issues.csv and a grid of the top;
+    how many were flagged. A hash says nothing about what is in a photo, so without pretrained features the report
+    is empty and says why."""
     if found.kind != "embedding":
         log.info("label checks skipped: they need pretrained features (model.weights)")
         none = pd.DataFrame(columns=CSV_COLUMNS)

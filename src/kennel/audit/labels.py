@@ -4,7 +4,8 @@ learning (cleanlab).
 Each image's probabilities come from a logistic regression fitted on the other folds, so no image votes on its own
 label. cleanlab's ``find_label_issues`` flags the images whose given label those probabilities contradict beyond
 the noise rates it estimates per class pair; the score is the probability of the given label (self-confidence),
-lowest = most suspect. Test images are judged too: a wrong label there misreports accuracy.
+lowest = most suspect. Every image is ranked, the flagged ones first: a flip cleanlab does not flag still has its
+place near the top of the review. Test images are judged too: a wrong label there misreports accuracy.
 """
 
 from __future__ import annotations
