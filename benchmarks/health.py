@@ -135,6 +135,7 @@ def photo_rows(folders: list[Path]) -> list[tuple[str, str, str]]:
 
 def planted(args) -> None:
     from kennel.audit.near_duplicates import find_near_duplicates
+    from kennel.audit.neighbours import cosine_pairs
 
     originals = photo_rows(args.photos)
     rng = random.Random(args.seed)
@@ -148,29 +149,31 @@ def planted(args) -> None:
         copies.append((f"{path}::copy::{kind}::{seed}", label, hashlib.sha1(data).hexdigest()))
     work = Path(args.work or tempfile.mkdtemp(prefix="kennel-health-"))
     manifest = build(originals + copies, work / f"resized-{args.seed}")
-    cfg = audit_config(duplicate_threshold=min(THRESHOLDS), group_splits=False)
     start = time.perf_counter()
-    low = find_near_duplicates(work / f"resized-{args.seed}", manifest, work / "cache", cfg, arch=ARCH,
-                               weights=str(args.weights), device="cpu", amp="auto")
+    low = find_near_duplicates(work / f"resized-{args.seed}", manifest, work / "cache",
+                               audit_config(group_splits=False), arch=ARCH, weights=str(args.weights), device="cpu",
+                               amp="auto")
     seconds = time.perf_counter() - start
+    sweep = cosine_pairs(low.features.block, len(low.features), min(THRESHOLDS))  # the old fixed-threshold rule
     position = {p: i for i, p in enumerate(low.paths)}
     truth = {tuple(sorted((position[c[0]], position[originals[i][0]]))): c[0].split("::")[2]
              for c, i in zip(copies, sources, strict=True)}
-    default = default_params()["audit"]["duplicate_threshold"]
     print(f"## planted near-copies: {len(originals)} real photos + {len(copies)} copies (seed {args.seed}); "
           f"{machine()}; features + neighbours {seconds:.0f} s ({low.computed} computed)\n")
     print("| threshold | recall | precision (lower bound) | planted found | other pairs |\n|---|---|---|---|---|")
     found_at = {}
     for t in THRESHOLDS:
-        pairs = low.pairs[low.pairs["similarity"] >= t]
+        pairs = sweep[sweep["similarity"] >= t]
         found = {(a, b) for a, b in zip(pairs["a"], pairs["b"], strict=True)}
         hit = found & set(truth)
         found_at[t] = found
-        mark = " (default)" if t == default else ""
-        print(f"| {t:.2f}{mark} | {len(hit) / len(truth):.3f} | {len(hit) / max(len(found), 1):.3f} | "
+        print(f"| {t:.2f} | {len(hit) / len(truth):.3f} | {len(hit) / max(len(found), 1):.3f} | "
               f"{len(hit)}/{len(truth)} | {len(found - set(truth))} |")
-    sims = {pair: s for pair, s in zip(zip(low.pairs["a"], low.pairs["b"], strict=True), low.pairs["similarity"],
-                                       strict=True)}
+    shipped = set(zip(low.pairs["a"], low.pairs["b"], strict=True))
+    hit = shipped & set(truth)
+    print(f"| the shipped rule (audit.duplicate_floor, duplicate_margin) | {len(hit) / len(truth):.3f} | "
+          f"{len(hit) / max(len(shipped), 1):.3f} | {len(hit)}/{len(truth)} | {len(shipped - set(truth))} |")
+    sims = {pair: s for pair, s in zip(zip(sweep["a"], sweep["b"], strict=True), sweep["similarity"], strict=True)}
     print("\nlowest similarity of a planted pair per kind: " + ", ".join(
         f"{kind} {min(sims.get(p, 0) for p, k in truth.items() if k == kind):.3f}" for kind in KINDS))
     others = sorted(found_at[min(t for t in THRESHOLDS if t >= 0.9)] - set(truth), key=lambda p: -sims[p])
@@ -280,7 +283,7 @@ def neighbours(args) -> None:
 
 def neighbours_one(work: Path, n: int) -> None:
     from kennel.audit.cache import Featurizer, update_cache
-    from kennel.audit.neighbours import connected_groups, cosine_pairs
+    from kennel.audit.neighbours import NEIGHBOURS, connected_groups, margin_pairs, nearest
 
     def random_unit(ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), 1280), np.float32)
@@ -294,7 +297,9 @@ def neighbours_one(work: Path, n: int) -> None:
                             [f"{i:040x}" for i in range(n)], np.arange(n), batch_size=1024, desc="random")
     write = time.perf_counter() - start
     start = time.perf_counter()
-    pairs = cosine_pairs(cache.block, n, audit_config().duplicate_threshold)
+    cfg = audit_config()
+    pairs = margin_pairs(*nearest(cache.block, n, NEIGHBOURS, exact_max=cfg.exact_search_max), cfg.duplicate_floor,
+                         cfg.duplicate_margin)
     connected_groups(n, pairs)
     print(json.dumps({"write": write, "search": time.perf_counter() - start, "pairs": len(pairs),
                       "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
