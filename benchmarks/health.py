@@ -49,19 +49,30 @@ HASH_BITS = [8, 12, 16, 20, 24, 28, 32, 40]
 
 def near_copy(path: Path, kind: str, rng: random.Random) -> bytes:
     """The bytes of a near-copy of the photo at ``path``: ``kind``'s edits, then JPEG at quality 50-70."""
-    img = Image.open(path).convert("RGB")
+    return edited(Image.open(path), kind, rng, crop=(0.85, 0.95), scale=(0.6, 0.9), quality=(50, 70), centred=True)
+
+
+def edited(img: Image.Image, kind: str, rng: random.Random, *, crop: tuple[float, float], scale: tuple[float, float],
+           quality: tuple[int, int], centred: bool) -> bytes:
+    """JPEG bytes of ``img`` after ``kind``'s edits: "crop" keeps a share in ``crop`` of each side (one share for
+    both, centred; or one per side at a random place), "resize" scales by a factor in ``scale``, "mirror"."""
+    img = img.convert("RGB")
     if "crop" in kind:
-        f = rng.uniform(0.85, 0.95)
-        w, h = round(img.width * f), round(img.height * f)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
+        if centred:
+            f = rng.uniform(*crop)
+            w, h = round(img.width * f), round(img.height * f)
+            left, top = (img.width - w) // 2, (img.height - h) // 2
+        else:
+            w, h = round(img.width * rng.uniform(*crop)), round(img.height * rng.uniform(*crop))
+            left, top = rng.randint(0, img.width - w), rng.randint(0, img.height - h)
         img = img.crop((left, top, left + w, top + h))
     if "resize" in kind:
-        f = rng.uniform(0.6, 0.9)
+        f = rng.uniform(*scale)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
     if "mirror" in kind:
         img = ImageOps.mirror(img)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=rng.randint(50, 70))
+    img.save(buf, "JPEG", quality=rng.randint(*quality))
     return buf.getvalue()
 
 
@@ -104,13 +115,13 @@ class Loader:
         return load_array(io.BytesIO(buf.getvalue()), size, mode=MODE)
 
 
-def build(rows: list[tuple[str, str, str]], out: Path) -> pd.DataFrame:
+def build(rows: list[tuple[str, str, str]], out: Path, loader=None) -> pd.DataFrame:
     """(path, label, sha1) rows -> a manifest with hash splits and resized shards in ``out``, as prepare + resize."""
     from kennel.data.manifest import assign_splits
     from kennel.data.shard_writer import write_splits
 
     manifest = assign_splits(pd.DataFrame(rows, columns=["path", "label", "sha1"]), VAL, TEST, SEED)
-    write_splits(manifest, Path("/"), SIZE, out, Loader(), workers="auto", recipe=MODE)
+    write_splits(manifest, Path("/"), SIZE, out, loader or Loader(), workers="auto", recipe=MODE)
     return manifest
 
 
@@ -124,6 +135,7 @@ def photo_rows(folders: list[Path]) -> list[tuple[str, str, str]]:
 
 def planted(args) -> None:
     from kennel.audit.near_duplicates import find_near_duplicates
+    from kennel.audit.neighbours import cosine_pairs
 
     originals = photo_rows(args.photos)
     rng = random.Random(args.seed)
@@ -137,29 +149,31 @@ def planted(args) -> None:
         copies.append((f"{path}::copy::{kind}::{seed}", label, hashlib.sha1(data).hexdigest()))
     work = Path(args.work or tempfile.mkdtemp(prefix="kennel-health-"))
     manifest = build(originals + copies, work / f"resized-{args.seed}")
-    cfg = audit_config(duplicate_threshold=min(THRESHOLDS), group_splits=False)
     start = time.perf_counter()
-    low = find_near_duplicates(work / f"resized-{args.seed}", manifest, work / "cache", cfg, arch=ARCH,
-                               weights=str(args.weights), device="cpu", amp="auto")
+    low = find_near_duplicates(work / f"resized-{args.seed}", manifest, work / "cache",
+                               audit_config(group_splits=False), arch=ARCH, weights=str(args.weights), device="cpu",
+                               amp="auto")
     seconds = time.perf_counter() - start
+    sweep = cosine_pairs(low.features.block, len(low.features), min(THRESHOLDS))  # the old fixed-threshold rule
     position = {p: i for i, p in enumerate(low.paths)}
     truth = {tuple(sorted((position[c[0]], position[originals[i][0]]))): c[0].split("::")[2]
              for c, i in zip(copies, sources, strict=True)}
-    default = default_params()["audit"]["duplicate_threshold"]
     print(f"## planted near-copies: {len(originals)} real photos + {len(copies)} copies (seed {args.seed}); "
           f"{machine()}; features + neighbours {seconds:.0f} s ({low.computed} computed)\n")
     print("| threshold | recall | precision (lower bound) | planted found | other pairs |\n|---|---|---|---|---|")
     found_at = {}
     for t in THRESHOLDS:
-        pairs = low.pairs[low.pairs["similarity"] >= t]
+        pairs = sweep[sweep["similarity"] >= t]
         found = {(a, b) for a, b in zip(pairs["a"], pairs["b"], strict=True)}
         hit = found & set(truth)
         found_at[t] = found
-        mark = " (default)" if t == default else ""
-        print(f"| {t:.2f}{mark} | {len(hit) / len(truth):.3f} | {len(hit) / max(len(found), 1):.3f} | "
+        print(f"| {t:.2f} | {len(hit) / len(truth):.3f} | {len(hit) / max(len(found), 1):.3f} | "
               f"{len(hit)}/{len(truth)} | {len(found - set(truth))} |")
-    sims = {pair: s for pair, s in zip(zip(low.pairs["a"], low.pairs["b"], strict=True), low.pairs["similarity"],
-                                       strict=True)}
+    shipped = set(zip(low.pairs["a"], low.pairs["b"], strict=True))
+    hit = shipped & set(truth)
+    print(f"| the shipped rule (audit.duplicate_floor, duplicate_margin) | {len(hit) / len(truth):.3f} | "
+          f"{len(hit) / max(len(shipped), 1):.3f} | {len(hit)}/{len(truth)} | {len(shipped - set(truth))} |")
+    sims = {pair: s for pair, s in zip(zip(sweep["a"], sweep["b"], strict=True), sweep["similarity"], strict=True)}
     print("\nlowest similarity of a planted pair per kind: " + ", ".join(
         f"{kind} {min(sims.get(p, 0) for p, k in truth.items() if k == kind):.3f}" for kind in KINDS))
     others = sorted(found_at[min(t for t in THRESHOLDS if t >= 0.9)] - set(truth), key=lambda p: -sims[p])
@@ -269,7 +283,7 @@ def neighbours(args) -> None:
 
 def neighbours_one(work: Path, n: int) -> None:
     from kennel.audit.cache import Featurizer, update_cache
-    from kennel.audit.neighbours import connected_groups, cosine_pairs
+    from kennel.audit.neighbours import NEIGHBOURS, connected_groups, margin_pairs, nearest
 
     def random_unit(ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), 1280), np.float32)
@@ -283,7 +297,9 @@ def neighbours_one(work: Path, n: int) -> None:
                             [f"{i:040x}" for i in range(n)], np.arange(n), batch_size=1024, desc="random")
     write = time.perf_counter() - start
     start = time.perf_counter()
-    pairs = cosine_pairs(cache.block, n, audit_config().duplicate_threshold)
+    cfg = audit_config()
+    pairs = margin_pairs(*nearest(cache.block, n, NEIGHBOURS, exact_max=cfg.exact_search_max), cfg.duplicate_floor,
+                         cfg.duplicate_margin)
     connected_groups(n, pairs)
     print(json.dumps({"write": write, "search": time.perf_counter() - start, "pairs": len(pairs),
                       "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -16,7 +16,8 @@ from PIL import Image
 
 from kennel.audit.cache import update_cache
 from kennel.audit.near_duplicates import find_near_duplicates
-from kennel.audit.neighbours import connected_groups, cosine_pairs
+from kennel.audit.neighbours import connected_groups, cosine_pairs, margin_pairs, nearest
+from kennel.audit.outliers import outlier_scores
 from kennel.audit.phash import phash_featurizer
 from kennel.audit.splits import keep_groups_together, write_audited
 from kennel.core.params import params_from_dict
@@ -129,7 +130,7 @@ def test_embeddings_rank_the_planted_copy_first_and_are_cached(planted, tmp_path
     weights = tmp_path / "backbone.pt"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     manifest = read_manifest(planted / "manifest.csv")
-    cfg = audit_params(**{"audit.duplicate_threshold": 0.5})
+    cfg = audit_params(**{"audit.duplicate_floor": 0.5, "audit.duplicate_margin": 0.0})  # every neighbour above 0.5
     found = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", cfg, arch="resnet18",
                                  weights=str(weights), device="cpu", amp="off")
     assert found.kind == "embedding" and found.computed == len(manifest)
@@ -152,6 +153,57 @@ def test_block_search_equals_the_full_matrix():
     pairs = cosine_pairs(lambda start, stop: x[start:stop], len(x), 0.6, size=64)  # 5 blocks
     assert set(zip(pairs["a"], pairs["b"], strict=True)) == expected and (7, 150) in expected
     assert np.allclose(pairs["similarity"], full[pairs["a"], pairs["b"]], atol=1e-5)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_nearest_neighbours_by_blocks_equal_the_full_matrix():
+    x = unit(np.random.default_rng(1).normal(size=(150, 8)))
+    sims, ids = nearest(lambda start, stop: x[start:stop], len(x), 4, size=64)  # 3 blocks
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    assert np.array_equal(ids, np.argsort(-full, axis=1)[:, :4])
+    assert np.allclose(sims, np.take_along_axis(full, ids, axis=1), atol=1e-5)
+
+
+def test_past_the_exact_size_an_hnsw_graph_finds_the_same_neighbours():
+    x = unit(np.random.default_rng(2).normal(size=(300, 16)))
+    exact = nearest(lambda start, stop: x[start:stop], len(x), 5, size=128)
+    graph = nearest(lambda start, stop: x[start:stop], len(x), 5, size=128, exact_max=100)
+    assert (graph[1] != np.arange(300)[:, None]).all()  # never an image itself
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact[1], graph[1], strict=True)])
+    assert recall > 0.95 and np.allclose(graph[0][:, 0], exact[0][:, 0], atol=1e-4)
+
+
+def test_the_margin_rule_finds_a_copy_a_fixed_threshold_misses_and_ignores_a_dense_crowd():
+    """A cropped copy at cosine 0.90 stands out from the photos around it (<= ~0.6); a crowd of distinct but
+    alike images (sea tiles, all above 0.91 to each other) does not stand out from itself."""
+    rng = np.random.default_rng(0)
+    photos = unit(rng.normal(size=(40, 64)))
+    copy = unit(photos[3] + 0.55 * unit(rng.normal(size=64)))
+    crowd = unit(unit(rng.normal(size=64)) + 0.25 * unit(rng.normal(size=(12, 64))))
+    x = np.concatenate([photos, copy[None], crowd])
+    crowd_sims = (x[41:] @ x[41:].T)[np.triu_indices(12, 1)]
+    assert 0.8 < float(x[3] @ x[40]) < 0.91 < crowd_sims.min()
+    fixed = cosine_pairs(lambda start, stop: x[start:stop], len(x), 0.91)
+    assert len(fixed) == 66 and (3, 40) not in set(zip(fixed["a"], fixed["b"], strict=True))  # the old rule
+    pairs = margin_pairs(*nearest(lambda start, stop: x[start:stop], len(x), 10), floor=0.8, margin=0.06)
+    assert list(zip(pairs["a"], pairs["b"], strict=True)) == [(3, 40)]
+    assert pairs["similarity"].iloc[0] == pytest.approx(float(x[3] @ x[40]), abs=1e-5)
+
+
+def test_an_image_of_another_kind_ranks_first_among_the_outliers():
+    rng = np.random.default_rng(0)
+    centres = unit(rng.normal(size=(2, 32)))
+    labels = np.repeat([0, 1], 20)
+    x = centres[labels] + 0.08 * rng.normal(size=(40, 32))
+    x[17] = unit(rng.normal(size=32))  # a scan filed among the cats
+    ranked = outlier_scores(x, labels, ["cat", "dog"])
+    assert ranked["index"].iloc[0] == 17 and ranked["rank"].tolist() == list(range(1, 41))
+    assert ranked["score"].iloc[0] > 2 * ranked["score"].iloc[1]
+    assert ranked["score"].median() == pytest.approx(1, abs=0.1)  # a typical member scores 1
 
 
 def test_groups_chain_and_follow_the_smallest_sha1():
@@ -185,10 +237,16 @@ def test_the_stage_writes_the_label_check_or_says_why_not(tmp_path, monkeypatch,
     caplog.set_level(logging.INFO)
     assert prepare([]) == 0 and resize([]) == 0 and audit([]) == 0
     table = pd.read_csv(tmp_path / "reports/audit/label_issues.csv")
-    assert list(table.columns) == ["path", "sha1", "given_label", "suggested_label", "score", "split"]
-    assert (tmp_path / "reports/audit/label_issues.png").stat().st_size > 0
+    assert list(table.columns) == ["rank", "path", "sha1", "given_label", "suggested_label", "score", "flagged",
+                                   "split"]
+    outliers = pd.read_csv(tmp_path / "reports/audit/outliers.csv")
+    assert list(outliers.columns) == ["rank", "path", "sha1", "label", "nearest_class", "score", "split"]
+    for png in ("label_issues.png", "outliers.png"):
+        assert (tmp_path / "reports/audit" / png).stat().st_size > 0
     metrics = json.loads((tmp_path / "reports/audit/metrics.json").read_text())
-    assert metrics["audit_label_issues"] == len(table)
+    assert metrics["audit_label_issues"] == table["flagged"].sum()
+    assert metrics["audit_outliers"] == (outliers["score"] >= small_params()["audit"]["outlier_score"]).sum()
+    assert len(table) == len(outliers) == (metrics["audit_images"] if pretrained else 0)
     skipped = any("label checks skipped" in r.getMessage() for r in caplog.records)
     assert skipped != pretrained and (pretrained or table.empty)
     if pretrained:

@@ -70,7 +70,7 @@ def test_one_class_judges_nothing(caplog):
     assert "need 2 to judge any label" in caplog.text
 
 
-def test_the_csv_lists_flagged_images_most_suspect_first(tmp_path):
+def test_the_csv_ranks_every_image_flagged_first(tmp_path):
     x, labels = blobs()
     noisy = labels.copy()
     noisy[[5, 50]] = [1, 2]
@@ -80,12 +80,15 @@ def test_the_csv_lists_flagged_images_most_suspect_first(tmp_path):
                            "split": ["test" if i == 50 else "train" for i in range(len(labels))]})
     table = write_label_issues(issues, images, tmp_path / "label_issues.csv")
     written = pd.read_csv(tmp_path / "label_issues.csv", dtype={"sha1": str})
-    assert list(written.columns) == CSV_COLUMNS and len(written) == issues["is_issue"].sum() == len(table)
+    assert list(written.columns) == CSV_COLUMNS and len(written) == len(labels) == len(table)
     assert set(written["path"].head(2)) == {"data/raw/cat/5.jpg", "data/raw/dog/50.jpg"}
+    assert written["rank"].tolist() == list(range(1, len(labels) + 1))
+    flagged = written["flagged"].to_numpy()
+    assert flagged.sum() == issues["is_issue"].sum() and not flagged[flagged.sum():].any()  # flagged ones first
     row = written.set_index("path").loc["data/raw/dog/50.jpg"]
     assert (row["sha1"], row["given_label"], row["suggested_label"], row["split"]) == (f"{50:040x}", "fox", "dog",
                                                                                     "test")
-    assert written["score"].is_monotonic_increasing
+    assert all(part["score"].is_monotonic_increasing for _, part in written.groupby("flagged"))
     top = write_label_issues(issues, images, tmp_path / "top.csv", top=1)
     assert len(top) == 1 and top["path"].iloc[0] == written["path"].iloc[0]
 
@@ -101,3 +104,19 @@ def test_the_grid_shows_the_top_suspects_with_both_labels(tmp_path):
     drawn = label_issues_png(table.head(1), tmp_path / "rows.png", images=[np.zeros((3, 8, 8), np.uint8)])
     assert drawn.exists()
     assert label_issues_png(table.head(0), tmp_path / "none.png").exists()
+
+
+def test_an_image_cleanlab_does_not_flag_is_still_ranked(tmp_path):
+    """A flip cleanlab misses (its label is only doubtful) still has a place in the CSV, above the clean images."""
+    x, labels = blobs()
+    noisy = labels.copy()
+    noisy[7] = 1  # a cat labelled dog, its features moved half way to the dogs: doubtful, not contradicted
+    x[7] = (x[7] + x[labels == 1].mean(axis=0)) / 2
+    issues = label_issues(x, noisy, CLASSES, seed=0)
+    row = issues.set_index("index").loc[7]
+    images = pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(labels))], "sha1": "", "split": "train"})
+    table = write_label_issues(issues, images, tmp_path / "label_issues.csv")
+    assert len(table) == len(labels) and "7.jpg" in set(table["path"])
+    mine = table.set_index("path").loc["7.jpg"]
+    assert not row["is_issue"] and not mine["flagged"]  # cleanlab does not flag it ...
+    assert mine["rank"] == row["rank"] == 1 and mine["suggested_label"] == "cat"  # ... and still it comes first

@@ -20,10 +20,12 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data/exclude.csv").write_text("path,sha1,reason\n")
     (tmp_path / "data/relabel.csv").write_text(f"sha1,label,reason\n{SHA['b']},dog,seen before\n")
-    pd.DataFrame([("data/raw/cat/1.jpg", SHA["a"], "cat", "dog", 0.012, "test"),
-                  ("data/raw/cat/2.jpg", SHA["b"], "cat", "dog", 0.05, "train"),
-                  ("data/raw/dog/3.jpg", SHA["c"], "dog", "cat", 0.1, "val"),
-                  ("data/raw/dog/4.jpg", SHA["d"], "dog", "cat", 0.2, "train")],
+    # every image ranked: cleanlab's flagged ones first, then the rest by score
+    pd.DataFrame([(1, "data/raw/cat/1.jpg", SHA["a"], "cat", "dog", 0.012, True, "test"),
+                  (2, "data/raw/cat/2.jpg", SHA["b"], "cat", "dog", 0.05, True, "train"),
+                  (3, "data/raw/dog/3.jpg", SHA["c"], "dog", "cat", 0.1, True, "val"),
+                  (4, "data/raw/dog/4.jpg", SHA["d"], "dog", "cat", 0.2, False, "train"),
+                  (5, "data/raw/dog/5.jpg", SHA["e"], "dog", "dog", 0.6, False, "train")],  # nothing to relabel
                  columns=CSV_COLUMNS).to_csv(tmp_path / "reports/audit/label_issues.csv", index=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -77,7 +79,9 @@ def test_review_keeps_a_draft_unless_forced_and_says_what_is_missing(project, ca
     assert "data/relabel.draft.csv: a draft is already there" in capsys.readouterr().err
     assert (project / "data/relabel.draft.csv").read_text() == "edited by hand\n"
     assert main(["review", "--force"]) == 0
-    assert len(pd.read_csv(project / "data/relabel.draft.csv")) == 3
+    drafted = pd.read_csv(project / "data/relabel.draft.csv", dtype=str)  # a, c, then d (not flagged); never e
+    assert drafted["sha1"].tolist() == [SHA["a"], SHA["c"], SHA["d"]]
+    assert drafted["reason"].iloc[2].startswith("label issue (not flagged): given dog, suggested cat")
 
     (project / "data/relabel.draft.csv").write_text(f"sha1,label\n{SHA['b']},cat\n")
     assert main(["review", "--apply"]) == 2  # data/relabel.csv says dog

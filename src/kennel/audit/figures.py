@@ -10,6 +10,7 @@ import pandas as pd
 from kennel.core.plots import image_grid
 
 LEAK, CONFLICT = "tab:orange", "tab:red"
+OUTLIERS_SHOWN = 16  # panels: two rows of eight, like the label grid
 
 
 def pair_figure(pairs: pd.DataFrame, groups: np.ndarray, table: pd.DataFrame, images, paths: list[str],
@@ -34,3 +35,15 @@ def pair_figure(pairs: pd.DataFrame, groups: np.ndarray, table: pd.DataFrame, im
              f"(captions: group, {measure}, file, label, hash split; red: labels differ, orange: splits differ)"
              if len(best) else f"No near-copies found among {len(groups)} images ({measure})")
     return image_grid(pictures, captions, path, title, cols=4, colors=colors)
+
+
+def outlier_figure(table: pd.DataFrame, images, path: Path, count: int = OUTLIERS_SHOWN, title: str = "") -> Path:
+    """The first ``count`` rows of the outlier table (most outlying first; ``images`` aligned with its rows) as a
+    grid: score, given label and the nearest class's centre, file."""
+    shown = table.head(count)
+    captions = [f"{r.score:.2f}  {r.label} (nearest {r.nearest_class})\n{Path(r.path).name[:30]}"
+                for r in shown.itertuples()]
+    title = title or (f"Outliers: the {len(shown)} of {len(table)} images farthest from every class's centre in the "
+             "pretrained embeddings (score: distance to the nearest class in its own scale, 1 = a typical member)"
+             if len(table) else "Outliers: no images judged")
+    return image_grid(list(images[: len(shown)]), captions, path, title, cols=8)

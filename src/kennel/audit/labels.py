@@ -4,7 +4,8 @@ learning (cleanlab).
 Each image's probabilities come from a logistic regression fitted on the other folds, so no image votes on its own
 label. cleanlab's ``find_label_issues`` flags the images whose given label those probabilities contradict beyond
 the noise rates it estimates per class pair; the score is the probability of the given label (self-confidence),
-lowest = most suspect. Test images are judged too: a wrong label there misreports accuracy.
+lowest = most suspect. Every image is ranked, the flagged ones first: a flip cleanlab does not flag still has its
+place near the top of the review. Test images are judged too: a wrong label there misreports accuracy.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ FOLDS = 5
 # 0.91 at C = 1, 0.93-0.94 at 3 and 10, 0.90 at 30, 0.85 at 100.
 C = 10.0
 COLUMNS = ["index", "given", "suggested", "given_label", "suggested_label", "score", "is_issue", "rank"]
-CSV_COLUMNS = ["path", "sha1", "given_label", "suggested_label", "score", "split"]
+CSV_COLUMNS = ["rank", "path", "sha1", "given_label", "suggested_label", "score", "flagged", "split"]
 
 
 def out_of_sample_probabilities(
@@ -55,7 +56,8 @@ def label_issues(
 
     ``labels`` are class indices into ``classes``. ``suggested`` is the most probable class, ``score`` the
     probability of the given label (NaN where not judged), ``is_issue`` cleanlab's verdict, ``rank`` 1 = most
-    suspect. A class with fewer than 2 images cannot be judged out of sample: its images keep their label, score
+    suspect: the flagged images first, then the others, each by score. A class with fewer than 2 images cannot be
+    judged out of sample: its images keep their label, score
     NaN, and rank last; a class with fewer than ``folds`` images lowers the number of folds. Deterministic for a
     given ``seed``.
     """
@@ -87,7 +89,8 @@ def label_issues(
         suggested[rows] = judged[probs.argmax(axis=1)]
         score[rows] = get_label_quality_scores(given, probs, method="self_confidence")
         is_issue[rows] = find_label_issues(given, probs, n_jobs=1)  # n_jobs=1: no worker processes, same result
-    order = np.lexsort((np.arange(n), np.nan_to_num(score, nan=np.inf)))  # lowest score first, ties by index
+    # flagged first (the data contradicts their label), then the rest by score: every image has a place to review
+    order = np.lexsort((np.arange(n), np.nan_to_num(score, nan=np.inf), ~is_issue))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
     names = np.asarray(classes, dtype=object)
@@ -99,21 +102,27 @@ def label_issues(
 
 
 def suspects(issues: pd.DataFrame, images: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
-    """The images cleanlab flags (at most ``top``), most suspect first, as CSV_COLUMNS.
+    """Every image (the first ``top``), most suspect first, as CSV_COLUMNS: the ones cleanlab flags, then the rest by
+    score, so an error cleanlab misses still has a place in the queue.
 
     ``images`` row i describes embeddings row i and has ``path``, ``sha1`` and ``split`` (the manifest, whose
-    order the resize index keeps). Only flagged images: an unflagged image scored low is one the model finds
-    hard, not one whose label the data contradicts, and a reviewer's time goes to the flagged first.
+    order the resize index keeps).
     """
-    flagged = issues[issues["is_issue"]].sort_values("rank")
+    ranked = issues.sort_values("rank")
     if top is not None:
-        flagged = flagged.head(top)
-    picked = images.iloc[flagged["index"].to_numpy()]
+        ranked = ranked.head(top)
+    picked = images.iloc[ranked["index"].to_numpy()]
     return pd.DataFrame({
-        "path": picked["path"].to_numpy(), "sha1": picked["sha1"].to_numpy(),
-        "given_label": flagged["given_label"].to_numpy(), "suggested_label": flagged["suggested_label"].to_numpy(),
-        "score": flagged["score"].round(4).to_numpy(), "split": picked["split"].to_numpy(),
+        "rank": ranked["rank"].to_numpy(), "path": picked["path"].to_numpy(), "sha1": picked["sha1"].to_numpy(),
+        "given_label": ranked["given_label"].to_numpy(), "suggested_label": ranked["suggested_label"].to_numpy(),
+        "score": ranked["score"].round(4).to_numpy(), "flagged": ranked["is_issue"].to_numpy(),
+        "split": picked["split"].to_numpy(),
     }, columns=CSV_COLUMNS)
+
+
+def flagged(table: pd.DataFrame) -> np.ndarray:
+    """cleanlab's verdict per row of a ``suspects`` table, also as read back from the CSV as text."""
+    return table["flagged"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
 
 
 def write_label_issues(issues: pd.DataFrame, images: pd.DataFrame, path: Path, top: int | None = None) -> pd.DataFrame:

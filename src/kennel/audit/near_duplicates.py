@@ -12,7 +12,7 @@ import pandas as pd
 
 from kennel.audit.cache import FeatureCache, update_cache
 from kennel.audit.embeddings import choose_featurizer
-from kennel.audit.neighbours import connected_groups, cosine_pairs, hash_pairs
+from kennel.audit.neighbours import NEIGHBOURS, connected_groups, hash_pairs, margin_pairs, nearest
 from kennel.audit.report import duplicate_table
 from kennel.audit.splits import keep_groups_together
 from kennel.core.params import AuditConfig
@@ -47,6 +47,7 @@ class Audit:
     paths: list[str]  # manifest path per index row
     images: ShardedImages = field(repr=False)  # uint8 pixels per index row
     seconds: dict[str, float] = field(default_factory=dict)
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None  # embeddings: each image's nearest (similarities, rows)
 
     @property
     def moved(self) -> int:
@@ -67,12 +68,15 @@ def find_near_duplicates(resized_dir: Path, manifest: pd.DataFrame, cache_dir: P
                                       desc="embed" if featurizer.kind == "embedding" else "hash")
     seconds = {"features": time.perf_counter() - start}
     start = time.perf_counter()
+    neighbours = None
     if featurizer.kind == "embedding":
-        pairs = cosine_pairs(features.block, len(features), cfg.duplicate_threshold)
+        neighbours = nearest(features.block, len(features), NEIGHBOURS, exact_max=cfg.exact_search_max)
+        pairs = margin_pairs(*neighbours, cfg.duplicate_floor, cfg.duplicate_margin)
     else:
         pairs = hash_pairs(features.block(0, len(features)), cfg.hash_distance)
     groups = connected_groups(len(index), pairs)
     seconds["neighbours"] = time.perf_counter() - start
     audited = keep_groups_together(index, groups) if cfg.group_splits else index.copy()
     table = duplicate_table(groups, index, audited, paths, features)
-    return Audit(featurizer.kind, features, computed, pairs, groups, index, audited, table, paths, images, seconds)
+    return Audit(featurizer.kind, features, computed, pairs, groups, index, audited, table, paths, images, seconds,
+                 neighbours)

@@ -1,4 +1,5 @@
-"""Pairs of images closer than a threshold, and the groups they chain into.
+"""Pairs of images closer than a threshold, or nearest neighbours that stand out from the rest, and the groups they
+chain into.
 
 Cosine pairs are found block against block with faiss (an exact inner-product index over one block, a range
 search with another): memory holds two blocks and the pairs found, never an N x N matrix; time grows with N^2
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+NEIGHBOURS = 10  # nearest neighbours kept per image: a group of copies and the level around it
 BLOCK = 8192  # vectors per block: two blocks of 1280 float32 features are 80 MB
 PAIR_COLUMNS = ["a", "b", "similarity"]  # positions a < b, and how alike: cosine, or 1 - bits / hash bits
 
@@ -43,6 +45,85 @@ def cosine_pairs(block: Callable[[int, int], np.ndarray], n: int, threshold: flo
             bar.update()
     bar.close()
     return _tidy(found)
+
+
+def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int, size: int = BLOCK,
+            exact_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar other vectors of each of the ``n`` L2-normalised vectors: (N x k cosine similarities,
+    most similar first; N x k positions, -1 where fewer than ``k`` others exist). Exact, block against block (memory
+    holds two blocks and the N x k answer; time grows with N^2) up to ``exact_max`` vectors; past it, a faiss HNSW
+    graph (all vectors and the graph in memory; time grows with about N log N; recall against the exact search
+    measured in benchmarks/RESULTS.md)."""
+    k = max(1, k)
+    if exact_max is not None and n > exact_max:
+        return _nearest_hnsw(block, n, k, size)
+    starts = list(range(0, n, size))
+    best_sims = np.full((n, k), -np.inf, dtype=np.float32)
+    best_ids = np.full((n, k), -1, dtype=np.int64)
+    bar = tqdm(total=len(starts) ** 2, desc="neighbours", unit="block", disable=None, leave=False)
+    for qi in starts:
+        queries = np.ascontiguousarray(block(qi, qi + size), dtype=np.float32)
+        rows = slice(qi, qi + len(queries))
+        for qj in starts:
+            base = queries if qj == qi else np.ascontiguousarray(block(qj, qj + size), dtype=np.float32)
+            index = faiss.IndexFlatIP(base.shape[1])
+            index.add(base)
+            sims, ids = index.search(queries, min(k + 1, len(base)))
+            ids = np.where(ids >= 0, ids + qj, -1)
+            own = ids == np.arange(qi, qi + len(queries))[:, None]  # an image is not its own neighbour
+            sims = np.where(own | (ids < 0), -np.inf, sims)
+            merged_sims = np.concatenate([best_sims[rows], sims], axis=1)
+            merged_ids = np.concatenate([best_ids[rows], ids], axis=1)
+            order = np.argsort(-merged_sims, axis=1, kind="stable")[:, :k]
+            best_sims[rows] = np.take_along_axis(merged_sims, order, axis=1)
+            best_ids[rows] = np.take_along_axis(merged_ids, order, axis=1)
+            bar.update()
+    bar.close()
+    best_ids[~np.isfinite(best_sims)] = -1
+    return best_sims, best_ids
+
+
+HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 80, 128  # graph degree, build and search beam: see RESULTS.md
+
+
+def _nearest_hnsw(block: Callable[[int, int], np.ndarray], n: int, k: int,
+                  size: int) -> tuple[np.ndarray, np.ndarray]:
+    first = np.ascontiguousarray(block(0, size), dtype=np.float32)
+    index = faiss.IndexHNSWFlat(first.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_BUILD
+    index.add(first)
+    for start in tqdm(range(size, n, size), desc="index", unit="block", disable=None, leave=False):
+        index.add(np.ascontiguousarray(block(start, start + size), dtype=np.float32))
+    index.hnsw.efSearch = max(HNSW_SEARCH, k + 1)
+    sims = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    for start in tqdm(range(0, n, size), desc="neighbours", unit="block", disable=None, leave=False):
+        queries = np.ascontiguousarray(block(start, start + size), dtype=np.float32)
+        found_sims, found_ids = index.search(queries, k + 1)
+        own = found_ids == np.arange(start, start + len(queries))[:, None]
+        found_sims = np.where(own | (found_ids < 0), -np.inf, found_sims)
+        order = np.argsort(-found_sims, axis=1, kind="stable")[:, :k]
+        sims[start:start + len(queries)] = np.take_along_axis(found_sims, order, axis=1)
+        ids[start:start + len(queries)] = np.take_along_axis(found_ids, order, axis=1)
+    ids[~np.isfinite(sims)] = -1
+    return sims, ids
+
+
+def margin_pairs(sims: np.ndarray, ids: np.ndarray, floor: float, margin: float) -> pd.DataFrame:
+    """The near-copies among each image's nearest neighbours (``nearest``: similarities most similar first): the
+    neighbours before the last drop of at least ``margin`` from one neighbour to the next, among those at or above
+    ``floor``. A copy sits far closer to its original (and to the original's other copies) than any other image
+    does, so a drop follows the group; a crowd of alike but distinct images (sea tiles, one breed's portraits,
+    X-rays) is close to everything around it, with no drop, and gives no pair whatever its similarity. The last
+    of the k neighbours has no next one to drop to, so it is never a copy on its own list."""
+    n, k = sims.shape
+    s = np.where(ids >= 0, sims, -np.inf).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        gap = (s[:, :-1] >= floor) & (s[:, :-1] - s[:, 1:] >= margin) & np.isfinite(s[:, 1:])
+    kept = np.where(gap.any(axis=1), k - 1 - np.argmax(gap[:, ::-1], axis=1), 0)  # neighbours before the last drop
+    rows, cols = np.nonzero(np.arange(k)[None, :] < kept[:, None])
+    a, b, sim = rows, ids[rows, cols], s[rows, cols]
+    return _tidy([pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": sim})])
 
 
 def hash_pairs(hashes: np.ndarray, max_bits: int) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kennel.audit.labels import CSV_COLUMNS
+from kennel.audit.labels import CSV_COLUMNS, flagged
 from kennel.cli.command import command_parser, positive_int
 from kennel.core.errors import DataError
 from kennel.core.paths import (
@@ -37,10 +37,14 @@ DUPLICATE_COLUMNS = ["group", "path", "sha1", "similarity"]
 
 
 def relabel_draft(issues: pd.DataFrame, decided: Decisions, top: int = TOP) -> pd.DataFrame:
-    """The first ``top`` suspects not decided yet, relabelled to the suggested label; the reason says why."""
+    """The first ``top`` suspects not decided yet (the report's ranking: cleanlab's flagged images first, then the
+    rest by score), relabelled to the suggested label; the reason says why."""
     open_ = issues[[not _decided(decided, p, s) for p, s in zip(issues["path"], issues["sha1"], strict=True)]]
-    rows = [(r.sha1, r.suggested_label, f"label issue: given {r.given_label}, suggested {r.suggested_label}, "
-             f"score {float(r.score):.3f}, {r.split}: {r.path}") for r in open_.head(top).itertuples()]
+    open_ = open_[open_["suggested_label"] != open_["given_label"]]  # nothing to relabel where the model agrees
+    mark = flagged(open_)
+    rows = [(r.sha1, r.suggested_label, f"label issue{'' if m else ' (not flagged)'}: given {r.given_label}, "
+             f"suggested {r.suggested_label}, score {float(r.score):.3f}, {r.split}: {r.path}")
+            for r, m in zip(open_.head(top).itertuples(), mark, strict=False)]
     return pd.DataFrame(rows, columns=RELABEL_COLUMNS)
 
 

@@ -208,18 +208,26 @@ class EvaluateConfig:
 class AuditConfig:
     """The audit stage: near-copies of one photo, within and across splits, found from pooled backbone features."""
 
-    duplicate_threshold: float  # cosine similarity of two images' pooled features at or above which they are copies
+    duplicate_floor: float  # cosine similarity of two images' pooled features below which they are never copies
+    duplicate_margin: float  # an image's copies: its neighbours above the floor before a drop this large
     hash_distance: int  # without pretrained weights: perceptual-hash bits (of 256) at or below which they are copies
     group_splits: bool  # a group of near-copies never straddles splits: its members follow one member's split
+    exact_search_max: int  # images up to which neighbours are searched exactly; past it, an HNSW graph
+    outlier_score: float  # outlier score (distance to the nearest class centre / that class's median) counted
     figure_pairs: int  # the most similar pairs drawn side by side in reports/audit/near_duplicates.png
     batch_size: int  # images per forward pass while embedding
 
     def check(self) -> None:
-        if not 0 < self.duplicate_threshold <= 1:
-            raise ConfigError(f"audit.duplicate_threshold = {self.duplicate_threshold!r}: "
+        if not 0 < self.duplicate_floor <= 1:
+            raise ConfigError(f"audit.duplicate_floor = {self.duplicate_floor!r}: "
                               "allowed: a cosine similarity in (0, 1]")
+        if not 0 <= self.duplicate_margin < 1:
+            raise ConfigError(f"audit.duplicate_margin = {self.duplicate_margin!r}: allowed: a number in [0, 1)")
         if not 0 <= self.hash_distance < 256:
             raise ConfigError(f"audit.hash_distance = {self.hash_distance!r}: allowed: an integer in [0, 255]")
+        if not self.outlier_score > 0:
+            raise ConfigError(f"audit.outlier_score = {self.outlier_score!r}: allowed: a number > 0")
+        _at_least("audit.exact_search_max", self.exact_search_max, 1)
         _at_least("audit.figure_pairs", self.figure_pairs, 1)
         _at_least("audit.batch_size", self.batch_size, 1)
 

@@ -42,8 +42,10 @@ DATA_REPORT = REPORTS / "data"  # prepare's look at the data: figures and class 
 AUDIT_REPORT = REPORTS / "audit"  # the audit stage's findings: near-copies, suspected label errors, metrics
 NEAR_DUPLICATES = AUDIT_REPORT / "near_duplicates.csv"
 NEAR_DUPLICATES_FIGURE = AUDIT_REPORT / "near_duplicates.png"
-LABEL_ISSUES = AUDIT_REPORT / "label_issues.csv"  # images whose label the embeddings contradict, most suspect first
+LABEL_ISSUES = AUDIT_REPORT / "label_issues.csv"  # every image, the ones whose label the embeddings contradict first
 LABEL_ISSUES_FIGURE = AUDIT_REPORT / "label_issues.png"
+OUTLIERS = AUDIT_REPORT / "outliers.csv"  # every image, the farthest from every class first
+OUTLIERS_FIGURE = AUDIT_REPORT / "outliers.png"
 AUDIT_METRICS = AUDIT_REPORT / "metrics.json"
 
 
