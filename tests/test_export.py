@@ -129,11 +129,11 @@ def test_predict_on_onnx_gives_the_torch_csv_without_importing_torch(exported, p
 
 
 def test_the_served_pyfunc_runs_the_onnx_file(exported, photos):
-    """The pyfunc as `mlflow models serve` loads it, with the ONNX file and runtime onnx (the export stage logs it
-    so; the logging itself is test_serve's)."""
+    """The pyfunc as `mlflow models serve` loads it, with the ONNX file as its artifact (the export stage logs it
+    so, checked below; the logging itself is test_serve's)."""
     model_file, onnx_file, _, _ = exported
     model = ImageClassifier()
-    model.load_context(PythonModelContext({"model": str(onnx_file)}, {"runtime": "onnx"}))
+    model.load_context(PythonModelContext({"model": str(onnx_file)}, None))
     assert model.model.metadata["quantization"] == "none"
     files = sorted(photos.iterdir())
     served = model.predict(None, pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in files]}))
@@ -169,4 +169,7 @@ def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline):
     assert {a.path for a in client.list_artifacts(run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
     assert run.data.metrics["export_max_prob_diff"] == pytest.approx(report["max_prob_diff"])
     champion = client.get_model_version_by_alias("kennel", "champion")
-    assert champion.run_id == run_id and run.data.tags["kennel.onnx_serving_uri"].startswith("models:/")
+    assert champion.run_id == run_id and "runtime" not in run.data.params
+    served = run.data.tags["kennel.onnx_serving_uri"]
+    assert mlflow.models.get_model_info(served).metadata["kennel.runtime"] == "onnx"
+    assert "onnxruntime==" in Path(mlflow.pyfunc.get_model_dependencies(served)).read_text()

@@ -208,8 +208,8 @@ class ExportConfig:
 
     def check(self) -> None:
         for key, value in (("tolerance", self.tolerance), ("max_drop", self.max_drop)):
-            if not 0 <= value < 1:
-                raise ConfigError(f"export.{key} = {value!r}: allowed: a number in [0, 1)")
+            if not 0 <= value <= 1:  # 1: report, never refuse
+                raise ConfigError(f"export.{key} = {value!r}: allowed: a number in [0, 1]")
         _at_least("export.sample", self.sample, 1)
 
 

@@ -48,7 +48,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         path = Path(context.artifacts["model"])
-        if (context.model_config or {}).get("runtime", "torch") == "onnx":
+        if path.suffix == ".onnx":  # logged with runtime="onnx"
             from kennel.model.onnx_inference import load_onnx_model, predict_onnx  # onnxruntime only when asked
 
             self.model: LoadedModel | OnnxModel = load_onnx_model(path)
@@ -142,7 +142,6 @@ def log_serving_model(model_file: Path, name: str = "classifier", registered_mod
         pip_requirements=pinned("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow",
                                 *(["onnxruntime"] if onnx else [])),
         registered_model_name=registered_model_name,
-        model_config={"runtime": runtime},
         metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode,
                   "kennel.tta": tta, "kennel.runtime": runtime},
     )
