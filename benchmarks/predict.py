@@ -12,6 +12,8 @@ Each measurement runs in its own process on warm files:
   before   every file decoded in the main process, then the model in fp32: what `kennel predict` did before
   serial   the same with mixed precision (workers 0)
   predict  kennel.cli.predict.predict_batches as the CLI runs it (workers auto, amp auto), after start-up
+  onnx     the same on onnxruntime (`kennel predict --runtime onnx`), fp32 and int8 (the ONNX files `kennel export`
+           writes; benchmarks/export.py runs these rows beside the PyTorch ones, and scores them)
 and prints images/s, predict / min(decode, model) (the goal: >= 0.85), and the peak RSS at N/20 and N files.
 """
 
@@ -34,6 +36,8 @@ SHARED = ROOT.parent / "shared" / "realdata"
 
 def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     sys.path.insert(0, str(SRC))
+    if method == "onnx":  # model_file is an .onnx file; this child never imports torch
+        return _onnx_child(listing, model_file)
     import numpy as np
     import torch
     from plain_arrays import read_plain, write_split
@@ -75,9 +79,22 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     return time.perf_counter() - start
 
 
+def _onnx_child(listing: Path, model_file: Path) -> float:
+    from kennel.cli.predict import predict_batches
+    from kennel.model.onnx_inference import load_onnx_model
+
+    paths = [Path(p) for p in listing.read_text().split("\n")]
+    model = load_onnx_model(model_file)
+    start = time.perf_counter()
+    for _ in predict_batches(paths, model, batch_size=32):
+        pass
+    assert "torch" not in sys.modules
+    return time.perf_counter() - start
+
+
 def measure(method: str, paths: list[str], model_file: Path, work: Path) -> tuple[float, float]:
     """(seconds inside the child after its start-up, peak RSS in MiB of the child and its workers)."""
-    listing = work / f"{method}-{len(paths)}.txt"
+    listing = work / f"{method}-{model_file.stem}-{len(paths)}.txt"
     listing.write_text("\n".join(paths))
     cmd = [sys.executable, __file__, "--child", method, "--list", str(listing), "--model", str(model_file),
            "--work", str(work)]
@@ -100,7 +117,8 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, default=SHARED)
     parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pth")
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--child", choices=["decode", "model", "evaluate", "features", "before", "serial", "predict"],
+    parser.add_argument("--child", choices=["decode", "model", "evaluate", "features", "before", "serial", "predict",
+                                            "onnx"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--list", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)

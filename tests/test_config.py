@@ -119,7 +119,7 @@ def test_file_errors_name_the_file(tmp_path):
         load_params(bad)
 
 
-@pytest.mark.parametrize("stage", ["prepare", "resize", "audit", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["prepare", "resize", "audit", "train", "evaluate", "export"])
 def test_stage_rejects_bad_params_before_any_work(tmp_path, stage, monkeypatch, capsys):
     write_params(tmp_path / "params.yaml", _with("train.batch_size", 0))
     monkeypatch.chdir(tmp_path)  # in-process: each stage also runs as a script under `dvc repro` in test_pipeline.py

@@ -56,7 +56,7 @@ def changed(pipeline, tmp_path_factory):
 
 def test_repro_writes_metrics_and_plots(project, tmp_path):
     root, out = project
-    for stage in ("prepare", "resize", "audit", "train", "evaluate"):
+    for stage in ("prepare", "resize", "audit", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((root / "reports/evaluation.json").read_text())["test"]
     assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog"}
@@ -93,7 +93,7 @@ def test_repro_writes_metrics_and_plots(project, tmp_path):
     counts = pd.read_csv(root / "reports/data/class_counts.csv")
     assert counts["label"].tolist() == ["cat", "dog"] and counts["test"].sum() == n_test
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "resize", "audit", "train", "evaluate"}
+    assert set(lock["stages"]) == {"prepare", "resize", "audit", "train", "evaluate", "export"}
 
 
 def test_mlflow_run_holds_everything(project):
@@ -181,9 +181,10 @@ def test_second_repro_is_a_noop(project_copy):
 @pytest.mark.parametrize("path,stages", [
     ("src/kennel/evaluate/figures.py", {"evaluate"}),  # evaluation code: train's model stays valid
     ("src/kennel/train/fine_tune.py", {"train", "evaluate"}),  # training code: the audit needs the model only
-    ("src/kennel/model/network.py", {"audit", "train", "evaluate"}),  # the model: the audit embeds with it
+    ("src/kennel/model/network.py", {"audit", "train", "evaluate", "export"}),  # the model: the audit embeds with it
+    ("src/kennel/export/onnx_export.py", {"export"}),  # exporting: the trained model stays valid
     ("src/kennel/audit/figures.py", {"audit"}),  # then train reruns only if the audited splits change
-    ("src/kennel/data/manifest.py", {"prepare", "resize", "audit", "train", "evaluate"}),
+    ("src/kennel/data/manifest.py", {"prepare", "resize", "audit", "train", "evaluate", "export"}),
 ])
 def test_editing_code_reruns_only_the_stages_that_run_it(edited, path, stages):
     root = edited

@@ -66,7 +66,7 @@ def test_pyfunc_model_in_process(tmp_path, images):
     uri = _log(tmp_path)
     model = mlflow.pyfunc.load_model(uri)
     assert model.metadata.metadata == {"kennel.classes": ["cat", "dog"], "kennel.size": SIZE, "kennel.mode": "pad",
-                                       "kennel.tta": "none"}
+                                       "kennel.tta": "none", "kennel.runtime": "torch"}
     requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
     assert "torch==" in requirements and "+cu" not in requirements
 

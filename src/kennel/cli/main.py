@@ -14,6 +14,8 @@ from kennel.core.errors import USER_ERROR_STATUS, USER_ERRORS, report_user_error
 COMMANDS: dict[str, tuple[str, str]] = {
     "ui": ("kennel.cli.ui", "the MLflow UI on this project's runs, bound to 127.0.0.1"),
     "predict": ("kennel.cli.predict", "classify image files or folders with a trained model"),
+    "export": ("kennel.cli.export",
+               "the model as an ONNX file (fp32 or int8), checked against PyTorch before it is written"),
     "compare": ("kennel.cli.compare",
                 "runs side by side: params that differ, metrics, the test images whose predictions changed"),
     "reproduce": ("kennel.cli.reproduce", "rerun a past run, commit or DVC experiment and compare its metrics"),

@@ -1,27 +1,36 @@
-"""``kennel predict``: class probabilities for image files and folders, from a model file or an MLflow model."""
+"""``kennel predict``: class probabilities for image files and folders, from a model file or an MLflow model, on
+PyTorch or (``--runtime onnx``, a file ``kennel export`` wrote) on onnxruntime.
+
+torch is imported only on the PyTorch path: predicting from an .onnx file needs numpy, PIL, pandas and onnxruntime.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kennel.cli.command import command_parser, number, positive_int
-from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.errors import ModelRefError
-from kennel.core.paths import MODEL, project_root
+from kennel.core.paths import MODEL, ONNX_MODEL, project_root
 from kennel.core.versioning import RUN_ID
 from kennel.data.images import load_array
 from kennel.data.parallel import resolve_workers
-from kennel.model.inference import CPU, LoadedModel, load_model_file, place, predict_arrays, result_frame
+from kennel.model.outputs import result_frame
+
+if TYPE_CHECKING:
+    import torch
+
+    from kennel.model.inference import LoadedModel
+    from kennel.model.onnx_inference import OnnxModel
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RUNTIMES = ("torch", "onnx")
 
 
 def resolve_model(ref: str | None, root: Path) -> LoadedModel:
@@ -53,10 +62,26 @@ def resolve_model(ref: str | None, root: Path) -> LoadedModel:
 
 
 def _load_file(path: Path, ref: str) -> LoadedModel:
+    from kennel.model.inference import load_model_file
+
     try:
         return load_model_file(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ModelRefError(f"{ref!r}: not a kennel model file ({type(err).__name__}: {err})") from None
+
+
+def resolve_onnx_model(ref: str | None, root: Path) -> OnnxModel:
+    """``ref``: None (``models/model.onnx`` under ``root``) or an ONNX file ``kennel export`` wrote."""
+    from kennel.model.onnx_inference import load_onnx_model
+
+    path = root / ONNX_MODEL if ref is None else Path(ref)
+    if not path.is_file():
+        raise ModelRefError(f"{ref or path}: no ONNX model file (--runtime onnx takes a file `kennel export` "
+                            "writes; `dvc repro export` writes models/model.onnx)")
+    try:
+        return load_onnx_model(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ModelRefError(f"{ref or path}: not a kennel ONNX model ({type(err).__name__}: {err})") from None
 
 
 def expand(paths: Sequence[str | Path]) -> list[Path]:
@@ -67,7 +92,7 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-class FileImages(Dataset):
+class FileImages:
     """Files decoded as the resize stage decodes them (the model's size and resize mode), one per item, in the
     DataLoader's worker processes. A file that fails gives its error instead of pixels: it never stops the rest."""
 
@@ -89,20 +114,21 @@ def _collate(items: list) -> tuple[list[int], np.ndarray, list[str]]:
     return [i for i, _, _ in items], np.stack(arrays) if arrays else np.empty((0, 0)), [e for _, _, e in items]
 
 
-def predict_batches(files: Sequence[Path], model: LoadedModel, *, batch_size: int = 32, workers: int | str = "auto",
-                    device: torch.device = CPU, amp_dtype: torch.dtype | None = None) -> Iterator[pd.DataFrame]:
+def predict_batches(files: Sequence[Path], model: LoadedModel | OnnxModel, *, batch_size: int = 32,
+                    workers: int | str = "auto", device: torch.device | None = None,
+                    amp_dtype: torch.dtype | None = None) -> Iterator[pd.DataFrame]:
     """``path, class, error, p_<class>`` for ``files``, a frame per batch, in order.
 
     Worker processes decode the next batches while the model runs this one (``workers`` = 0: decode here); the
-    model runs on ``device`` in ``amp_dtype``. A progress bar counts files when stderr is a terminal.
+    model runs on ``device`` in ``amp_dtype``. An ONNX model (``kennel.model.onnx_inference``) runs on
+    onnxruntime's CPU threads and its files decode here, without torch. A progress bar counts files when stderr is
+    a terminal.
     """
-    n_workers = decode_workers(workers, device, len(files) // batch_size)
-    loader = DataLoader(FileImages(files, model.size, model.mode), batch_size=batch_size, num_workers=n_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if n_workers else None)
+    onnx = hasattr(model, "session")
+    n_workers = 0 if onnx else decode_workers(workers, device, len(files) // batch_size)
     with tqdm(total=len(files), desc="predict", unit="img", disable=None, leave=False) as bar:
-        for indices, arrays, errors in loader:
-            probs = predict_arrays(arrays, model, batch_size, device=device, amp_dtype=amp_dtype) if len(arrays) \
+        for indices, arrays, errors in _decoded(files, model, batch_size, n_workers, device):
+            probs = _probabilities(arrays, model, batch_size, device, amp_dtype) if len(arrays) \
                 else np.empty((0, len(model.classes)))
             frame = result_frame(probs, errors, model.classes)
             frame.insert(0, "path", [str(files[i]) for i in indices])
@@ -110,18 +136,44 @@ def predict_batches(files: Sequence[Path], model: LoadedModel, *, batch_size: in
             yield frame
 
 
-def decode_workers(workers: int | str, device: torch.device, batches: int) -> int:
+def _decoded(files: Sequence[Path], model: LoadedModel | OnnxModel, batch_size: int, n_workers: int,
+             device: torch.device | None) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
+    """(indices, uint8 arrays of the files that decoded, an error per file) per batch."""
+    dataset = FileImages(files, model.size, model.mode)
+    pin = device is not None and device.type == "cuda"
+    if not n_workers and not pin:  # decoded here, in order: no DataLoader, so no torch import
+        for start in range(0, len(files), batch_size):
+            yield _collate([dataset[i] for i in range(start, min(start + batch_size, len(files)))])
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(dataset, batch_size=batch_size, num_workers=n_workers, collate_fn=_collate,
+                          pin_memory=pin, prefetch_factor=4 if n_workers else None)
+
+
+def _probabilities(arrays: np.ndarray, model: LoadedModel | OnnxModel, batch_size: int,
+                   device: torch.device | None, amp_dtype: torch.dtype | None) -> np.ndarray:
+    if hasattr(model, "session"):
+        from kennel.model.onnx_inference import predict_onnx
+
+        return predict_onnx(arrays, model, batch_size)
+    from kennel.model.inference import CPU, predict_arrays
+
+    return predict_arrays(arrays, model, batch_size, device=device or CPU, amp_dtype=amp_dtype)
+
+
+def decode_workers(workers: int | str, device: torch.device | None, batches: int) -> int:
     """Processes decoding while the model runs. ``auto``: every CPU when the model runs on an accelerator; on the
     CPU, where the model needs the cores itself, one per four (none below four cores). Measured on 2 cores
     (benchmarks/predict.py): decode workers took the model's cores and predict fell to 0.91x a serial decode."""
     if workers == "auto":
         cores = resolve_workers("auto")
-        workers = cores if device.type != "cpu" else cores // 4
+        workers = cores if device is not None and device.type != "cpu" else cores // 4
     return max(0, min(int(workers), batches))
 
 
-def predict_files(paths: Sequence[str | Path], model: LoadedModel, batch_size: int = 32, *,
-                  workers: int | str = 0, device: torch.device = CPU,
+def predict_files(paths: Sequence[str | Path], model: LoadedModel | OnnxModel, batch_size: int = 32, *,
+                  workers: int | str = 0, device: torch.device | None = None,
                   amp_dtype: torch.dtype | None = None) -> pd.DataFrame:
     """One row per file (folders expanded): ``path, class, error, p_<class>``.
 
@@ -159,20 +211,20 @@ def _workers(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
 
 
-def _device(name: str) -> torch.device:
-    if name not in DEVICES:
-        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(DEVICES)})")
+def _device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    from kennel.core.device import resolve_device
+
     try:
         return resolve_device(name)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"no {name} device is available here: use auto or cpu") from None
+        parser.error(f"argument --device: no {name} device is available here: use auto or cpu")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = command_parser("predict", "Predict the class of image files (folders: every file).")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--model", metavar="REF", help="model file, MLflow run id, models:/<name>@<alias> or "
-                        "models:/<name>/<version> (default: models/model.pt)")
+                        "models:/<name>/<version> (default: models/model.pt); with --runtime onnx an .onnx file")
     parser.add_argument("--output", metavar="CSV", type=Path,
                         help="write the predictions here, batch by batch, instead of a table at the end")
     parser.add_argument("--resume", action="store_true",
@@ -181,9 +233,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_workers, default="auto", metavar="N",
                         help="processes that decode files while the model runs (auto: all CPUs with a GPU, one "
                              "per four on a CPU; 0: none)")
-    parser.add_argument("--device", type=_device, default="auto", metavar="{" + ",".join(DEVICES) + "}")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="torch runtime only")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                        help="mixed precision (auto: bf16 where the hardware runs it natively)")
+                        help="mixed precision (auto: bf16 where the hardware runs it natively); torch runtime only")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                        help="torch (the model file or an MLflow model) or onnx (an .onnx file `kennel export` "
+                             "wrote, default models/model.onnx; runs on onnxruntime without importing torch)")
     return parser
 
 
@@ -197,14 +252,21 @@ def run(argv: Sequence[str]) -> int:
     if len(missing) == len(args.paths):
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
     try:
-        model = place(resolve_model(args.model, project_root()), args.device)
+        if args.runtime == "onnx":
+            model, device, amp_dtype = resolve_onnx_model(args.model, project_root()), None, None
+        else:
+            from kennel.core.device import resolve_amp
+            from kennel.model.inference import place
+
+            device = _device(args.device, parser)
+            model, amp_dtype = place(resolve_model(args.model, project_root()), device), resolve_amp(args.amp, device)
     except ModelRefError as err:
         raise ModelRefError(f"cannot load model: {err}") from None
     files = expand(args.paths)
     done = done_paths(args.output) if args.resume else set()
     todo = [f for f in files if str(f) not in done]
-    batches = predict_batches(todo, model, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                              amp_dtype=resolve_amp(args.amp, args.device))
+    batches = predict_batches(todo, model, batch_size=args.batch_size, workers=args.workers, device=device,
+                              amp_dtype=amp_dtype)
     if args.output:
         _write(batches, args.output, done, model.source)
     else:

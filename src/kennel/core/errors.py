@@ -35,9 +35,14 @@ class ModelRefError(ValueError):
     """A ``--model`` reference that cannot be resolved; the message names it and says why."""
 
 
+class ExportError(RuntimeError):
+    """An export that cannot be kept: the exported model disagrees with the PyTorch one (or int8 costs too much
+    accuracy), or there is nothing to check it on; the message names the worst difference."""
+
+
 # What a stage or command reports as a one-line error (exit 2) rather than a traceback.
 USER_ERRORS = (ConfigError, DataError, WeightsError, TrackingUnavailable, GitError, ReproduceError, ModelRefError,
-               FileNotFoundError)
+               ExportError, FileNotFoundError)
 USER_ERROR_STATUS = 2  # argparse's own exit status for a bad command line
 
 

@@ -205,6 +205,22 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """The export stage: models/model.onnx for onnxruntime, kept only when it matches the PyTorch model."""
+
+    quantize: Literal["none", "int8"]  # int8: static quantization calibrated on the train split
+    tolerance: float  # largest difference in a class probability between PyTorch and ONNX fp32 on the test images
+    max_drop: float  # int8: largest loss of test accuracy (a fraction: 0.005 is half a point)
+    sample: int  # test images the two models are compared on (evenly spaced)
+
+    def check(self) -> None:
+        for key, value in (("tolerance", self.tolerance), ("max_drop", self.max_drop)):
+            if not 0 <= value <= 1:  # 1: report, never refuse
+                raise ConfigError(f"export.{key} = {value!r}: allowed: a number in [0, 1]")
+        _at_least("export.sample", self.sample, 1)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit stage: near-copies of one photo, within and across splits, found from pooled backbone features."""
 
@@ -253,11 +269,13 @@ class Params:
     train: TrainConfig
     evaluate: EvaluateConfig
     audit: AuditConfig
+    export: ExportConfig
     mlflow: MlflowConfig
 
     def check(self) -> None:
         _at_least("seed", self.seed, 0)
-        for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.audit, self.mlflow):
+        for section in (self.data, self.resize, self.model, self.train, self.evaluate, self.audit, self.export,
+                        self.mlflow):
             section.check()
         if self.model.finetune == "staged":
             t, mode = self.train, self.model.finetune

@@ -21,6 +21,7 @@ RESIZED = Path("data/resized")  # persisted: shards of unchanged images stay as 
 AUDITED = Path("data/audited")
 EMBEDDINGS = Path("data/embeddings")  # persisted: pooled features (or hashes) per image sha1, computed once
 MODEL = Path("models/model.pt")
+ONNX_MODEL = Path("models/model.onnx")  # the export stage's: the model for onnxruntime (fp32, or int8 when asked)
 RUN_FILE = Path("models/mlflow_run.json")  # hands the MLflow run from train to evaluate
 CHECKPOINT = Path("models/checkpoint.pt")  # persisted across runs: a killed train stage resumes from it
 
@@ -35,6 +36,7 @@ CONFUSION = REPORTS / "confusion.csv"
 PREDICTIONS = REPORTS / "predictions.csv"  # one row per test image
 TOP_LOSSES = REPORTS / "top_losses.csv"  # the evaluate.top_losses rows of it with the highest loss
 CALIBRATION = REPORTS / "calibration.csv"
+EXPORT_REPORT = REPORTS / "export.json"  # the export stage's checks: parity with PyTorch, sizes, int8's accuracy
 ROC_DIR = REPORTS / "roc"  # one table per class (binary: the positive class)
 PR_DIR = REPORTS / "pr"
 FIGURES = REPORTS / "figures"

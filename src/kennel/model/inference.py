@@ -6,12 +6,10 @@ the resize stage makes, so a file gives the model exactly the tensor it would ha
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -19,6 +17,10 @@ from kennel.core.device import to_device
 from kennel.data.images import load_array
 from kennel.model.file import load_model
 from kennel.model.network import Classifier
+from kennel.model.outputs import result_frame, softmax
+
+__all__ = ["CPU", "DEFAULT_MODE", "LoadedModel", "load_model_file", "place", "predict_arrays", "preprocess",
+           "result_frame", "softmax"]
 
 CPU = torch.device("cpu")
 DEFAULT_MODE = "center_crop"  # model files written before the mode was stored were made with the default
@@ -33,6 +35,7 @@ class LoadedModel:
     size: int
     mode: str = DEFAULT_MODE
     source: str = ""  # where it came from, for messages
+    arch: str = ""  # the torchvision arch of a model file ("" for a program loaded from MLflow)
 
 
 def load_model_file(path: Path) -> LoadedModel:
@@ -40,7 +43,8 @@ def load_model_file(path: Path) -> LoadedModel:
     model, size = load_model(path)
     # mmap: only the small entries are read, not the weights a second time
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return LoadedModel(model, list(model.classes), size, str(payload.get("mode", DEFAULT_MODE)), str(path))
+    return LoadedModel(model, list(model.classes), size, str(payload.get("mode", DEFAULT_MODE)), str(path),
+                       str(payload["arch"]))
 
 
 def preprocess(path: str | Path, model: LoadedModel) -> np.ndarray:
@@ -69,22 +73,3 @@ def place(model: LoadedModel, device: torch.device) -> LoadedModel:
     if device.type == "cpu" or not isinstance(model.module, Classifier):
         return model
     return dataclasses.replace(model, module=model.module.to(device, memory_format=torch.channels_last))
-
-
-def result_frame(probs: np.ndarray, errors: Sequence[str], classes: Sequence[str]) -> pd.DataFrame:
-    """``class``, ``error``, ``p_<class>`` per row; rows with an error have no class and NaN probabilities."""
-    ok = np.array([not e for e in errors], dtype=bool)
-    full = np.full((len(errors), len(classes)), np.nan)
-    full[ok] = probs
-    best = np.nan_to_num(full, nan=-1.0).argmax(axis=1)
-    frame = pd.DataFrame({"class": [classes[b] if good else "" for b, good in zip(best, ok, strict=True)],
-                          "error": list(errors)})
-    for i, name in enumerate(classes):
-        frame[f"p_{name}"] = full[:, i]
-    return frame
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

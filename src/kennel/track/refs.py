@@ -73,3 +73,21 @@ def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
     classes = tags["kennel.classes"].split(",")
     mode = params.get("resize.mode", DEFAULT_MODE)
     return LoadedModel(module, classes, int(params["resize.size"]), mode, f"{ref} ({tags['kennel.model_uri']})")
+
+
+def download_model_file(run_id: str, root: Path, ref: str, dest: Path) -> Path:
+    """The kennel model file (``models/model.pt``) a train run logged inside its servable classifier, downloaded
+    under ``dest``; a ModelRefError naming ``ref`` when the run has none."""
+    run = get_run(run_id, root, ref)
+    uri = run.data.tags.get("kennel.serving_uri")
+    if not uri:
+        raise ModelRefError(f"{ref!r}: run {run_id} has no model file (no tag kennel.serving_uri); is it a finished "
+                            "kennel train run?")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as err:  # noqa: BLE001 - a deleted artifact, a store moved away, ...
+        raise ModelRefError(f"{ref!r}: cannot download {uri} ({type(err).__name__}: {err})") from None
+    found = sorted((local / "artifacts").glob("*.pt"))
+    if not found:
+        raise ModelRefError(f"{ref!r}: {uri} holds no kennel model file")
+    return found[0]

@@ -1,6 +1,8 @@
 """An MLflow pyfunc model that classifies images, so ``mlflow models serve`` can answer requests carrying images.
 
-It wraps the kennel model file and does the same preprocessing as ``kennel predict``. Requests carry either
+It wraps the kennel model file and does the same preprocessing as ``kennel predict``; logged with
+``runtime="onnx"`` it wraps the ONNX file ``kennel export`` wrote and runs it on onnxruntime, as
+``kennel predict --runtime onnx`` does. Requests carry either
 image files (a ``dataframe_split`` with a column ``image`` of base64-encoded file bytes, any format PIL reads) or
 pixels (``inputs``: N x 3 x S x S or N x S x S x 3, values 0..255). Either way the answer has one row per image:
 ``class``, ``error`` (empty when fine) and ``p_<class>``.
@@ -14,6 +16,7 @@ import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -26,7 +29,11 @@ from kennel.data.images import load_array
 from kennel.model.inference import LoadedModel, load_model_file, predict_arrays, result_frame
 from kennel.track.models import pinned
 
+if TYPE_CHECKING:
+    from kennel.model.onnx_inference import OnnxModel
+
 IMAGE_COLUMN = "image"
+RUNTIMES = ("torch", "onnx")
 # Shared by the server's request threads: a request's images decode side by side, without a pool per request.
 DECODERS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kennel-decode")
 
@@ -40,7 +47,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        self.model: LoadedModel = load_model_file(Path(context.artifacts["model"]))
+        path = Path(context.artifacts["model"])
+        if path.suffix == ".onnx":  # logged with runtime="onnx"
+            from kennel.model.onnx_inference import load_onnx_model, predict_onnx  # onnxruntime only when asked
+
+            self.model: LoadedModel | OnnxModel = load_onnx_model(path)
+            self._probabilities = predict_onnx
+        else:
+            self.model = load_model_file(path)
+            self._probabilities = predict_arrays
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:  # {"inputs": {"image": [...]}}
@@ -61,7 +76,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         errors = [e for _, e in decoded]
         size = self.model.size
         images = np.stack(arrays) if arrays else np.empty((0, 3, size, size), dtype=np.uint8)
-        return result_frame(predict_arrays(images, self.model), errors, self.model.classes)
+        return result_frame(self._probabilities(images, self.model), errors, self.model.classes)
 
     def _decode(self, value: object) -> tuple[np.ndarray | None, str]:
         try:
@@ -86,7 +101,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             # casting would wrap 256 to 0 silently
             raise MlflowException.invalid_parameter_value("pixel values must lie in 0..255")
         images = np.rint(x).astype(np.uint8) if np.issubdtype(x.dtype, np.floating) else x.astype(np.uint8)
-        probs = predict_arrays(images, self.model)
+        probs = self._probabilities(images, self.model)
         return result_frame(probs, [""] * len(images), self.model.classes)
 
 
@@ -102,22 +117,32 @@ def _image_bytes(value: object) -> bytes:
         raise ValueError(f"not base64 ({err})") from None
 
 
-def log_serving_model(model_file: Path, name: str = "classifier", registered_model_name: str | None = None) -> str:
+def log_serving_model(model_file: Path, name: str = "classifier", registered_model_name: str | None = None,
+                      runtime: str = "torch") -> str:
     """Log ``model_file`` as a servable pyfunc model in the active MLflow run; returns its ``models:/`` URI.
 
     The kennel package travels with the model (``code_paths``), so serving needs no kennel install; the model
     itself is ``serving_model.py``, run on load, so nothing is pickled. Classes, input size and resize mode go
-    into the model's metadata for clients that send pixels.
+    into the model's metadata for clients that send pixels. ``runtime="onnx"``: ``model_file`` is an ONNX file
+    ``kennel export`` wrote, run on onnxruntime (the kennel package still imports torch when it loads).
     """
-    loaded = load_model_file(Path(model_file))
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime = {runtime!r}: allowed: {', '.join(RUNTIMES)}")
+    onnx = runtime == "onnx"
+    if onnx:
+        from kennel.model.onnx_inference import load_onnx_model
+
+    loaded = load_onnx_model(Path(model_file)) if onnx else load_model_file(Path(model_file))
+    tta = loaded.metadata.get("tta", "none") if onnx else loaded.module.tta
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("serving_model.py")),
         artifacts={"model": str(model_file)},
         code_paths=[str(Path(kennel.__file__).parent)],
-        pip_requirements=pinned("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow"),
+        pip_requirements=pinned("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow",
+                                *(["onnxruntime"] if onnx else [])),
         registered_model_name=registered_model_name,
         metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode,
-                  "kennel.tta": loaded.module.tta},
+                  "kennel.tta": tta, "kennel.runtime": runtime},
     )
     return info.model_uri

@@ -31,7 +31,7 @@ NOT_IN_FINGERPRINT = {"train.num_workers", "train.compile", "data.workers", "res
 def fingerprint(params: Params, data_dir: Path) -> str:
     """Hash of everything that decides the result of training: params (less speed knobs), data and code."""
     relevant = {k: v for k, v in params.flat().items()
-                if k not in NOT_IN_FINGERPRINT and not k.startswith("mlflow.")}
+                if k not in NOT_IN_FINGERPRINT and not k.startswith(("mlflow.", "export."))}
     data = read_meta(data_dir).get("fingerprint", "")
     return hashlib.sha256(json.dumps([relevant, data, code_fingerprint()], sort_keys=True, default=str).encode()
                           ).hexdigest()
