@@ -32,7 +32,7 @@ def test_folder_source_end_to_end(tmp_path, monkeypatch):
     split = split_of(hashlib.sha1((raw / "red/drawing.png").read_bytes()).hexdigest(), params["seed"], 0.2, 0.2)
     (raw / "red" / "drawing copy.jpg").write_bytes(leaking_copy(render("cat", 0, 1), split, params["seed"], 0.2, 0.2))
     # in-process: what each stage writes is checked here; that `dvc repro` runs them is checked in test_pipeline.py
-    run_stages(root, ["prepare", "resize", "audit", "train", "evaluate"], monkeypatch)
+    run_stages(root, ["prepare", "resize", "audit", "train", "evaluate", "export"], monkeypatch)
     dvc(["commit", "--force"], root)  # the lock, as a `dvc repro` would have written it
 
     # the audit found the leak and put the copy in the original's split (or the other way round): the manifest

@@ -123,18 +123,21 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
 
 
 def build_for(params: Params, data_dir: Path, device: torch.device, amp_dtype: torch.dtype | None = None,
-              probe_cs: Sequence[float] = PROBE_CS) -> tuple[Classifier, Recipe, WeightsInfo, FrozenStart | None]:
+              probe_cs: Sequence[float] = PROBE_CS, batches: dict | None = None
+              ) -> tuple[Classifier, Recipe, WeightsInfo, FrozenStart | None]:
     """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last, unfrozen, and the recipe that
     fine-tunes it, with what it decides from the data settled: ``model.finetune: auto`` by the linear probe on the
     pretrained features (returned with them, so the head's phase does not compute them again), then BatchNorm by
-    the shift of the first train images. Seed the RNG first."""
+    the shift of the first train images. ``batches``: how the features' batches are made (``make_batches``'
+    resident, batch_size, num_workers; default: streamed at ``train.batch_size``). Seed the RNG first."""
     model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights)
     model = model.to(device, memory_format=torch.channels_last)
     recipe = Recipe.from_params(params, weights.loaded > 0)
     frozen = None
     if recipe.decides_on_probe:
-        frozen = frozen_start(model, data_dir, TRAIN_VAL, device, amp_dtype, params.train.batch_size,
-                              params.train.num_workers, probe_cs)
+        how = batches or dict(resident=False, batch_size=params.train.batch_size,
+                              num_workers=params.train.num_workers)
+        frozen = frozen_start(model, data_dir, TRAIN_VAL, device, amp_dtype, how, probe_cs)
         recipe = recipe.decide(frozen.probe.val_accuracy)
     recipe = recipe.decide()
     if recipe.measures_bn:
@@ -155,11 +158,9 @@ class FrozenStart:
 
 
 def frozen_start(model: Classifier, data_dir: Path, splits: tuple[str, str], device: torch.device,
-                 amp_dtype: torch.dtype | None, batch_size: int, num_workers: int,
-                 probe_cs: Sequence[float] = PROBE_CS) -> FrozenStart:
-    """Features of ``splits`` and the test split (streamed: they are read once) and the probe fit on them."""
-    features = [extract_features(model, make_batches(data_dir, split, resident=False, batch_size=batch_size,
-                                                     device=device, num_workers=num_workers), device, amp_dtype)
+                 amp_dtype: torch.dtype | None, batches: dict, probe_cs: Sequence[float] = PROBE_CS) -> FrozenStart:
+    """Features of ``splits`` and the test split (batches made as ``batches`` say) and the probe fit on them."""
+    features = [extract_features(model, make_batches(data_dir, split, **batches, device=device), device, amp_dtype)
                 for split in (*splits, "test")]
     return FrozenStart(splits, features, fit_probe(*features, classes=len(model.classes), cs=probe_cs))
 
@@ -278,15 +279,18 @@ def train(
     """
     ctx = ctx or Dist()
     device, amp_dtype, generator = prepare_run(params, ctx)
+    resident, n_train, n_val = placement(data_dir, device, params.train.data_on_device, splits)
+    # the batches a frozen phase computes features from, for auto's probe too: the same floats either way
+    batches = dict(resident=resident, batch_size=params.train.batch_size // ctx.world,
+                   num_workers=params.train.num_workers)
     if recipe is None:
-        model, recipe, weights, frozen = build_for(params, data_dir, device, amp_dtype, probe_cs)
+        model, recipe, weights, frozen = build_for(params, data_dir, device, amp_dtype, probe_cs, batches)
     else:  # a refit's, decided already
         model, _, weights, frozen = build_for(dataclasses.replace(params, model=dataclasses.replace(
             params.model, finetune=recipe.finetune)), data_dir, device)
     t = recipe.train
-    resident, n_train, n_val = placement(data_dir, device, t.data_on_device, splits)
     train_labels, val_labels = (read_split(data_dir, split)[1] for split in splits)
-    data = PhaseData(data_dir, splits, resident, t.batch_size // ctx.world, device, amp_dtype, generator, ctx,
+    data = PhaseData(data_dir, splits, resident, batches["batch_size"], device, amp_dtype, generator, ctx,
                      train_labels)
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)

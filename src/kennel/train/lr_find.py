@@ -54,11 +54,12 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     device = resolve_device(t.device)
     amp_dtype = resolve_amp(t.amp, device)
     generator = seed_everything(params.seed)
-    model, recipe, _, frozen = build_for(params, data_dir, device, amp_dtype)  # model.finetune auto decided
-    phase = recipe.sweep_phase()
     images, _ = read_split(data_dir, "train")
     resident = fits_resident(images.nbytes, device, t.data_on_device)
     how = dict(resident=resident, batch_size=t.batch_size, device=device, num_workers=t.num_workers)
+    model, recipe, _, frozen = build_for(params, data_dir, device, amp_dtype,  # model.finetune auto decided
+                                         batches={k: v for k, v in how.items() if k != "device"})
+    phase = recipe.sweep_phase()
     recipe.prepare(model, phase)
     batches = make_batches(data_dir, "train", **how, shuffle=True, generator=generator)
     if phase.frozen or (phase.index > 1 and recipe.head_from_probe(fresh=True)):
