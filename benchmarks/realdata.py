@@ -109,9 +109,13 @@ def other_scores(predictions: pd.DataFrame) -> dict:
     from kennel.evaluate.metrics import wilson_interval
 
     truth = predictions["path"].map(lambda p: Path(p).parent.name)
-    correct, n = int((predictions["class"] == truth).sum()), len(predictions)
+    hit = predictions["class"] == truth
+    correct, n = int(hit.sum()), len(predictions)
     low, high = wilson_interval(correct, n)
-    return {"other_accuracy": correct / n, "other_low": low, "other_high": high, "other_images": n}
+    recall = hit.groupby(truth).mean()  # per true class: on balanced other images, their mean is balanced accuracy
+    return {"other_accuracy": correct / n, "other_low": low, "other_high": high, "other_images": n,
+            "other_balanced_accuracy": float(recall.mean()), "other_worst_recall": float(recall.min()),
+            "other_worst_class": str(recall.idxmin())}
 
 
 def probe_scores(prepared: Path, arch: str, weights: Path, other: Path) -> dict:
@@ -173,6 +177,8 @@ def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: l
     def one(mode: str) -> dict:
         r = run_mode(prepared, base, mode, env, overrides, other)
         print(f"{mode}: test {interval(r, 'test_accuracy')}  other {interval(r, 'other_accuracy')}  "
+              f"(balanced {r.get('other_balanced_accuracy', float('nan')):.4f}, worst recall "
+              f"{r.get('other_worst_recall', float('nan')):.4f} {r.get('other_worst_class', '')})  "
               f"epoch {r['selected_epoch']} of {r['epochs']}  {r['seconds']:.0f} s  {r.get('decided', '')}",
               flush=True)
         return r
