@@ -19,7 +19,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     totals = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
     n = len(classes)
-    fig, ax = subplots(figsize=(1.6 + 0.8 * n, 1.2 + 0.8 * n), dpi=100)
+    fig, ax = subplots(figsize=(max(3.6, 1.6 + 0.8 * n), 1.4 + 0.8 * n), dpi=100)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), [f"{c} ({int(t)})" for c, t in zip(classes, totals[:, 0], strict=True)])
@@ -29,7 +29,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
         if v or i == j:
             ax.text(j, i, f"{v}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8 if n > 6 else 10,
                     color="white" if share[i, j] > 0.5 else "black")
-    ax.set_title("confusion matrix (test), shaded by share of each actual class")
+    ax.set_title("confusion matrix (test)\nshaded by each actual class's share", fontsize=10)
     return save_figure(fig, path)
 
 
