@@ -350,6 +350,8 @@ def test_class_weights_are_inverse_frequency_and_the_log_warns_about_imbalance()
 
 
 def test_weighted_loss_trains_and_counts_a_rare_class_as_much(resized, caplog):
+    from kennel.train.balance import weights_reason
+
     params = make_params(**{"train.epochs": 1, "train.class_weights": "auto"})
     with caplog.at_level(logging.INFO):
         result = train(params, resized)
@@ -363,3 +365,9 @@ def test_weighted_loss_trains_and_counts_a_rare_class_as_much(resized, caplog):
     w = torch.tensor([10 / 18, 10 / 2])  # n / (classes x count)
     assert loss(logits, targets).item() == pytest.approx(((w * each).sum() / w.sum()).item())
     assert loss(logits, targets).item() > each.mean().item()  # the rare class's error counts 9 x
+    # classes within 1.5 x of each other: the plain loss, bit for bit
+    near = Recipe.from_params(params, pretrained=False).criterion(np.array([0] * 11 + [1] * 10), 2)
+    assert near.weight is None
+    assert result.decisions["class_weights"].startswith("none: the classes are within 1.5 x of each other")
+    assert weights_reason("auto", y, 2).startswith("inverse frequency: the largest class has 9.0 x")
+    assert weights_reason("none", y, 2) == "none: train.class_weights none"

@@ -23,7 +23,7 @@ from kennel.data.shards import read_meta, read_split
 from kennel.model.network import Classifier, build_model
 from kennel.model.statistics import batchnorm_shift
 from kennel.model.weights import WeightsInfo
-from kennel.train.balance import balance_warnings
+from kennel.train.balance import balance_warnings, weighs, weights_reason
 from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_run
 from kennel.train.distributed import Dist
@@ -306,7 +306,10 @@ def train(
         log.info("model.finetune %s", result.decisions["finetune"])
     result.decisions["batchnorm"] = recipe.batchnorm_reason()
     log.info("BatchNorm statistics %s", result.decisions["batchnorm"])
-    for warning in balance_warnings(train_labels, val_labels, model.classes, t.class_weights == "auto"):
+    result.decisions["class_weights"] = weights_reason(t.class_weights, train_labels, len(model.classes))
+    log.info("class weights in the loss: %s", result.decisions["class_weights"])
+    for warning in balance_warnings(train_labels, val_labels, model.classes,
+                                    weighs(t.class_weights, train_labels, len(model.classes))):
         log.warning(warning)
     on_start(result)
 

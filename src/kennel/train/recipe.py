@@ -20,7 +20,7 @@ from torch import nn
 from kennel.core.params import Params, TrainConfig
 from kennel.model.network import Classifier
 from kennel.train.augment import Augment, Mix
-from kennel.train.balance import class_weights
+from kennel.train.balance import class_weights, weighs
 from kennel.train.optim import build_optimizer, build_scheduler
 
 # Mean BatchNorm shift (kennel.model.statistics) from which auto re-estimates the statistics. Measured on the
@@ -199,9 +199,10 @@ class Recipe:
 
     def criterion(self, labels: np.ndarray, num_classes: int, device: torch.device | None = None) -> nn.Module:
         """Cross-entropy with ``train.label_smoothing``; ``train.class_weights: auto`` weighs each class by its
-        inverse frequency in ``labels`` (the train split's), so a rare class counts as much as a common one."""
+        inverse frequency in ``labels`` (the train split's), so a rare class counts as much as a common one, once
+        the classes are more than ``WEIGH_FROM`` apart."""
         weight = None
-        if self.train.class_weights == "auto":
+        if weighs(self.train.class_weights, labels, num_classes):
             weight = torch.tensor(class_weights(labels, num_classes), dtype=torch.float32, device=device)
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.train.label_smoothing)
 
