@@ -212,14 +212,11 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
     if phase.frozen:
         log.info("epochs %d-%d: head only, on backbone features computed once (no augmentation)",
                  phase.first, phase.last)
-        if frozen is not None and frozen.splits == data.splits:  # computed already, to decide model.finetune
-            (ftrain, ytrain), (fval, yval), _ = frozen.features
-            probe = frozen.probe
-        else:
-            (ftrain, ytrain), (fval, yval), test = [
-                extract_features(model, make_batches(data.dir, split, **batches), device, data.amp_dtype)
-                for split in (*data.splits, "test")]
-            probe = fit_probe((ftrain, ytrain), (fval, yval), test, classes=len(model.classes), cs=probe_cs)
+        if frozen is None or frozen.splits != data.splits:  # else computed already, to decide model.finetune
+            frozen = frozen_start(model, data.dir, data.splits, device, data.amp_dtype,
+                                  {k: v for k, v in batches.items() if k != "device"}, probe_cs)
+        (ftrain, ytrain), (fval, yval), _ = frozen.features
+        probe = frozen.probe
         if recipe.head_from_probe(fresh):
             load_head(model, probe)
         ftrain, fval = ftrain.to(device), fval.to(device)
