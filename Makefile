@@ -11,6 +11,10 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.kennel-installed
 # Stage commands call `python` and `dvc`: make them the project's.
 RUN := PATH="$(BIN):$$PATH"
+# Python caches each module's bytecode on first import (in .venv and next to src/). Where the environment turns
+# that off (PYTHONDONTWRITEBYTECODE, common in containers), every stage process, dvc command and test would compile
+# the ~1,300 modules torch and MLflow import from source again: ~5 s each, minutes over a pipeline or the tests.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup repro test test-fast coverage lint ui clean
 
