@@ -66,5 +66,8 @@ def run(argv: Sequence[str]) -> int:
     if args.open:
         open_when_up(url)
     cmd = ui_command(root, args.host, args.port)
+    # MLflow's GenAI job runners (judges, scorers) serve no classifier runs: without them the UI starts in 15 s
+    # instead of 20 on two cores, with 2 processes instead of 10
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)  # replace this process so Ctrl-C and signals reach the server directly
     return 0  # not reached

@@ -11,8 +11,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from kennel.core.errors import TrackingUnavailable  # noqa: E402
 from kennel.core.paths import tracking_uri  # noqa: E402
-from kennel.track.models import CHAMPION, Registration, log_model, register_and_promote  # noqa: E402
-from kennel.track.provenance import data_fingerprint, provenance_tags  # noqa: E402
 from kennel.track.store import (  # noqa: E402
     check_reachable,
     experiment_id,
@@ -40,6 +38,19 @@ from kennel.track.store import (  # noqa: E402
 # MLflow's own INFO lines (table creation, system metrics monitor start/stop) would drown kennel's; its warnings stay.
 # After the import: importing mlflow sets its logger to INFO.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+# Models and provenance import torch and torchvision (3 s): loaded on first use, so the commands that only read the
+# store (ui, compare, reproduce) start without them.
+_LAZY = {name: "kennel.track.models" for name in ("CHAMPION", "Registration", "log_model", "register_and_promote")}
+_LAZY |= {name: "kennel.track.provenance" for name in ("data_fingerprint", "provenance_tags")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CHAMPION", "Registration", "TrackingUnavailable", "check_reachable", "data_fingerprint", "experiment_id",

@@ -9,13 +9,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
-import torch
-from mlflow.models import infer_signature
 
 from kennel.track.store import T, retry, store_lock
+
+if TYPE_CHECKING:
+    import torch
 
 CHAMPION = "champion"  # the registry alias that marks the best version so far
 
@@ -33,6 +35,9 @@ def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") 
     exporter fixes a batch dimension of size 1 to a constant, and the model would then refuse other batch sizes.
     Requirements are given, not inferred: inference imports the model in a subprocess, which is slow.
     """
+    import torch  # here: reading the registry (compare, predict by reference) needs no torch
+    from mlflow.models import infer_signature
+
     if len(example) < 2:
         example = np.concatenate([example, example])[:2]
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
