@@ -196,18 +196,19 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_csv(trained, batch, tmp
     assert resumed.read_text() == whole.read_text()
 
 
-def test_resume_after_killing_the_process(trained, batch, tmp_path):
-    """A real kill -9 mid-run: the rows written so far stay, --resume adds the rest, the file equals a whole run's."""
+def test_resume_after_killing_the_process(trained, batch, tmp_path, monkeypatch):
+    """A real kill -9 mid-run: the rows written so far stay, --resume adds the rest, the file equals a whole run's.
+    The killed run is a process of its own; the whole run and the resume run here (the same code, no start-up)."""
     files = tmp_path / "many"
     for i in range(200):  # 1,000 files: a few seconds of predicting to kill in
         shutil.copytree(batch, files / f"{i:03d}")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "kennel", "predict", str(files), "--batch-size", "4", "--amp", "off",
-           "--workers", "0"]
+    argv = [str(files), "--batch-size", "4", "--amp", "off", "--workers", "0"]
     whole, killed = tmp_path / "whole.csv", tmp_path / "killed.csv"
-    subprocess.run([*cmd, "--output", str(whole)], cwd=trained.root, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([*cmd, "--output", str(killed)], cwd=trained.root, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    monkeypatch.chdir(trained.root)
+    assert kennel_predict([*argv, "--output", str(whole)]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "kennel", "predict", *argv, "--output", str(killed)],
+                            cwd=trained.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not killed.exists() or killed.read_text().count("\n") < 20):
         time.sleep(0.01)
@@ -215,8 +216,7 @@ def test_resume_after_killing_the_process(trained, batch, tmp_path):
     proc.wait()
     written = killed.read_text().count("\n")
     assert 20 <= written < 1001, written  # killed part way
-    subprocess.run([*cmd, "--output", str(killed), "--resume"], cwd=trained.root, env=env, check=True,
-                   capture_output=True)
+    assert kennel_predict([*argv, "--output", str(killed), "--resume"]) == 0
     assert killed.read_text() == whole.read_text()
 
 
@@ -233,16 +233,18 @@ def test_device_and_mixed_precision_flags(trained, batch, tmp_path, monkeypatch,
         assert "no cuda device is available" in capsys.readouterr().err
 
 
-def test_the_progress_bar_shows_on_a_terminal_only(trained, batch, tmp_path):
+def test_the_progress_bar_shows_on_a_terminal_only(trained, batch, tmp_path, monkeypatch, capsys):
     import fcntl
     import pty
     import struct
     import termios
 
+    monkeypatch.chdir(trained.root)  # not a terminal: pytest's captured stderr
+    assert kennel_predict([str(batch), "--workers", "0"]) == 0
+    piped = capsys.readouterr().err
+    assert "predict:" not in piped and "img/s" not in piped
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "kennel", "predict", str(batch), "--workers", "0"]
-    piped = subprocess.run(cmd, cwd=trained.root, env=env, capture_output=True, text=True, timeout=120)
-    assert piped.returncode == 0 and "predict:" not in piped.stderr and "img/s" not in piped.stderr
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
     proc = subprocess.Popen(cmd, cwd=trained.root, env=env, stdout=follower, stderr=follower)
