@@ -4,6 +4,7 @@ preprocessing contract, runs in ``kennel predict --runtime onnx`` without torch,
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from kennel import track
 from kennel.cli.main import main
 from kennel.cli.predict import predict_files
 from kennel.core.errors import ExportError
+from kennel.data.shards import read_split
 from kennel.export.onnx_export import OPSET, export_from_splits
 from kennel.model.inference import load_model_file, predict_arrays
 from kennel.model.onnx_inference import load_onnx_model, predict_onnx
@@ -152,7 +154,7 @@ def test_export_from_a_run_without_a_model_names_it(tmp_path, monkeypatch, capsy
                                        "kennel.serving_uri); is it a finished kennel train run?\n")
 
 
-def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline):
+def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline, tmp_path):
     """The shared `dvc repro` ran the export stage: models/model.onnx, reports/export.json, and the same MLflow
     run holds both, with a servable classifier on onnxruntime."""
     root = pipeline.root
@@ -172,4 +174,32 @@ def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline):
     assert champion.run_id == run_id and "runtime" not in run.data.params
     served = run.data.tags["kennel.onnx_serving_uri"]
     assert mlflow.models.get_model_info(served).metadata["kennel.runtime"] == "onnx"
-    assert "onnxruntime==" in Path(mlflow.pyfunc.get_model_dependencies(served)).read_text()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(served)).read_text()
+    assert "onnxruntime==" in requirements and "torch" not in requirements  # torchvision neither
+    # loaded as `mlflow models serve` loads it, in a process where torch cannot be imported: it classifies
+    images = read_split(root / "data/audited", "test")[0][:5]
+    np.save(tmp_path / "images.npy", np.asarray(images))
+    out = subprocess.run([sys.executable, "-c", SERVED_WITHOUT_TORCH, f"sqlite:///{root / 'mlflow.db'}", served,
+                          str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = pd.read_json(io.StringIO(out.stdout.splitlines()[-1]), orient="split")
+    expected = predict_onnx(np.asarray(images), load_onnx_model(root / "models/model.onnx"))
+    classes = load_onnx_model(root / "models/model.onnx").classes
+    np.testing.assert_allclose(rows[[f"p_{c}" for c in classes]].to_numpy(float), expected, atol=1e-6)
+    assert list(rows["error"]) == [""] * len(images)
+
+
+SERVED_WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"{name} is blocked")
+
+sys.meta_path.insert(0, Block())
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+rows = mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3]))
+print(rows.to_json(orient="split", index=False))
+"""

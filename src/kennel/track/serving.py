@@ -26,10 +26,11 @@ from PIL import UnidentifiedImageError
 
 import kennel
 from kennel.data.images import load_array
-from kennel.model.inference import LoadedModel, load_model_file, predict_arrays, result_frame
+from kennel.model.outputs import result_frame
 from kennel.track.models import pinned
 
 if TYPE_CHECKING:
+    from kennel.model.inference import LoadedModel
     from kennel.model.onnx_inference import OnnxModel
 
 IMAGE_COLUMN = "image"
@@ -54,6 +55,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.model: LoadedModel | OnnxModel = load_onnx_model(path)
             self._probabilities = predict_onnx
         else:
+            from kennel.model.inference import load_model_file, predict_arrays  # torch: only this runtime needs it
+
             self.model = load_model_file(path)
             self._probabilities = predict_arrays
 
@@ -124,7 +127,7 @@ def log_serving_model(model_file: Path, name: str = "classifier", registered_mod
     The kennel package travels with the model (``code_paths``), so serving needs no kennel install; the model
     itself is ``serving_model.py``, run on load, so nothing is pickled. Classes, input size and resize mode go
     into the model's metadata for clients that send pixels. ``runtime="onnx"``: ``model_file`` is an ONNX file
-    ``kennel export`` wrote, run on onnxruntime (the kennel package still imports torch when it loads).
+    ``kennel export`` wrote, run on onnxruntime; that model neither imports nor requires torch and torchvision.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime = {runtime!r}: allowed: {', '.join(RUNTIMES)}")
@@ -132,15 +135,19 @@ def log_serving_model(model_file: Path, name: str = "classifier", registered_mod
     if onnx:
         from kennel.model.onnx_inference import load_onnx_model
 
-    loaded = load_onnx_model(Path(model_file)) if onnx else load_model_file(Path(model_file))
-    tta = loaded.metadata.get("tta", "none") if onnx else loaded.module.tta
+        loaded = load_onnx_model(Path(model_file))
+        tta, runtime_packages = loaded.metadata.get("tta", "none"), ["onnxruntime"]
+    else:
+        from kennel.model.inference import load_model_file
+
+        loaded = load_model_file(Path(model_file))
+        tta, runtime_packages = loaded.module.tta, ["torch", "torchvision"]
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("serving_model.py")),
         artifacts={"model": str(model_file)},
         code_paths=[str(Path(kennel.__file__).parent)],
-        pip_requirements=pinned("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow",
-                                *(["onnxruntime"] if onnx else [])),
+        pip_requirements=pinned(*runtime_packages, "pillow", "numpy", "pandas", "mlflow"),
         registered_model_name=registered_model_name,
         metadata={"kennel.classes": loaded.classes, "kennel.size": loaded.size, "kennel.mode": loaded.mode,
                   "kennel.tta": tta, "kennel.runtime": runtime},
