@@ -17,7 +17,6 @@ import torch
 from kennel.audit.cache import Featurizer
 from kennel.audit.phash import phash_featurizer
 from kennel.core.device import amp_name, resolve_amp, resolve_device, to_device
-from kennel.model.network import build_model
 from kennel.model.weights import WeightsInfo, imagenet_url
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,8 @@ def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, re
     """Pooled features of the pretrained backbone, or the perceptual hash when ``weights`` are not pretrained."""
     info = WeightsInfo("none")
     if weights != "none":
+        from kennel.model.network import build_model  # torchvision: not needed for the perceptual hash
+
         model, info = build_model(arch, classes, weights=weights)
     if not pretrained(info):
         log.warning("no pretrained weights (model.weights: %s): near-duplicates use a perceptual hash instead of "

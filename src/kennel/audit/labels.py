@@ -16,9 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from sklearn.preprocessing import normalize
 
 from kennel.data.manifest import write_csv
 
@@ -40,6 +37,11 @@ def out_of_sample_probabilities(
 
     Every class needs at least ``folds`` members, so that every training fold has all classes.
     """
+    # scikit-learn (1 s to import) only when labels are checked: never without pretrained features
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import normalize
+
     x = normalize(np.asarray(embeddings, dtype=np.float32))  # cosine geometry: what pretrained embeddings mean
     probs = np.zeros((len(labels), n_classes))
     for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.preprocessing import normalize
 
 COLUMNS = ["index", "score", "nearest_class", "rank"]
 CSV_COLUMNS = ["rank", "path", "sha1", "label", "nearest_class", "score", "split"]
@@ -22,6 +21,8 @@ CSV_COLUMNS = ["rank", "path", "sha1", "label", "nearest_class", "score", "split
 def outlier_scores(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
     """One row per image (COLUMNS), most outlying first; ``index`` is the row of ``embeddings``/``labels``
     (class indices into ``classes``), ``nearest_class`` the class whose centre is nearest in its own scale."""
+    from sklearn.preprocessing import normalize  # only with pretrained features (1 s to import)
+
     x = normalize(np.asarray(embeddings, dtype=np.float32))
     labels = np.asarray(labels, dtype=np.int64)
     present = np.unique(labels)

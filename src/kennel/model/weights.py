@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torchvision.models import get_model, get_model_weights
 
 from kennel.core.archs import head_path
 from kennel.core.errors import WeightsError
@@ -66,6 +65,8 @@ def read_weights(arch: str, weights: str, num_classes: int) -> tuple[dict | None
 
 
 def imagenet_url(arch: str) -> str:
+    from torchvision.models import get_model_weights  # torchvision (1.5 s) only where weights are looked up
+
     return get_model_weights(arch).DEFAULT.url
 
 
@@ -85,6 +86,8 @@ def _imagenet_state_dict(arch: str) -> dict:
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline machines should fail fast, not hang
     try:
+        from torchvision.models import get_model_weights
+
         return get_model_weights(arch).DEFAULT.get_state_dict(progress=True, check_hash=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a corrupt cache is a RuntimeError
         raise WeightsError(f"{type(err).__name__}: {err}; {how_to}") from None
@@ -126,6 +129,8 @@ def _match(arch: str, num_classes: int, state: dict, where: str | Path) -> tuple
 
     Returns (state to load, keys left at init).
     """
+    from torchvision.models import get_model
+
     with torch.device("meta"):  # shapes only, no memory and no init time
         expected = {k: v.shape for k, v in get_model(arch, weights=None, num_classes=num_classes).state_dict().items()}
     head = head_path(arch) + "."
