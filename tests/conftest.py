@@ -332,6 +332,21 @@ def shell_line(line: str, root, **subst) -> str:
     return out.stdout
 
 
+def blocking(*packages: str) -> str:
+    """Python source to start a ``-c`` script with: importing ``packages`` (or anything under them) raises
+    ImportError from then on, so the rest of the script proves it runs without them."""
+    return f"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {packages!r}:
+            raise ImportError(f"{{name}} is blocked")
+
+sys.meta_path.insert(0, Block())
+"""
+
+
 def command_lines(block: str) -> list[str]:
     """A README code block's command lines, comments and blank lines dropped."""
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]

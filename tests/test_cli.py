@@ -13,7 +13,7 @@ import pytest
 
 from kennel import track
 from kennel.cli.ui import ui_url
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, blocking, free_port
 
 
 def test_ui_url_is_the_experiments_runs_view():
@@ -66,15 +66,7 @@ def test_ui_serves_the_project_store_and_opens_its_runs_view(tmp_path):
         server.wait(timeout=120)
 
 
-NO_MLFLOW = """
-import importlib.abc, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "mlflow":
-            raise ImportError(f"{name} is blocked")
-
-sys.meta_path.insert(0, Block())
+NO_MLFLOW = blocking("mlflow") + """
 from kennel.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

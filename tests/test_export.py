@@ -29,7 +29,7 @@ from kennel.export.onnx_export import OPSET, export_from_splits
 from kennel.model.inference import load_model_file, predict_arrays
 from kennel.model.onnx_inference import load_onnx_model, predict_onnx
 from kennel.track.serving import ImageClassifier
-from tests.conftest import REPO, random_model_file, write_image
+from tests.conftest import REPO, blocking, random_model_file, write_image
 
 SIZE = 32
 CLASSES = ["cat", "dog"]
@@ -183,21 +183,13 @@ def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline, tmp_path):
                           str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = pd.read_json(io.StringIO(out.stdout.splitlines()[-1]), orient="split")
-    expected = predict_onnx(np.asarray(images), load_onnx_model(root / "models/model.onnx"))
-    classes = load_onnx_model(root / "models/model.onnx").classes
-    np.testing.assert_allclose(rows[[f"p_{c}" for c in classes]].to_numpy(float), expected, atol=1e-6)
+    onnx_model = load_onnx_model(root / "models/model.onnx")
+    expected = predict_onnx(np.asarray(images), onnx_model)
+    np.testing.assert_allclose(rows[[f"p_{c}" for c in onnx_model.classes]].to_numpy(float), expected, atol=1e-6)
     assert list(rows["error"]) == [""] * len(images)
 
 
-SERVED_WITHOUT_TORCH = """
-import importlib.abc, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision"):
-            raise ImportError(f"{name} is blocked")
-
-sys.meta_path.insert(0, Block())
+SERVED_WITHOUT_TORCH = blocking("torch", "torchvision") + """
 import mlflow, numpy as np
 mlflow.set_tracking_uri(sys.argv[1])
 rows = mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3]))

@@ -21,6 +21,7 @@ from kennel.train.augment import Augment
 from kennel.train.batches import Batches
 from kennel.train.loop import PROGRESS_EVERY, StepConfig, train_one_epoch
 from kennel.train.optim import build_scheduler
+from tests.conftest import blocking
 
 READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"}
 
@@ -124,15 +125,7 @@ def test_epoch_totals_equal_a_recomputation_from_each_step():
     assert acc == sum(c for _, c, _ in recorded) / 23
 
 
-BLOCK = """
-import importlib.abc, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("mlflow", "dvc"):
-            raise ImportError(f"{name} is blocked")
-
-sys.meta_path.insert(0, Block())
+BLOCK = blocking("mlflow", "dvc") + """
 import kennel.data, kennel.data.dataset, kennel.data.shards, kennel.train.loop, kennel.train.fine_tune
 assert not {"mlflow", "dvc"} & {m.split(".")[0] for m in sys.modules}
 print("ok")
