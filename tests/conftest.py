@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -463,40 +464,48 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise AssertionError(f"no answer at {url} after {timeout:.0f} s:\n{log.read_text()[-5000:]}")
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """A server and the workers it started (they share the session it leads): TERM, then KILL."""
+def stop_process_group(pgid: int) -> None:
+    """A server and the workers it started (they share the session it leads): TERM, then KILL. By id: the process
+    that started it may be gone (another xdist worker's)."""
     for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
         try:
-            os.killpg(process.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pgid, os.WNOHANG)  # reap it when this process started it
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def tracking_server(backend: str, artifacts: Path):
-    """A real `mlflow server` on 127.0.0.1 with ``backend``, artifacts proxied into ``artifacts``; yields its URI."""
-    port = free_port()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    # The server logs every request: into a file, since an unread pipe fills up and stalls the server.
-    log = artifacts.parent / f"mlflow-server-{port}.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
-             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no idle GenAI job workers
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{uri}/health", server, log)
-        yield uri
-    finally:
-        stop_process_group(server)
+# Servers are shared by every test of a pytest invocation, whichever xdist worker runs it: the worker that needs one
+# first starts it (``made_once``) and leaves word how to stop it; the invocation's controller stops them all at
+# the end, when no worker needs them any more.
+
+
+def stop_at_end(shared: Path, order: int, name: str, how: dict) -> None:
+    """How to stop a shared server: {"pgid": id} (its process group) or {"cmd": [...]} (a command), and the
+    folders to remove after ("remove")."""
+    (shared / f"stop-{order}-{name}.json").write_text(json.dumps(how))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for word in sorted(session.config._tmp_path_factory.getbasetemp().glob("stop-*.json")):
+        how = json.loads(word.read_text())
+        if "pgid" in how:
+            stop_process_group(how["pgid"])
+        else:
+            subprocess.run(how["cmd"], capture_output=True, timeout=120)
+        for folder in how.get("remove", []):
+            shutil.rmtree(folder, ignore_errors=True)
+        word.unlink()
 
 
 def postgres_bin() -> Path:
@@ -509,12 +518,9 @@ def postgres_bin() -> Path:
     return Path(spec.submodule_search_locations[0]) / "pginstall"
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    """A real PostgreSQL server on 127.0.0.1 in a temp dir; yields a function that creates a database and returns its
-    URI. PostgreSQL refuses to run as root: then the binaries are copied beside the data and run as `nobody`."""
-    import psycopg
-
+def start_postgres() -> tuple[str, dict]:
+    """A real PostgreSQL server on 127.0.0.1 in a temp dir: its URI (no database) and how to stop it. PostgreSQL
+    refuses to run as root: then the binaries are copied beside the data and run as `nobody`."""
     folder, port = Path(tempfile.mkdtemp(prefix="kennel-pg-")), free_port()  # not under root-only temp dirs
     install, as_user = postgres_bin(), []
     if os.geteuid() == 0:  # the copy keeps the wheel's layout: the binaries find their libraries at ../../../
@@ -532,19 +538,76 @@ def postgres():
     subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-t", "300",
                     "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
                    check=True, capture_output=True, timeout=400)
-    server = f"postgresql://mlflow@127.0.0.1:{port}"
+    stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]
+    return f"postgresql://mlflow@127.0.0.1:{port}", {"cmd": stop, "remove": [str(folder)]}
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One PostgreSQL server per pytest invocation; yields a function that creates a database (a name used once per
+    invocation) and returns its URI."""
+    import psycopg
+
+    shared = shared_dir(tmp_path_factory)
+
+    def make() -> None:
+        uri, stop = start_postgres()
+        stop_at_end(shared, 2, "postgres", stop)  # after the tracking server that uses it
+        (shared / "postgres.uri").write_text(uri)
+
+    made_once(shared, "postgres", make)
+    server = (shared / "postgres.uri").read_text()
 
     def database(name: str) -> str:
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:  # CREATE DATABASE: no transaction
             conn.execute(f"CREATE DATABASE {name}")
         return f"{server}/{name}"
 
+    return database
+
+
+@dataclass(frozen=True)
+class Server:
+    uri: str
+    artifacts: Path  # where it stores the artifacts it proxies: <experiment id>/<run id>/artifacts/...
+
+
+def start_tracking_server(backend: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 with ``backend``, artifacts proxied into ``artifacts``, answering."""
+    port = free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    # The server logs every request: into a file, since an unread pipe fills up and stalls the server.
+    log = artifacts.parent / f"mlflow-server-{port}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
+             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no idle GenAI job workers
+    uri = f"http://127.0.0.1:{port}"
     try:
-        yield database
-    finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True, timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
+        wait_for_http(f"{uri}/health", server, log)
+    except BaseException:
+        stop_process_group(server.pid)
+        raise
+    return server, uri
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory) -> Server:
+    """One real `mlflow server` per pytest invocation, on a PostgreSQL database, artifacts proxied into a shared temp
+    folder. The tests that use it keep to experiments (and registered models) of their own."""
+    shared = shared_dir(tmp_path_factory)
+    artifacts = shared / "server-artifacts"
+
+    def make() -> None:
+        server, uri = start_tracking_server(postgres("tracking"), artifacts)
+        stop_at_end(shared, 1, "tracking", {"pgid": server.pid})
+        (shared / "tracking.uri").write_text(uri)
+
+    made_once(shared, "tracking", make)
+    return Server((shared / "tracking.uri").read_text(), artifacts)
 
 
 # ------------------------------------------------------------------------------------------ queued experiments

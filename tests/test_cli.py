@@ -68,7 +68,12 @@ def test_ui_serves_the_project_store_and_opens_its_runs_view(tmp_path):
 
 NO_MLFLOW = blocking("mlflow") + """
 from kennel.cli.main import main
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+try:  # the guard itself can fail: it must still be in place after the command
+    import mlflow
+except ImportError as err:
+    print(f"then: {err}")
+sys.exit(code)
 """
 
 
@@ -87,9 +92,7 @@ def test_predict_from_a_model_file_imports_no_mlflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", NO_MLFLOW, "predict", "a.png", "--model", "model.pt"], cwd=tmp_path,
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "1 predicted, 0 failed" in out.stdout, out.stderr
-    out = subprocess.run([sys.executable, "-c", NO_MLFLOW, "predict", "a.png", "--model", "0" * 32], cwd=tmp_path,
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode != 0 and "mlflow is blocked" in out.stderr  # the guard itself can fail
+    assert "then: mlflow is blocked" in out.stdout
 
 
 def test_the_kennel_console_script_is_declared():

@@ -23,13 +23,12 @@ from tests.conftest import (
     run_stages,
     shell_line,
     small_params,
-    tracking_server,
 )
 
 pytestmark = pytest.mark.slow
 
 
-def test_readme_own_images_team_setup_and_reproduce_a_commit(tmp_path, monkeypatch):
+def test_readme_own_images_team_setup_and_reproduce_a_commit(tmp_path, monkeypatch, tracking_server):
     """README's "Use your own images", "Team setup" and "Reproduce a run" as written there: a fresh clone with tiny
     images in data/raw/<class>/, a folder DVC remote, a real tracking server both machines share, and a teammate's
     second clone that pulls the images and results instead of recomputing them and reproduces the commit. The other
@@ -40,64 +39,64 @@ def test_readme_own_images_team_setup_and_reproduce_a_commit(tmp_path, monkeypat
     dvc(["config", "--local", "core.autostage", "false"], root)  # nothing staged behind the README's back
     assert not (root / "data/raw").exists()  # nothing committed there: `dvc add data/raw` must work
     own_images(root / "data/raw")
-    with tracking_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # "on every machine that runs the pipeline"
-        client = mlflow.MlflowClient(uri)
+    uri = tracking_server.uri  # the invocation's server: this test alone uses its experiment "kennel"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # "on every machine that runs the pipeline"
+    client = mlflow.MlflowClient(uri)
 
-        settings = readme_blocks("## Use your own images", "yaml")[0]
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        for section, values in yaml.safe_load(settings).items():
-            params[section].update(values)
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for line in command_lines(readme_blocks("## Use your own images", "bash")[0]):
-            shell_line(line, root)
-        assert run(["git", "status", "--porcelain", "--", "data", "params.yaml"], root).stdout == ""  # committed
-        run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
-        first = client.get_run(run_id)
-        assert first.data.tags["kennel.data_versioned"] == "true" and first.data.tags["git.dirty"] == "false"
-        assert first.info.artifact_uri.startswith("mlflow-artifacts:")
-        assert not (root / "mlflow.db").exists()  # the server has it all
-        recorded = f"{json.loads((root / 'reports/metrics.json').read_text())['test_accuracy']:.6f}"
+    settings = readme_blocks("## Use your own images", "yaml")[0]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in yaml.safe_load(settings).items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for line in command_lines(readme_blocks("## Use your own images", "bash")[0]):
+        shell_line(line, root)
+    assert run(["git", "status", "--porcelain", "--", "data", "params.yaml"], root).stdout == ""  # committed
+    run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    first = client.get_run(run_id)
+    assert first.data.tags["kennel.data_versioned"] == "true" and first.data.tags["git.dirty"] == "false"
+    assert first.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert not (root / "mlflow.db").exists()  # the server has it all
+    recorded = f"{json.loads((root / 'reports/metrics.json').read_text())['test_accuracy']:.6f}"
 
-        # Team setup: a DVC remote in a folder, the data and outputs pushed, everything committed
-        remote = tmp_path / "dvc-remote"
-        dvc(["remote", "add", "-d", "storage", str(remote)], root)
-        dvc(["push"], root)
-        run(["git", "add", "-A"], root)
-        run(["git", "commit", "-qm", "Result on our images"], root)
-        commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    # Team setup: a DVC remote in a folder, the data and outputs pushed, everything committed
+    remote = tmp_path / "dvc-remote"
+    dvc(["remote", "add", "-d", "storage", str(remote)], root)
+    dvc(["push"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "Result on our images"], root)
+    commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
 
-        reproduce = command_lines(readme_blocks("## Reproduce a run", "bash")[0])
-        assert [line.rsplit(" <", 1)[-1] for line in reproduce] == ["run id>", "experiment name>", "commit>"]
+    reproduce = command_lines(readme_blocks("## Reproduce a run", "bash")[0])
+    assert [line.rsplit(" <", 1)[-1] for line in reproduce] == ["run id>", "experiment name>", "commit>"]
 
-        theirs = tmp_path / "theirs"  # a teammate's machine: a clone, its own (empty) DVC cache
-        run(["git", "clone", "-q", str(root), str(theirs)], tmp_path)
-        assert not (theirs / ".dvc/cache").exists() and not (theirs / "models/model.pt").exists()
-        assert not (theirs / "data/raw").exists()
-        remote.rename(tmp_path / "away")  # neither their cache nor the remote has the images: refused, with the fix
-        refused = run(["bash", "-c", reproduce[2].replace("<commit>", commit)], theirs, check=False, timeout=600,
-                      env={**os.environ, "PYTHONPATH": str(theirs / "src")})
-        assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert "data/raw (data/raw.dvc at" in refused.stderr and "dvc pull data/raw.dvc" in refused.stderr
-        (tmp_path / "away").rename(remote)
-        team = readme_blocks("## Team setup", "bash")[1]
-        assert [c.split()[:2] for c in command_lines(team)][1:] == [
-            ["dvc", "pull"], ["dvc", "status"], ["dvc", "repro"], ["python", "-m"]]
-        dvc(["pull"], theirs)
-        assert sorted(p.name for p in (theirs / "data/raw/cat").iterdir()) == sorted(
-            p.name for p in (root / "data/raw/cat").iterdir())
-        assert (theirs / "models/model.pt").read_bytes() == (root / "models/model.pt").read_bytes()
-        status = dvc(["status"], theirs).stdout
-        assert "up to date" in status, status
-        again = dvc(["repro"], theirs).stdout
-        assert "Running stage" not in again and "didn't change" in again, again
-        out = shell_line(reproduce[2], theirs, commit=commit)
-        assert out.rstrip().endswith("\nreproduced") and recorded in out, out  # the first run's result, re-made
+    theirs = tmp_path / "theirs"  # a teammate's machine: a clone, its own (empty) DVC cache
+    run(["git", "clone", "-q", str(root), str(theirs)], tmp_path)
+    assert not (theirs / ".dvc/cache").exists() and not (theirs / "models/model.pt").exists()
+    assert not (theirs / "data/raw").exists()
+    remote.rename(tmp_path / "away")  # neither their cache nor the remote has the images: refused, with the fix
+    refused = run(["bash", "-c", reproduce[2].replace("<commit>", commit)], theirs, check=False, timeout=600,
+                  env={**os.environ, "PYTHONPATH": str(theirs / "src")})
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "data/raw (data/raw.dvc at" in refused.stderr and "dvc pull data/raw.dvc" in refused.stderr
+    (tmp_path / "away").rename(remote)
+    team = readme_blocks("## Team setup", "bash")[1]
+    assert [c.split()[:2] for c in command_lines(team)][1:] == [
+        ["dvc", "pull"], ["dvc", "status"], ["dvc", "repro"], ["python", "-m"]]
+    dvc(["pull"], theirs)
+    assert sorted(p.name for p in (theirs / "data/raw/cat").iterdir()) == sorted(
+        p.name for p in (root / "data/raw/cat").iterdir())
+    assert (theirs / "models/model.pt").read_bytes() == (root / "models/model.pt").read_bytes()
+    status = dvc(["status"], theirs).stdout
+    assert "up to date" in status, status
+    again = dvc(["repro"], theirs).stdout
+    assert "Running stage" not in again and "didn't change" in again, again
+    out = shell_line(reproduce[2], theirs, commit=commit)
+    assert out.rstrip().endswith("\nreproduced") and recorded in out, out  # the first run's result, re-made
 
-        runs = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
-        # the first run and the teammate's reproduction, on the one server
-        assert sorted(r.data.tags.get("kennel.reproduces", "") for r in runs) == ["", commit]
-        assert run(["git", "worktree", "list"], theirs).stdout.count("\n") == 1  # its worktree is gone
+    runs = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
+    # the first run and the teammate's reproduction, on the one server
+    assert sorted(r.data.tags.get("kennel.reproduces", "") for r in runs) == ["", commit]
+    assert run(["git", "worktree", "list"], theirs).stdout.count("\n") == 1  # its worktree is gone
 
 
 def test_a_run_on_unversioned_images_is_flagged_and_reproduce_refuses_it(tmp_path, monkeypatch, capsys, caplog):

@@ -145,28 +145,23 @@ def test_mlflow_run_holds_everything(project):
     assert accuracy == pytest.approx(metrics["test_accuracy"])  # the logged model is the evaluated model
 
 
-def test_an_audit_param_that_moves_no_image_does_not_retrain(project, edited):
+def test_an_audit_param_that_moves_no_image_does_not_retrain(project, project_copy):
     _, first = project
     # no pretrained weights here: one clear line, and near-copies still checked by the perceptual hash
     assert "near-duplicates use a perceptual hash" in first
-    root = edited
+    root = project_copy
     assert json.loads((root / "reports/audit/metrics.json").read_text())["audit_moved_images"] == 0
     assert (root / "data/audited/index.csv").read_bytes() == (root / "data/resized/index.csv").read_bytes()
     assert json.loads((root / "data/embeddings/meta.json").read_text())["kind"] == "phash"
-    original = (root / "params.yaml").read_text()
-    params = yaml.safe_load(original)
+    params = yaml.safe_load((root / "params.yaml").read_text())
     params["audit"]["figure_pairs"] = 3
     params["audit"]["hash_distance"] = 20
     write_params(root / "params.yaml", params)
-    try:
-        assert set(json.loads(dvc(["status", "--json"], root).stdout)) == {"audit"}
-        done = dvc(["repro"], root)
-        out = done.stdout + done.stderr
-        assert "Running stage 'audit'" in out and "Running stage 'train'" not in out, out
-        assert "24 images, 0 computed (the rest cached)" in out  # the hashes came from data/embeddings
-    finally:
-        (root / "params.yaml").write_text(original)
-        dvc(["repro"], root)
+    assert set(json.loads(dvc(["status", "--json"], root).stdout)) == {"audit"}
+    done = dvc(["repro"], root)
+    out = done.stdout + done.stderr
+    assert "Running stage 'audit'" in out and "Running stage 'train'" not in out, out
+    assert "24 images, 0 computed (the rest cached)" in out  # the hashes came from data/embeddings
     assert json.loads(dvc(["status", "--json"], root).stdout) == {}
 
 
@@ -251,14 +246,20 @@ def test_compare_names_the_changed_params_metrics_and_images(changed, monkeypatc
 
 def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_store(project_copy):
     root = project_copy
-    init = root / "src/kennel/__init__.py"
-    original = init.read_text()
-    init.write_text(original.replace('__version__ = "0.1.0"', '__version__ = "0.1.0+queued"'))
+    run_cmd(root, "git", "add", "-A")  # the run's results committed, as a sweep starts from
+    run_cmd(root, "git", "commit", "-qm", "first run")
+    # Queued with code of their own: training code (the version it records, changed when it is imported), so each
+    # experiment reruns train and evaluate over the data stages' cached outputs. Up to evaluate: what is checked
+    # below ends at the registered model (export's wiring is the shared run's).
+    queued_code = root / "src/kennel/train/__init__.py"
+    original = queued_code.read_text()
+    queued_code.write_text(original + 'import kennel\n\nkennel.__version__ += "+queued"\n')
     epochs = 8  # seconds of training to watch
-    dvc(["exp", "run", "--queue", "-S", "train.lr=0.003", "-S", f"train.epochs={epochs}", "--name", "lr-three"],
+    dvc(["exp", "run", "--queue", "evaluate", "-S", "train.lr=0.003", "-S", f"train.epochs={epochs}",
+         "--name", "lr-three"], root)
+    dvc(["exp", "run", "--queue", "evaluate", "-S", "train.lr=0.01", "-S", "train.batch_size=4", "--name", "lr-ten"],
         root)
-    dvc(["exp", "run", "--queue", "-S", "train.lr=0.01", "-S", "train.batch_size=4", "--name", "lr-ten"], root)
-    init.write_text(original)  # the main workspace is back to the committed code
+    queued_code.write_text(original)  # the main workspace is back to the committed code
     # as in a fresh clone: no store yet, and two workers make first contact with it at once
     (root / "mlflow.db").unlink()
     shutil.rmtree(root / "mlruns")
@@ -291,6 +292,9 @@ def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_s
     logs = "".join(dvc(["queue", "logs", name], root, check=False).stdout for name in ("lr-three", "lr-ten"))
     assert status.count("Success") == 2, status + logs
     assert "database is locked" not in logs
+    # each ran its changed code's stages; the data stages' outputs came from the cache
+    assert logs.count("Running stage 'train'") == logs.count("Running stage 'evaluate'") == 2, logs
+    assert not any(f"Running stage '{s}'" in logs for s in ("prepare", "resize", "audit", "export")), logs
     # DVCLive wrote the metrics after each epoch, in the experiment's own workspace: `dvc exp show` reads them
     assert any(1 <= step < epochs for step in seen_mid_run), seen_mid_run
 
@@ -307,7 +311,8 @@ def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_s
     head = run_cmd(root, "git", "rev-parse", "HEAD")
     assert run.data.tags["dvc.exp_baseline_rev"] == run.data.tags["git.commit"] == head
     # the queued code differed from the commit: recorded as dirty, with the file named
-    assert run.data.tags["git.dirty"] == "true" and run.data.tags["git.changed_files"] == "src/kennel/__init__.py"
+    assert run.data.tags["git.dirty"] == "true"
+    assert run.data.tags["git.changed_files"] == "src/kennel/train/__init__.py"
     assert run.info.artifact_uri.startswith((root / "mlruns").as_uri())
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
 
@@ -338,7 +343,7 @@ def test_queued_experiments_run_side_by_side_with_their_own_code_into_the_root_s
     assert target.recorded["accuracy"] == recorded["test_accuracy"] == by_exp["lr-ten"].data.metrics["test_accuracy"]
     committed = yaml.safe_load(run_cmd(root, "git", "show", f"{target.commit}:params.yaml"))
     assert committed["train"]["lr"] == 0.01 and committed["train"]["batch_size"] == 4
-    assert '__version__ = "0.1.0+queued"' in run_cmd(root, "git", "show", f"{target.commit}:src/kennel/__init__.py")
+    assert '"+queued"' in run_cmd(root, "git", "show", f"{target.commit}:src/kennel/train/__init__.py")
 
     # the experiment's training curves over the workspace's, overlaid by `dvc plots diff`
     diff = json.loads(dvc(["plots", "diff", "lr-three", "--json"], root).stdout)["data"]

@@ -22,7 +22,6 @@ from tests.conftest import (
     project_runs,
     run_stages,
     set_params,
-    tracking_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -42,47 +41,49 @@ def test_unreachable_server_stops_train_before_any_training(project_copy):
     assert not (root / "models").exists()
 
 
-def test_parallel_runs_through_a_tracking_server_on_postgresql(pipeline, project_copy, tmp_path, postgres,
+def test_parallel_runs_through_a_tracking_server_on_postgresql(pipeline, project_copy, tmp_path, tracking_server,
                                                                monkeypatch):
-    """Two train stages at once against a real `mlflow server` on a new PostgreSQL database (first contact at once),
-    artifacts proxied by it; then each project's evaluate. The queue's own wiring (`dvc exp run --queue -j 2`, `dvc exp
-    show` agreeing with MLflow) is tested on the project's sqlite store in test_pipeline.py."""
+    """Two train stages at once against a real `mlflow server` on PostgreSQL (first contact with a new experiment
+    at once), artifacts proxied by it; then each project's evaluate. The queue's own wiring (`dvc exp run --queue
+    -j 2`, `dvc exp show` agreeing with MLflow) is tested on the project's sqlite store in test_pipeline.py."""
     roots = [project_copy, copy_project(pipeline.root, tmp_path / "second")]
-    for root, lr in zip(roots, (0.001, 0.01), strict=True):
-        set_params(root, **{"train.epochs": 1, "train.lr": lr, "mlflow.system_metrics": False})
-    artifacts = tmp_path / "artifacts"
-    with tracking_server(postgres("server"), artifacts) as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        env = {**os.environ, "PYTHONPATH": "src"}
-        trains = [subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True) for root in roots]
-        for train in trains:
-            out = train.communicate(timeout=600)[0]
-            assert train.returncode == 0, out
-        for root in roots:
-            run_stages(root, ["evaluate"], monkeypatch)
+    for root, lr in zip(roots, (0.001, 0.01), strict=True):  # an experiment and a model of their own on the server
+        set_params(root, **{"train.epochs": 1, "train.lr": lr, "mlflow.system_metrics": False,
+                            "mlflow.experiment": "parallel", "mlflow.registered_model": "parallel"})
+    uri = tracking_server.uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    env = {**os.environ, "PYTHONPATH": "src"}
+    trains = [subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for root in roots]
+    for train in trains:
+        out = train.communicate(timeout=600)[0]
+        assert train.returncode == 0, out
+    for root in roots:
+        run_stages(root, ["evaluate"], monkeypatch)
 
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("kennel").experiment_id])
-        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-        assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.01"]
-        for run in runs:
-            assert "test_accuracy" in run.data.metrics and "kennel.model_uri" in run.data.tags
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1]
-            assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-            assert not [k for k in run.data.metrics if k.startswith("system/")]  # switched off in params
-            assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/roc.png"}
-        model = mlflow.pytorch.load_model(runs[0].data.tags["kennel.model_uri"])
-        x = torch.from_numpy(np.array(read_split(roots[0] / "data/resized", "test")[0]))
-        assert model(x).shape == (len(x), 2)
-        # every run registered a version; the champion is the best, whichever finished first
-        assert len(client.search_model_versions("name='kennel'")) == 2
-        champion = client.get_model_version_by_alias("kennel", "champion")
-        assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == max(
-            r.data.metrics["test_accuracy"] for r in runs)
-        assert champion.tags["git.commit"] == client.get_run(champion.run_id).data.tags["git.commit"]
-    assert list(artifacts.rglob("confusion_matrix.png"))  # uploaded through the server
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("parallel").experiment_id
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.01"]
+    for run in runs:
+        assert "test_accuracy" in run.data.metrics and "kennel.model_uri" in run.data.tags
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert not [k for k in run.data.metrics if k.startswith("system/")]  # switched off in params
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/roc.png"}
+    model = mlflow.pytorch.load_model(runs[0].data.tags["kennel.model_uri"])
+    x = torch.from_numpy(np.array(read_split(roots[0] / "data/resized", "test")[0]))
+    assert model(x).shape == (len(x), 2)
+    # every run registered a version; the champion is the best, whichever finished first
+    assert len(client.search_model_versions("name='parallel'")) == 2
+    champion = client.get_model_version_by_alias("parallel", "champion")
+    assert client.get_run(champion.run_id).data.metrics["test_accuracy"] == max(
+        r.data.metrics["test_accuracy"] for r in runs)
+    assert champion.tags["git.commit"] == client.get_run(champion.run_id).data.tags["git.commit"]
+    uploaded = tracking_server.artifacts / experiment_id
+    assert {p.parts[-4] for p in uploaded.rglob("confusion_matrix.png")} == {r.info.run_id for r in runs}
     for root in roots:
         assert len(project_runs(root)[1]) == 1  # nothing went to the local store: it holds the copied run alone
 

@@ -146,4 +146,4 @@ def test_served_model_classifies_images_and_pixels(tmp_path, images):
         status, reply = _post(f"{base}/invocations", {"inputs": np.zeros((1, 3, 16, 16), int).tolist()})
         assert status == 400 and f"expected pixels N x 3 x {SIZE} x {SIZE}" in reply["message"], reply
     finally:
-        stop_process_group(server)
+        stop_process_group(server.pid)

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +52,10 @@ def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _fit(features: np.ndarray, labels: np.ndarray, c: float, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    # scikit-learn on first use: a run without pretrained weights fits no probe and skips its second of imports
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a few more iterations change nothing we report
         model = LogisticRegression(C=c, max_iter=1000).fit(features, labels)
@@ -71,6 +72,8 @@ def fit_probe(train: tuple, val: tuple, test: tuple | None = None, *, classes: i
               cs: Sequence[float] = PROBE_CS) -> Probe:
     """Logistic regression on ``train`` = (features, labels), C out of ``cs`` chosen by val log loss (without val,
     the only one given, else the default); scored on val and test."""
+    from sklearn.metrics import log_loss
+
     x, y = _as_numpy(train[0]), np.asarray(train[1])
     if len(np.unique(y)) < 2:
         raise ValueError("the linear probe needs at least two classes in the train split")
