@@ -18,6 +18,7 @@ import onnx
 import pandas as pd
 import pytest
 from mlflow.pyfunc import PythonModelContext
+from PIL import Image
 
 import kennel
 from kennel import track
@@ -152,6 +153,11 @@ def test_export_from_a_run_without_a_model_names_it(tmp_path, monkeypatch, capsy
     assert main(["export", "--model", run_id]) == 2
     assert capsys.readouterr().err == (f"kennel export: error: '{run_id}': run {run_id} has no model file (no tag "
                                        "kennel.serving_uri); is it a finished kennel train run?\n")
+    write_image(tmp_path / "a.png", seed=0)
+    assert main(["predict", "a.png", "--runtime", "onnx", "--model", run_id]) == 2
+    assert capsys.readouterr().err == (f"kennel predict: error: cannot load model: '{run_id}': run {run_id} has no "
+                                       "ONNX model (no tag kennel.onnx_uri): the export stage logs one (`dvc repro "
+                                       "export`), or pass an .onnx file `kennel export` wrote\n")
 
 
 def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline, tmp_path):
@@ -176,22 +182,36 @@ def test_the_export_stage_wrote_and_logged_the_onnx_model(pipeline, tmp_path):
     assert mlflow.models.get_model_info(served).metadata["kennel.runtime"] == "onnx"
     requirements = Path(mlflow.pyfunc.get_model_dependencies(served)).read_text()
     assert "onnxruntime==" in requirements and "torch" not in requirements  # torchvision neither
-    # loaded as `mlflow models serve` loads it, in a process where torch cannot be imported: it classifies
-    images = read_split(root / "data/audited", "test")[0][:5]
-    np.save(tmp_path / "images.npy", np.asarray(images))
-    out = subprocess.run([sys.executable, "-c", SERVED_WITHOUT_TORCH, f"sqlite:///{root / 'mlflow.db'}", served,
-                          str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # in a process where torch cannot be imported: loaded as `mlflow models serve` loads it, it classifies; and
+    # `kennel predict --runtime onnx` finds it by the registry's champion (images as PNG files: the same pixels)
+    images = np.asarray(read_split(root / "data/audited", "test")[0][:5])
+    np.save(tmp_path / "images.npy", images)
+    for i, image in enumerate(images):
+        Image.fromarray(image.transpose(1, 2, 0)).save(tmp_path / f"{i}.png")
+    predicted = tmp_path / "predicted.csv"
+    out = subprocess.run([sys.executable, "-c", SERVED_WITHOUT_TORCH, served, str(tmp_path / "images.npy"),
+                          "predict", *(str(tmp_path / f"{i}.png") for i in range(len(images))), "--runtime", "onnx",
+                          "--model", "models:/kennel@champion", "--output", str(predicted)],
+                         capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = pd.read_json(io.StringIO(out.stdout.splitlines()[-1]), orient="split")
+    rows = pd.read_json(io.StringIO(out.stdout.splitlines()[0]), orient="split")
     onnx_model = load_onnx_model(root / "models/model.onnx")
-    expected = predict_onnx(np.asarray(images), onnx_model)
-    np.testing.assert_allclose(rows[[f"p_{c}" for c in onnx_model.classes]].to_numpy(float), expected, atol=1e-6)
+    expected = predict_onnx(images, onnx_model)
+    columns = [f"p_{c}" for c in onnx_model.classes]
+    np.testing.assert_allclose(rows[columns].to_numpy(float), expected, atol=1e-6)
     assert list(rows["error"]) == [""] * len(images)
+    assert f"(model models:/kennel@champion (run {run_id}))" in out.stdout
+    np.testing.assert_allclose(pd.read_csv(predicted)[columns].to_numpy(float), expected, atol=1e-6)
 
 
 SERVED_WITHOUT_TORCH = blocking("torch", "torchvision") + """
 import mlflow, numpy as np
-mlflow.set_tracking_uri(sys.argv[1])
-rows = mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3]))
+from kennel.cli.main import main
+from kennel.core.paths import project_root, tracking_uri
+
+mlflow.set_tracking_uri(tracking_uri(project_root()))
+rows = mlflow.pyfunc.load_model(sys.argv[1]).predict(np.load(sys.argv[2]))
 print(rows.to_json(orient="split", index=False))
+sys.exit(main(sys.argv[3:]))
 """

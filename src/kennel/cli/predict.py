@@ -1,12 +1,15 @@
 """``kennel predict``: class probabilities for image files and folders, from a model file or an MLflow model, on
-PyTorch or (``--runtime onnx``, a file ``kennel export`` wrote) on onnxruntime.
+PyTorch or (``--runtime onnx``: a file ``kennel export`` wrote, or the ONNX model a run logged) on onnxruntime.
 
-torch is imported only on the PyTorch path: predicting from an .onnx file needs numpy, PIL, pandas and onnxruntime.
+torch is imported only on the PyTorch path: predicting from an .onnx file needs numpy, PIL, pandas and onnxruntime
+(and mlflow for an ONNX model named by its run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,17 +74,29 @@ def _load_file(path: Path, ref: str) -> LoadedModel:
 
 
 def resolve_onnx_model(ref: str | None, root: Path) -> OnnxModel:
-    """``ref``: None (``models/model.onnx`` under ``root``) or an ONNX file ``kennel export`` wrote."""
-    from kennel.model.onnx_inference import load_onnx_model
-
+    """``ref``: None (``models/model.onnx`` under ``root``), an ONNX file ``kennel export`` wrote, or the ONNX model
+    the export stage logged to a run: its run id, or a registered model ``models:/name@alias`` / ``.../<version>``."""
     path = root / ONNX_MODEL if ref is None else Path(ref)
+    if ref is not None and not path.exists() and (ref.startswith("models:/") or RUN_ID.fullmatch(ref)):
+        from kennel.track.refs import download_onnx_file, registered_run_id  # mlflow, never torch
+
+        run_id = registered_run_id(ref, root) if ref.startswith("models:/") else ref
+        with tempfile.TemporaryDirectory(prefix="kennel-onnx-") as tmp:  # onnxruntime reads it whole on load
+            return _load_onnx(download_onnx_file(run_id, root, ref, Path(tmp)), ref, source=f"{ref} (run {run_id})")
     if not path.is_file():
         raise ModelRefError(f"{ref or path}: no ONNX model file (--runtime onnx takes a file `kennel export` "
-                            "writes; `dvc repro export` writes models/model.onnx)")
+                            "writes, a run id or a models:/ URI; `dvc repro export` writes models/model.onnx)")
+    return _load_onnx(path, ref or str(path))
+
+
+def _load_onnx(path: Path, ref: str, source: str | None = None) -> OnnxModel:
+    from kennel.model.onnx_inference import load_onnx_model
+
     try:
-        return load_onnx_model(path)
+        model = load_onnx_model(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ModelRefError(f"{ref or path}: not a kennel ONNX model ({type(err).__name__}: {err})") from None
+        raise ModelRefError(f"{ref}: not a kennel ONNX model ({type(err).__name__}: {err})") from None
+    return dataclasses.replace(model, source=source) if source else model
 
 
 def expand(paths: Sequence[str | Path]) -> list[Path]:
@@ -224,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = command_parser("predict", "Predict the class of image files (folders: every file).")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--model", metavar="REF", help="model file, MLflow run id, models:/<name>@<alias> or "
-                        "models:/<name>/<version> (default: models/model.pt); with --runtime onnx an .onnx file")
+                        "models:/<name>/<version> (default: models/model.pt); with --runtime onnx an .onnx file or the "
+                        "ONNX model the export stage logged to that run (default: models/model.onnx)")
     parser.add_argument("--output", metavar="CSV", type=Path,
                         help="write the predictions here, batch by batch, instead of a table at the end")
     parser.add_argument("--resume", action="store_true",
@@ -238,7 +254,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="mixed precision (auto: bf16 where the hardware runs it natively); torch runtime only")
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
                         help="torch (the model file or an MLflow model) or onnx (an .onnx file `kennel export` "
-                             "wrote, default models/model.onnx; runs on onnxruntime without importing torch)")
+                             "wrote or a run's logged one, default models/model.onnx; runs on onnxruntime without "
+                             "importing torch)")
     return parser
 
 

@@ -1,17 +1,20 @@
 """Models named by MLflow reference: a run id, ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a logged
-model ``models:/m-...``, loaded with the classes, size and resize mode their run recorded."""
+model ``models:/m-...``, loaded with the classes, size and resize mode their run recorded, or the run's files (its
+kennel model file, its ONNX model). torch is imported only to load a PyTorch model: the ONNX path runs without it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
-import mlflow.pytorch
 from mlflow.exceptions import MlflowException
 
 from kennel.core.errors import ModelRefError, TrackingUnavailable
-from kennel.model.inference import DEFAULT_MODE, LoadedModel
 from kennel.track.store import check_reachable, tracking_uri
+
+if TYPE_CHECKING:
+    from kennel.model.inference import LoadedModel
 
 
 def client(root: Path, ref: str) -> mlflow.MlflowClient:
@@ -60,6 +63,10 @@ def get_run(run_id: str, root: Path, ref: str) -> mlflow.entities.Run:
 
 def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
     """The model a kennel train run logged; its tags and params say the classes, size and resize mode."""
+    import mlflow.pytorch
+
+    from kennel.model.inference import DEFAULT_MODE, LoadedModel
+
     run = get_run(run_id, root, ref)
     tags, params = run.data.tags, run.data.params
     missing = [f"tag {k}" for k in ("kennel.model_uri", "kennel.classes") if not tags.get(k)]
@@ -91,3 +98,16 @@ def download_model_file(run_id: str, root: Path, ref: str, dest: Path) -> Path:
     if not found:
         raise ModelRefError(f"{ref!r}: {uri} holds no kennel model file")
     return found[0]
+
+
+def download_onnx_file(run_id: str, root: Path, ref: str, dest: Path) -> Path:
+    """The ONNX model the export stage logged to train run ``run_id`` (tag ``kennel.onnx_uri``), downloaded under
+    ``dest``; a ModelRefError naming ``ref`` when the run has none."""
+    uri = get_run(run_id, root, ref).data.tags.get("kennel.onnx_uri")
+    if not uri:
+        raise ModelRefError(f"{ref!r}: run {run_id} has no ONNX model (no tag kennel.onnx_uri): the export stage "
+                            "logs one (`dvc repro export`), or pass an .onnx file `kennel export` wrote")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as err:  # noqa: BLE001 - a deleted artifact, a store moved away, ...
+        raise ModelRefError(f"{ref!r}: cannot download {uri} ({type(err).__name__}: {err})") from None
