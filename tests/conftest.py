@@ -38,10 +38,14 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 BIN = Path(sys.executable).parent
 
 
-# The files with the longest chains of subprocesses first: xdist hands out files in collection order, and one of
-# these started last would run on alone at the end. The rest keep their order.
-SLOW_FIRST = ("test_own_images.py", "test_pipeline.py", "test_pipeline_mlflow.py",
-              "test_pipeline_train.py", "test_reproduce.py")
+# Files by their cost, longest first (seconds summed over their tests, `pytest --durations=0` on 2 cores): xdist
+# hands out files in this order, so the long ones start early and the short ones (the rest, in their order) fill
+# in at the end instead of one long file running on alone. The first two need no shared pipeline run and make it,
+# so neither worker waits for the other at the start.
+SLOW_FIRST = ("test_own_images.py", "test_pipeline.py", "test_pipeline_queue.py", "test_pipeline_mlflow.py",
+              "test_reproduce.py", "test_transfer.py", "test_predict.py", "test_cli.py", "test_pipeline_train.py",
+              "test_training.py", "test_serve.py", "test_pipeline_folder.py", "test_grow.py", "test_reports.py",
+              "test_track_training.py", "test_export.py", "test_lr_find.py", "test_decisions.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -32,7 +32,7 @@ def test_readme_own_images_team_setup_and_reproduce_a_commit(tmp_path, monkeypat
     """README's "Use your own images", "Team setup" and "Reproduce a run" as written there: a fresh clone with tiny
     images in data/raw/<class>/, a folder DVC remote, a real tracking server both machines share, and a teammate's
     second clone that pulls the images and results instead of recomputing them and reproduces the commit. The other
-    two lines of "Reproduce a run": <run id> in test_reproduce.py, <experiment name> in test_pipeline.py."""
+    two lines of "Reproduce a run": <run id> in test_reproduce.py, <experiment name> in test_pipeline_queue.py."""
     origin = make_project(tmp_path / "origin", small_params(**{"train.epochs": 1}))
     root = tmp_path / "clone"
     run(["git", "clone", "-q", str(origin), str(root)], tmp_path)

@@ -45,7 +45,8 @@ def test_parallel_runs_through_a_tracking_server_on_postgresql(pipeline, project
                                                                monkeypatch):
     """Two train stages at once against a real `mlflow server` on PostgreSQL (first contact with a new experiment
     at once), artifacts proxied by it; then each project's evaluate. The queue's own wiring (`dvc exp run --queue
-    -j 2`, `dvc exp show` agreeing with MLflow) is tested on the project's sqlite store in test_pipeline.py."""
+    -j 2`, `dvc exp show` agreeing with MLflow) is tested on the project's sqlite store in
+    test_pipeline_queue.py."""
     roots = [project_copy, copy_project(pipeline.root, tmp_path / "second")]
     for root, lr in zip(roots, (0.001, 0.01), strict=True):  # an experiment and a model of their own on the server
         set_params(root, **{"train.epochs": 1, "train.lr": lr, "mlflow.system_metrics": False,
@@ -91,7 +92,7 @@ def test_parallel_runs_through_a_tracking_server_on_postgresql(pipeline, project
 def test_a_run_straight_to_postgresql(project_copy, postgres, monkeypatch):
     """MLFLOW_TRACKING_URI=postgresql://... (no server): the train and evaluate stages, in-process, make first contact
     with a new database and land one complete, registered run. Parallel runs: the server on PostgreSQL above, and the
-    project's sqlite store in test_pipeline.py (the same first-contact lock)."""
+    project's sqlite store in test_pipeline_queue.py (the same first-contact lock)."""
     root = project_copy
     set_params(root, **{"train.epochs": 1})
     uri = postgres("direct")

@@ -1,6 +1,6 @@
 """`python -m kennel reproduce` on a real git + DVC repo: README's `reproduce <run id>` rerunning a run whose recorded
 result no longer matches, and refusals. Exact reproductions: a commit in test_own_images.py, an experiment in
-test_pipeline.py."""
+test_pipeline_queue.py."""
 
 from __future__ import annotations
 
