@@ -43,7 +43,8 @@ def evaluate_stage(params: Params) -> None:
         track.log_metrics(json.loads(AUDIT_METRICS.read_text()))
         track.note(run_note(
             m, data, experiment_id=track.experiment_id(mf.experiment, root),
-            run_id=run_id, selected_epoch=track.run_tag(run_id, "kennel.selected_epoch"), epochs=t.epochs,
+            run_id=run_id, selected_epoch=track.run_tag(run_id, "kennel.selected_epoch"),
+            epochs=track.run_tag(run_id, "kennel.epochs") or t.epochs,  # train.epochs auto: what the run decided
             select=t.select, selected_reason=track.run_tag(run_id, "kennel.selected_reason"),
             figures=figure_links(reports.figures), decisions=track.run_tags_under(run_id, "kennel.decision."),
             warnings=[track.run_tag(run_id, f"kennel.{kind}_warning") for kind in ("data", "weights", "baseline")],

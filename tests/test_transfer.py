@@ -14,7 +14,7 @@ from torchvision.models import get_model
 
 from kennel.core.archs import head_path, supported_archs
 from kennel.core.errors import ConfigError, WeightsError
-from kennel.core.params import params_from_dict
+from kennel.core.params import AUTO_EPOCHS, AUTO_EPOCHS_ALL_LAYERS, params_from_dict
 from kennel.data.shards import read_split
 from kennel.model.file import load_model, save_model
 from kennel.model.network import build_model
@@ -310,6 +310,32 @@ def test_finetune_auto_is_head_when_the_probe_is_already_right_on_val_else_stage
     assert by_hand.decide(0.5) is by_hand
 
 
+def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_chose_them_for_new_images():
+    auto = {"model.finetune": "auto", "train.epochs": "auto", "train.backbone_lr_mult": "auto"}
+    params = params_from_dict(small_params(**auto))
+    learns = Recipe.from_params(params, pretrained=True).decide(0.9)  # the probe: the backbone has to learn
+    assert learns.finetune == "staged" and learns.learns_new_domain
+    assert (learns.train.epochs, learns.train.backbone_lr_mult) == (AUTO_EPOCHS_ALL_LAYERS, 1.0) == (15, 1.0)
+    assert [(p.first, p.last, p.frozen) for p in learns.phases] == [(1, 1, True), (2, 15, False)]
+    assert learns.budget_reasons() == {
+        "epochs": "15: all layers learn images unlike the pretrained ones (model.finetune auto chose staged); "
+                  "train.epochs auto",
+        "backbone_lr_mult": "1: all layers learn images unlike the pretrained ones (model.finetune auto chose "
+                            "staged); train.backbone_lr_mult auto"}
+    assert learns.describe()[1].startswith("14 epochs: all layers, head lr 0.001, backbone lr 0.001,")
+    head = Recipe.from_params(params, pretrained=True).decide(0.99)  # features that already separate the classes
+    assert (head.finetune, head.train.epochs, head.train.backbone_lr_mult) == ("head", AUTO_EPOCHS, 0.1) == \
+        ("head", 4, 0.1)
+    assert head.budget_reasons()["epochs"] == "4: model.finetune head (auto); train.epochs auto"
+    scratch = Recipe.from_params(params, pretrained=False).decide()  # random init: full, the shipped 4 epochs
+    assert (scratch.finetune, scratch.train.epochs) == ("full", 4) and not scratch.learns_new_domain
+    by_hand = Recipe.from_params(params_from_dict(small_params(**{**auto, "model.finetune": "staged"})), True)
+    assert by_hand.decide(0.5).train.epochs == 4  # a mode set by hand keeps the shipped budget
+    numbers = params_from_dict(small_params(**{**auto, "train.epochs": 6, "train.backbone_lr_mult": 0.3}))
+    kept = Recipe.from_params(numbers, pretrained=True).decide(0.9)
+    assert (kept.train.epochs, kept.train.backbone_lr_mult, kept.budget_reasons()) == (6, 0.3, {})
+
+
 def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     """The run decides on the linear probe's val accuracy, says so, and ends bitwise where that mode set by hand
     ends; from random init auto is full."""
@@ -329,7 +355,7 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     ({"train.head_epochs": 0}, "train.head_epochs = 0: allowed with model.finetune staged: 1 to"),
     ({"train.head_epochs": 3}, "train.head_epochs = 3"),
     ({"train.warmup_epochs": 2.0}, "fewer than the second phase's"),
-    ({"train.backbone_lr_mult": 0.0}, "train.backbone_lr_mult = 0.0: allowed: a finite number > 0"),
+    ({"train.backbone_lr_mult": 0.0}, "train.backbone_lr_mult = 0.0: allowed: auto or a finite number > 0"),
     ({"evaluate.tta": "five-crop"}, "evaluate.tta = 'five-crop': allowed: none | flip"),
 ])
 def test_bad_staged_and_tta_params_are_rejected(overrides, words):

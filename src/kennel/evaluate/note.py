@@ -11,7 +11,7 @@ SELECT = {"best": "the lowest validation loss", "last": "the last epoch"}
 
 
 def run_note(
-    metrics: Mapping, data: Mapping, *, experiment_id: str, run_id: str, selected_epoch: str, epochs: int,
+    metrics: Mapping, data: Mapping, *, experiment_id: str, run_id: str, selected_epoch: str, epochs: int | str,
     select: str, figures: Sequence[tuple[str, str]], warnings: Sequence[str] = (), selected_reason: str = "",
     decisions: Mapping[str, str] | None = None,
 ) -> str:

@@ -69,7 +69,8 @@ def log_start(result: TrainResult, world: int) -> None:
     store.set_tags({
         "kennel.device": result.device, "kennel.amp": amp_name(result.amp_dtype), **result.weights.tags(),
         "kennel.classes": ",".join(result.model.classes), "kennel.data_placement": result.data_placement,
-        "kennel.processes": world, **{f"kennel.decision.{k}": v for k, v in result.decisions.items()},
+        "kennel.processes": world, "kennel.epochs": result.epochs,
+        **{f"kennel.decision.{k}": v for k, v in result.decisions.items()},
     })
     if result.resumed_from:
         store.set_tags({"kennel.resumed_from_epoch": result.resumed_from})

@@ -49,6 +49,7 @@ class TrainResult:
     amp_dtype: torch.dtype | None
     data_placement: str = ""  # "device" (resident) or "stream" (DataLoader from the memory map)
     resumed_from: int = 0  # epoch of the checkpoint resumed, 0 for a fresh start
+    epochs: int = 0  # the budget trained to (train.epochs, or what auto decided)
     probe: Probe | None = None  # the linear probe on the pretrained features (runs with a frozen phase)
     refit_images: int = 0  # train.refit: the images the final weights were trained on (train + val)
     # train.blend: (val loss, val accuracy) of the blended weights kept, which are no epoch's; None otherwise
@@ -292,7 +293,7 @@ def train(
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
     result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
-                         resumed_from=start - 1)
+                         resumed_from=start - 1, epochs=t.epochs)
     log.info("training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
              device, amp_name(amp_dtype), result.data_placement, n_train, n_val, data.batch_size, ctx.world,
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
@@ -305,6 +306,9 @@ def train(
     log.info("BatchNorm statistics %s", result.decisions["batchnorm"])
     result.decisions["class_weights"] = weights_reason(t.class_weights, train_labels, len(model.classes))
     log.info("class weights in the loss: %s", result.decisions["class_weights"])
+    for key, reason in recipe.budget_reasons().items():
+        result.decisions[key] = reason
+        log.info("train.%s %s", key, reason)
     for warning in balance_warnings(train_labels, val_labels, model.classes,
                                     weighs(t.class_weights, train_labels, len(model.classes))):
         log.warning(warning)

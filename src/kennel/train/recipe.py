@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kennel.core.params import Params, TrainConfig
+from kennel.core.params import (
+    AUTO_BACKBONE_LR_MULT,
+    AUTO_BACKBONE_LR_MULT_ALL_LAYERS,
+    AUTO_EPOCHS_ALL_LAYERS,
+    Params,
+    TrainConfig,
+)
 from kennel.model.network import Classifier
 from kennel.train.augment import Augment, Mix
 from kennel.train.balance import class_weights, weighs
@@ -58,7 +64,7 @@ class Recipe:
 
     finetune: str  # head | staged | full, or auto until ``decide`` settles it
     pretrained: bool  # the backbone holds loaded weights (not random init)
-    train: TrainConfig
+    train: TrainConfig  # train.epochs and backbone_lr_mult as numbers: auto's planned ones until ``decide``
     # how far the train images sit from the pretrained BatchNorm statistics (``kennel.model.statistics``), measured
     # when freeze_bn is auto and an all-layer phase follows; None: not measured
     bn_shift: float | None = None
@@ -69,11 +75,17 @@ class Recipe:
     # what auto trains all layers with when the probe says so: staged, or full when train.epochs leave no room for
     # staged's two phases
     all_layers: str = "staged"
+    # which of train.epochs and train.backbone_lr_mult were auto (``decide`` sets them)
+    auto_budget: frozenset[str] = frozenset()
 
     @classmethod
     def from_params(cls, params: Params, pretrained: bool) -> Recipe:
-        return cls(params.model.finetune, pretrained, params.train,
-                   all_layers="staged" if params.stages_fit else "full")
+        t = params.train
+        auto = frozenset(k for k in ("epochs", "backbone_lr_mult") if getattr(t, k) == "auto")
+        train = dataclasses.replace(t, epochs=t.planned_epochs, backbone_lr_mult=AUTO_BACKBONE_LR_MULT
+                                    if t.backbone_lr_mult == "auto" else t.backbone_lr_mult)
+        return cls(params.model.finetune, pretrained, train, all_layers="staged" if params.stages_fit else "full",
+                   auto_budget=auto)
 
     @property
     def phases(self) -> list[Phase]:
@@ -101,7 +113,32 @@ class Recipe:
             return dataclasses.replace(self, finetune="full", auto=True)
         probe_val = math.nan if probe_val is None else probe_val
         mode = "head" if probe_val >= AUTO_HEAD else self.all_layers
-        return dataclasses.replace(self, finetune=mode, probe_val=probe_val, auto=True)
+        train = self.train
+        if mode != "head":  # the backbone has to learn: a real budget, at one rate (see AUTO_EPOCHS)
+            train = dataclasses.replace(
+                train, epochs=AUTO_EPOCHS_ALL_LAYERS if "epochs" in self.auto_budget else train.epochs,
+                backbone_lr_mult=AUTO_BACKBONE_LR_MULT_ALL_LAYERS if "backbone_lr_mult" in self.auto_budget
+                else train.backbone_lr_mult)
+        return dataclasses.replace(self, finetune=mode, probe_val=probe_val, auto=True, train=train)
+
+    @property
+    def learns_new_domain(self) -> bool:
+        """``model.finetune: auto`` from pretrained weights chose to train all layers: the probe says the pretrained
+        features do not separate these classes well."""
+        return self.auto and self.pretrained and self.finetune != "head"
+
+    def budget_reasons(self) -> dict[str, str]:
+        """Why this many epochs and this backbone rate, in words (the log, the run's tags): for those that were
+        auto."""
+        t, why = self.train, {}
+        for key, value in (("epochs", t.epochs), ("backbone_lr_mult", t.backbone_lr_mult)):
+            if key not in self.auto_budget:
+                continue
+            because = ("all layers learn images unlike the pretrained ones (model.finetune auto chose "
+                       f"{self.finetune})" if self.learns_new_domain else
+                       f"model.finetune {self.finetune}" + (" (auto)" if self.auto else ""))
+            why[key] = f"{value:g}: {because}; train.{key} auto"
+        return why
 
     def finetune_reason(self) -> str:
         """Why this mode, in words (the log, the run's tag)."""
