@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             val_loss, val_accuracy = result.blended_val or (kept.val_loss, kept.val_accuracy)
             row = {"variant": name.strip(), "changes": overrides, "own_test": own, "other": other,
                    "val_loss": val_loss, "val_accuracy": val_accuracy,
-                   "epoch": f"{result.selected_epoch} of {params.train.epochs}", "seconds": seconds,
+                   "epoch": f"{result.selected_epoch} of {result.epochs}", "seconds": seconds,
                    "probe": dataclasses.asdict(result.probe) if result.probe else None}
             rows.append(row)
             print(f"{row['variant']}: own test {own['accuracy']:.4f} ({own['low']:.3f}-{own['high']:.3f}) "
