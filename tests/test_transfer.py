@@ -326,7 +326,10 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
     head = Recipe.from_params(params, pretrained=True).decide(0.99)  # features that already separate the classes
     assert (head.finetune, head.train.epochs, head.train.backbone_lr_mult) == ("head", AUTO_EPOCHS, 0.1) == \
         ("head", 4, 0.1)
-    assert head.budget_reasons()["epochs"] == "4: model.finetune head (auto); train.epochs auto"
+    assert head.budget_reasons() == {
+        "epochs": "4: model.finetune head (auto); train.epochs auto",
+        "backbone_lr_mult": "0.1: model.finetune head (auto), where no backbone trains at its own rate: unused; "
+                            "train.backbone_lr_mult auto"}
     scratch = Recipe.from_params(params, pretrained=False).decide()  # random init: full, the shipped 4 epochs
     assert (scratch.finetune, scratch.train.epochs) == ("full", 4) and not scratch.learns_new_domain
     by_hand = Recipe.from_params(params_from_dict(small_params(**{**auto, "model.finetune": "staged"})), True)

@@ -137,6 +137,8 @@ class Recipe:
             because = ("all layers learn images unlike the pretrained ones (model.finetune auto chose "
                        f"{self.finetune})" if self.learns_new_domain else
                        f"model.finetune {self.finetune}" + (" (auto)" if self.auto else ""))
+            if key == "backbone_lr_mult" and not any(self.discriminative(p) for p in self.phases):
+                because += ", where no backbone trains at its own rate: unused"
             why[key] = f"{value:g}: {because}; train.{key} auto"
         return why
 
