@@ -31,9 +31,9 @@ Workers = int | Literal["auto"]
 # images unlike those the weights were trained on (model.finetune auto from pretrained weights, the linear probe
 # below its bar: kennel.train.recipe). Then a real budget at one rate: on satellite tiles, 4 epochs with the
 # backbone at a tenth of the rate learnt nothing the head had not (0.896 against the head's 0.900 on other tiles),
-# 15 at one rate 0.938-0.941; X-rays 0.942 -> 0.952 (benchmarks/RESULTS.md, "Transfer over domains"). Otherwise
-# (a head on features that already separate the classes, a mode set by hand, random init) the shipped 4 epochs and
-# a tenth, chosen on pet photos.
+# 15 at one rate 0.904; X-rays 0.942 -> 0.950 (benchmarks/RESULTS.md, "Transfer over domains"). Otherwise (a head
+# on features that already separate the classes, a mode set by hand, random init) the shipped 4 epochs and a
+# tenth, chosen on pet photos.
 AUTO_EPOCHS = 4
 AUTO_EPOCHS_ALL_LAYERS = 15
 AUTO_BACKBONE_LR_MULT = 0.1
