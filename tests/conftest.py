@@ -110,6 +110,11 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **k
     return out
 
 
+def run_cmd(root: Path, *cmd: str) -> str:
+    """``cmd`` in ``root``; its stdout, stripped (it must succeed)."""
+    return run(list(cmd), root).stdout.strip()
+
+
 def make_project(dest: Path, params: dict) -> Path:
     """A copy of the project as a fresh git + DVC repo, with ``params`` as its params.yaml, committed."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -548,7 +553,7 @@ def start_postgres() -> tuple[str, dict]:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
-    """One PostgreSQL server per pytest invocation; yields a function that creates a database (a name used once per
+    """One PostgreSQL server per pytest invocation; returns a function that creates a database (a name used once per
     invocation) and returns its URI."""
     import psycopg
 

@@ -18,7 +18,7 @@ from tests.conftest import (
     copy_project,
     dvc,
     project_runs,
-    run,
+    run_cmd,
     write_params,
 )
 
@@ -232,7 +232,3 @@ def test_compare_names_the_changed_params_metrics_and_images(changed, monkeypatc
     assert "A: champion -> run" in by_commit and f"B: HEAD -> run {second}" in by_commit  # the newest at HEAD
     assert kennel(["compare", first, "no-such-run"]) == 2
     assert "'no-such-run': neither a run id" in capsys.readouterr().err
-
-
-def run_cmd(root, *cmd) -> str:
-    return run(list(cmd), root).stdout.strip()

@@ -22,7 +22,7 @@ from tests.conftest import (
     experiments_agree,
     project_runs,
     readme_blocks,
-    run,
+    run_cmd,
     wait_for_queue,
 )
 
@@ -145,10 +145,6 @@ def _revs(shown):
         yield entry
         for exp in entry.get("experiments") or []:
             yield from exp.get("revs", [])
-
-
-def run_cmd(root, *cmd) -> str:
-    return run(list(cmd), root).stdout.strip()
 
 
 def _exp_ref(root, name: str) -> str:

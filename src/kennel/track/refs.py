@@ -90,11 +90,7 @@ def download_model_file(run_id: str, root: Path, ref: str, dest: Path) -> Path:
     if not uri:
         raise ModelRefError(f"{ref!r}: run {run_id} has no model file (no tag kennel.serving_uri); is it a finished "
                             "kennel train run?")
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except Exception as err:  # noqa: BLE001 - a deleted artifact, a store moved away, ...
-        raise ModelRefError(f"{ref!r}: cannot download {uri} ({type(err).__name__}: {err})") from None
-    found = sorted((local / "artifacts").glob("*.pt"))
+    found = sorted((_download(uri, ref, dest) / "artifacts").glob("*.pt"))
     if not found:
         raise ModelRefError(f"{ref!r}: {uri} holds no kennel model file")
     return found[0]
@@ -107,6 +103,11 @@ def download_onnx_file(run_id: str, root: Path, ref: str, dest: Path) -> Path:
     if not uri:
         raise ModelRefError(f"{ref!r}: run {run_id} has no ONNX model (no tag kennel.onnx_uri): the export stage "
                             "logs one (`dvc repro export`), or pass an .onnx file `kennel export` wrote")
+    return _download(uri, ref, dest)
+
+
+def _download(uri: str, ref: str, dest: Path) -> Path:
+    """The artifact ``uri`` downloaded under ``dest``; a ModelRefError naming ``ref`` when it cannot be."""
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except Exception as err:  # noqa: BLE001 - a deleted artifact, a store moved away, ...
