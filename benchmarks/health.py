@@ -282,8 +282,8 @@ def neighbours(args) -> None:
 
 
 def neighbours_one(work: Path, n: int) -> None:
-    from kennel.audit.cache import Featurizer, update_cache
     from kennel.audit.neighbours import NEIGHBOURS, connected_groups, margin_pairs, nearest
+    from kennel.data.vectors import Featurizer, update_cache
 
     def random_unit(ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), 1280), np.float32)

@@ -40,7 +40,7 @@ def embed(paths: list[Path], cache: Path) -> np.ndarray:
 
     featurizer = choose_featurizer("mobilenet_v2", str(WEIGHTS), ["cat", "dog"], 224, "center_crop", "cpu", "auto")
     images = np.stack(list(pmap(_load, paths, desc="decode")))
-    x = np.concatenate([featurizer.compute(images[i:i + 64]) for i in range(0, len(images), 64)])
+    x = np.concatenate([featurizer.vectors(images[i:i + 64]) for i in range(0, len(images), 64)])
     np.savez(cache, x=x)
     return x
 

@@ -51,7 +51,9 @@ def audit(params: Params) -> None:
     start = time.perf_counter()
     found = find_near_duplicates(RESIZED, read_manifest(MANIFEST), EMBEDDINGS, a, arch=params.model.arch,
                                  weights=params.model.weights, device=params.train.device, amp=params.train.amp)
-    write_audited(AUDITED, found.audited, RESIZED, read_meta(RESIZED))
+    # pretrained features: training's frozen phases read them from the cache instead of computing them again
+    write_audited(AUDITED, found.audited, RESIZED, read_meta(RESIZED),
+                  features=EMBEDDINGS if found.kind == "embedding" else None)
     AUDIT_REPORT.mkdir(parents=True, exist_ok=True)
     write_csv(found.table, NEAR_DUPLICATES)
     measure = "cosine" if found.kind == "embedding" else "perceptual hash"

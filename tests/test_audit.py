@@ -14,7 +14,6 @@ import torch
 import torchvision
 from PIL import Image
 
-from kennel.audit.cache import update_cache
 from kennel.audit.near_duplicates import find_near_duplicates
 from kennel.audit.neighbours import connected_groups, cosine_pairs, margin_pairs, nearest
 from kennel.audit.outliers import outlier_scores
@@ -24,6 +23,7 @@ from kennel.core.params import params_from_dict
 from kennel.data.manifest import read_manifest, split_of
 from kennel.data.shards import read_index, read_meta, read_split
 from kennel.data.synthetic import render
+from kennel.data.vectors import update_cache
 from kennel.evaluate.evaluation import split_paths
 from tests.conftest import build_dataset, leaking_copy, small_params
 
@@ -252,3 +252,33 @@ def test_the_stage_writes_the_label_check_or_says_why_not(tmp_path, monkeypatch,
     if pretrained:
         assert any("suspected label error(s) of" in r.getMessage() for r in caplog.records)
         assert set(table["given_label"]) <= {"cat", "dog"} and set(table["split"]) <= {"train", "val", "test"}
+        frozen_phases_read_the_audits_features(tmp_path, overrides, caplog)
+    else:
+        assert "features" not in read_meta(tmp_path / "data/audited")  # hashes: nothing for training to read
+
+
+def frozen_phases_read_the_audits_features(root: Path, overrides: dict, caplog) -> None:
+    """The pooled features the audit cached are the ones a pass through the backbone gives, split by split, and
+    a head-only run reads them instead of computing them; another precision is another cache."""
+    from kennel.core.device import resolve_amp
+    from kennel.train.batches import make_batches
+    from kennel.train.fine_tune import build_for, extract_features, features_key, split_features, train
+
+    params = params_from_dict(small_params(**overrides, **{"model.finetune": "head", "train.epochs": 1}))
+    audited, device = root / "data/audited", torch.device("cpu")
+    assert read_meta(audited)["features"] == "../embeddings"
+    amp = resolve_amp(params.train.amp, device)
+    key = features_key(params, audited, amp)
+    model, *_ = build_for(params, audited, device, amp)
+    how = dict(resident=True, batch_size=8, num_workers=0)
+    for split in ("train", "val", "test"):
+        cached, labels, hit = split_features(model, audited, split, how, device, amp, key)
+        computed, computed_labels = extract_features(model, make_batches(audited, split, **how, device=device),
+                                                     device, amp)
+        assert hit and torch.equal(labels, computed_labels), split
+        assert torch.allclose(cached, computed, rtol=1e-4, atol=1e-5), (split, (cached - computed).abs().max())
+    other = features_key(params, audited, torch.float16 if amp is None else None)
+    assert not split_features(model, audited, "val", how, device, amp, other)[2]  # computed: another cache
+    caplog.clear()
+    train(params, audited)
+    assert any(r.getMessage().endswith("read from the audit's cache") for r in caplog.records), caplog.text

@@ -1,42 +1,30 @@
 """What an image is compared by: the pretrained backbone's pooled features, or a perceptual hash without them.
 
-The features are those of ``model.arch`` with ``model.weights``, head removed, averaged over each image and its
-mirror (so a mirrored copy gets the same vector up to resampling), L2-normalised: their dot product is the cosine
+The features are those of ``model.arch`` with ``model.weights``, head removed, of each image and of its mirror,
+stored as computed (training's frozen phases read them: ``kennel.model.features``) and compared as their
+L2-normalised mean (so a mirrored copy gets the same vector up to resampling): their dot product is the cosine
 similarity. Random-init features say nothing about content, so without pretrained weights near-copies are found by
 a mirror-aware perceptual hash instead, and label checks are skipped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import numpy as np
 import torch
 
-from kennel.audit.cache import Featurizer
 from kennel.audit.phash import phash_featurizer
-from kennel.core.device import amp_name, resolve_amp, resolve_device, to_device
-from kennel.model.weights import WeightsInfo, imagenet_url
+from kennel.core.device import amp_name, resolve_amp, resolve_device
+from kennel.data.vectors import Featurizer
+from kennel.model.features import fingerprint, mean_of_pair, pooled_pair, storage_dtype
+from kennel.model.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_VERSION = "pooled-flip-mean-l2/1"  # bump when the way features are computed changes
 
 
 def pretrained(info: WeightsInfo) -> bool:
     return info.source not in ("none", "random-fallback")
-
-
-def weights_identity(weights: str, arch: str) -> str:
-    """What the weights are, for the cache fingerprint: a file's content hash, or the ImageNet file's name."""
-    if weights in ("auto", "imagenet"):
-        return imagenet_url(arch).rsplit("/", 1)[-1]  # torchvision's file names carry their hash
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, recipe: str, device: str = "auto",
@@ -54,18 +42,14 @@ def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, re
     dev = resolve_device(device)
     dtype = resolve_amp(amp, dev)
     model = model.to(dev, memory_format=torch.channels_last).eval()
-    fingerprint = "|".join([EMBEDDING_VERSION, arch, weights_identity(weights, arch), str(size), recipe,
-                            amp_name(dtype)])
-    with torch.inference_mode(), model.without_head():
-        dim = int(model(torch.zeros(1, 3, size, size, device=dev)).shape[1])
+    probe = pooled_pair(model, np.zeros((1, 3, size, size), np.uint8), dev, dtype)
+    stored = storage_dtype(probe.dtype)
 
     def compute(images: np.ndarray) -> np.ndarray:
-        x = to_device(torch.from_numpy(np.ascontiguousarray(images)), dev)
-        with torch.inference_mode(), model.without_head() as body, \
-                torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            features = body(x).float() + body(x.flip(-1)).float()
-        return torch.nn.functional.normalize(features, dim=1).cpu().numpy()
+        return pooled_pair(model, images, dev, dtype).to(getattr(torch, stored)).cpu().numpy()
 
+    dim = probe.shape[1] // 2
     log.info("near-duplicates by %s features (%s, %d dims, %s)", arch, info.source, dim, amp_name(dtype))
-    return Featurizer("embedding", fingerprint, dim, "float16", compute)
+    return Featurizer("embedding", fingerprint(arch, weights, size, recipe, dtype), 2 * dim, stored, compute,
+                      view=mean_of_pair)
 

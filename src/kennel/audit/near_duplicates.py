@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kennel.audit.cache import FeatureCache, update_cache
 from kennel.audit.embeddings import choose_featurizer
 from kennel.audit.neighbours import NEIGHBOURS, connected_groups, hash_pairs, margin_pairs, nearest
 from kennel.audit.report import duplicate_table
 from kennel.audit.splits import keep_groups_together
 from kennel.core.params import AuditConfig
 from kennel.data.shards import ShardedImages, read_index, read_meta, shard_folder
+from kennel.data.vectors import FeatureCache, update_cache
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kennel.audit.cache import Featurizer
+from kennel.data.vectors import Featurizer
 
 SIDE, LOW = 32, 16
 BITS = LOW * LOW

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kennel.audit.cache import FeatureCache
+from kennel.data.vectors import FeatureCache
 
 COLUMNS = ["group", "path", "label", "split", "hash_split", "similarity", "sha1"]
 

@@ -32,8 +32,10 @@ def keep_groups_together(index: pd.DataFrame, groups: np.ndarray) -> pd.DataFram
     return out
 
 
-def write_audited(out_dir: Path, index: pd.DataFrame, resized_dir: Path, resized_meta: dict) -> dict:
-    """``index.csv`` and ``classes.json`` of the audited splits, over ``resized_dir``'s shards; returns the meta."""
+def write_audited(out_dir: Path, index: pd.DataFrame, resized_dir: Path, resized_meta: dict,
+                  features: Path | None = None) -> dict:
+    """``index.csv`` and ``classes.json`` of the audited splits, over ``resized_dir``'s shards (and, when given,
+    the ``features`` cache of pretrained features training reads instead of computing them); returns the meta."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.iterdir():
@@ -50,5 +52,7 @@ def write_audited(out_dir: Path, index: pd.DataFrame, resized_dir: Path, resized
     meta = {**resized_meta, "counts": {s: int((index["split"] == s).sum()) for s in SPLITS},
             "fingerprint": fingerprint, "moved": len(moved),
             "shards": os.path.relpath(Path(resized_dir) / "shards", out_dir)}
+    if features is not None:
+        meta["features"] = os.path.relpath(features, out_dir)
     (out_dir / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
+from kennel.model.features import cached_features, fingerprint
 from kennel.model.network import Classifier, build_model
 from kennel.model.statistics import batchnorm_shift
 from kennel.model.weights import WeightsInfo
@@ -114,6 +115,26 @@ def extract_features(model: Classifier, batches: Iterable, device: torch.device,
         return predict(model, batches, device, amp_dtype, desc="features")
 
 
+def features_key(params: Params, data_dir: Path, amp_dtype: torch.dtype | None) -> str | None:
+    """The fingerprint under which the audit's cache holds this run's pretrained features; None when the data
+    names no cache (the audit found no pretrained weights, or the data was not audited)."""
+    meta = read_meta(data_dir)
+    if "features" not in meta or params.model.weights == "none":
+        return None
+    return fingerprint(params.model.arch, params.model.weights, meta["size"], meta.get("recipe", ""), amp_dtype)
+
+
+def split_features(model: Classifier, data_dir: Path, split: str, batches: dict, device: torch.device,
+                   amp_dtype: torch.dtype | None, key: str | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The pretrained backbone's features of ``split`` and its labels: read from the audit's cache when it holds
+    every image under ``key`` (the same backbone, weights, pixels and precision), else one pass through the
+    backbone (``model`` as loaded: frozen phases come first). The flag says whether they came from the cache."""
+    cached = cached_features(data_dir, split, key) if key else None
+    if cached is not None:
+        return cached, torch.from_numpy(read_split(data_dir, split)[1]), True
+    return *extract_features(model, make_batches(data_dir, split, **batches, device=device), device, amp_dtype), False
+
+
 def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """A best state kept in a frozen phase (the head's keys only) as the whole model's: the backbone did not move."""
     if state is None or any(k.startswith("backbone.") for k in state):
@@ -124,13 +145,14 @@ def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> di
 
 
 def build_for(params: Params, data_dir: Path, device: torch.device, amp_dtype: torch.dtype | None = None,
-              probe_cs: Sequence[float] = PROBE_CS, batches: dict | None = None
+              probe_cs: Sequence[float] = PROBE_CS, batches: dict | None = None, key: str | None = None
               ) -> tuple[Classifier, Recipe, WeightsInfo, FrozenStart | None]:
     """``params``' model for ``data_dir``'s classes, on ``device`` in channels_last, unfrozen, and the recipe that
     fine-tunes it, with what it decides from the data settled: ``model.finetune: auto`` by the linear probe on the
     pretrained features (returned with them, so the head's phase does not compute them again), then BatchNorm by
     the shift of the first train images. ``batches``: how the features' batches are made (``make_batches``'
-    resident, batch_size, num_workers; default: streamed at ``train.batch_size``). Seed the RNG first."""
+    resident, batch_size, num_workers; default: streamed at ``train.batch_size``); ``key``: the audit's cache
+    holds them under it (``features_key``). Seed the RNG first."""
     model, weights = build_model(params.model.arch, read_meta(data_dir)["classes"], params.model.weights)
     model = model.to(device, memory_format=torch.channels_last)
     recipe = Recipe.from_params(params, weights.loaded > 0)
@@ -138,7 +160,7 @@ def build_for(params: Params, data_dir: Path, device: torch.device, amp_dtype: t
     if recipe.decides_on_probe:
         how = batches or dict(resident=False, batch_size=params.train.batch_size,
                               num_workers=params.train.num_workers)
-        frozen = frozen_start(model, data_dir, TRAIN_VAL, device, amp_dtype, how, probe_cs)
+        frozen = frozen_start(model, data_dir, TRAIN_VAL, device, amp_dtype, how, probe_cs, key)
         recipe = recipe.decide(frozen.probe.val_accuracy)
     recipe = recipe.decide()
     if recipe.measures_bn:
@@ -159,10 +181,15 @@ class FrozenStart:
 
 
 def frozen_start(model: Classifier, data_dir: Path, splits: tuple[str, str], device: torch.device,
-                 amp_dtype: torch.dtype | None, batches: dict, probe_cs: Sequence[float] = PROBE_CS) -> FrozenStart:
-    """Features of ``splits`` and the test split (batches made as ``batches`` say) and the probe fit on them."""
-    features = [extract_features(model, make_batches(data_dir, split, **batches, device=device), device, amp_dtype)
-                for split in (*splits, "test")]
+                 amp_dtype: torch.dtype | None, batches: dict, probe_cs: Sequence[float] = PROBE_CS,
+                 key: str | None = None) -> FrozenStart:
+    """Features of ``splits`` and the test split (from the audit's cache under ``key``, else computed in batches
+    made as ``batches`` say) and the probe fit on them."""
+    got = [split_features(model, data_dir, split, batches, device, amp_dtype, key) for split in (*splits, "test")]
+    features = [(x, y) for x, y, _ in got]
+    n, cached = sum(len(y) for _, y in features), sum(len(y) for _, y, hit in got if hit)
+    log.info("pretrained features of %d images: %s", n, "read from the audit's cache" if cached == n else
+             f"{n - cached} computed" + (f", {cached} read from the audit's cache" if cached else ""))
     return FrozenStart(splits, features, fit_probe(*features, classes=len(model.classes), cs=probe_cs))
 
 
@@ -179,6 +206,7 @@ class PhaseData:
     generator: torch.Generator
     ctx: Dist
     train_labels: np.ndarray  # the train split's, for the loss's class weights
+    features_key: str | None = None  # the audit's cache holds the pretrained features under it
 
 
 @dataclass
@@ -215,7 +243,7 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
                  phase.first, phase.last)
         if frozen is None or frozen.splits != data.splits:  # else computed already, to decide model.finetune
             frozen = frozen_start(model, data.dir, data.splits, device, data.amp_dtype,
-                                  {k: v for k, v in batches.items() if k != "device"}, probe_cs)
+                                  {k: v for k, v in batches.items() if k != "device"}, probe_cs, data.features_key)
         (ftrain, ytrain), (fval, yval), _ = frozen.features
         probe = frozen.probe
         if recipe.head_from_probe(fresh):
@@ -281,15 +309,16 @@ def train(
     # the batches a frozen phase computes features from, for auto's probe too: the same floats either way
     batches = dict(resident=resident, batch_size=params.train.batch_size // ctx.world,
                    num_workers=params.train.num_workers)
+    key = features_key(params, data_dir, amp_dtype)
     if recipe is None:
-        model, recipe, weights, frozen = build_for(params, data_dir, device, amp_dtype, probe_cs, batches)
+        model, recipe, weights, frozen = build_for(params, data_dir, device, amp_dtype, probe_cs, batches, key)
     else:  # a refit's, decided already
         model, _, weights, frozen = build_for(dataclasses.replace(params, model=dataclasses.replace(
             params.model, finetune=recipe.finetune)), data_dir, device)
     t = recipe.train
     train_labels, val_labels = (read_split(data_dir, split)[1] for split in splits)
     data = PhaseData(data_dir, splits, resident, batches["batch_size"], device, amp_dtype, generator, ctx,
-                     train_labels)
+                     train_labels, key)
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
     result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",

@@ -21,7 +21,7 @@ from kennel.core.params import Params
 from kennel.core.plots import save_figure, subplots
 from kennel.data.shards import read_split
 from kennel.train.batches import Batches, make_batches
-from kennel.train.fine_tune import build_for, extract_features, fits_resident, load_head, seed_everything
+from kennel.train.fine_tune import build_for, features_key, fits_resident, load_head, seed_everything, split_features
 from kennel.train.loop import StepConfig, train_one_epoch
 from kennel.train.probe import fit_probe
 from kennel.train.recipe import Phase
@@ -57,14 +57,16 @@ def lr_find(params: Params, data_dir: Path, steps: int = 100, start_lr: float = 
     images, _ = read_split(data_dir, "train")
     resident = fits_resident(images.nbytes, device, t.data_on_device)
     how = dict(resident=resident, batch_size=t.batch_size, device=device, num_workers=t.num_workers)
+    batches_of = {k: v for k, v in how.items() if k != "device"}
+    key = features_key(params, data_dir, amp_dtype)
     model, recipe, _, frozen = build_for(params, data_dir, device, amp_dtype,  # model.finetune auto decided
-                                         batches={k: v for k, v in how.items() if k != "device"})
+                                         batches=batches_of, key=key)
     phase = recipe.sweep_phase()
     recipe.prepare(model, phase)
     batches = make_batches(data_dir, "train", **how, shuffle=True, generator=generator)
     if phase.frozen or (phase.index > 1 and recipe.head_from_probe(fresh=True)):
         features = frozen.features if frozen is not None else \
-            [extract_features(model, make_batches(data_dir, split, **how), device, amp_dtype)
+            [split_features(model, data_dir, split, batches_of, device, amp_dtype, key)[:2]
              for split in ("train", "val", "test")]
         if phase.frozen:
             batches = Batches(features[0][0].to(device), features[0][1], t.batch_size, True, generator)

@@ -5,6 +5,10 @@ id a hash of the featurizer's fingerprint and those sha1s; ``<dir>/index.csv`` m
 ``<dir>/meta.json`` names the fingerprint (model, weights, size, resize recipe). A later run with the same
 fingerprint computes only the sha1s the index lacks; another fingerprint starts over. Vectors are written row by
 row with positional writes and read back per block, so memory does not grow with the number of images.
+
+The audit writes the cache (``update_cache``); training reads the same vectors (``open_cache``): the pretrained
+backbone's pooled features of each image, which a frozen phase trains its head on, are stored as computed, and
+the audit reads them through its view (the L2-normalised mean of an image's and its mirror's).
 """
 
 from __future__ import annotations
@@ -25,26 +29,35 @@ from kennel.data.manifest import write_csv
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 16384  # vectors per chunk file: 40 MB of 1280 float16 features
+CHUNK_ROWS = 16384  # vectors per chunk file: 80 MB of 2 x 1280 float16 features
 
 
 @dataclass(frozen=True)
 class Featurizer:
-    """uint8 N x 3 x S x S -> N x dim vectors of ``dtype``; ``fingerprint`` names everything the values depend on."""
+    """uint8 N x 3 x S x S -> N x dim vectors of ``dtype`` (what is stored); ``fingerprint`` names everything the
+    values depend on. ``view`` turns stored rows into the vectors compared, when they differ."""
 
-    kind: str  # "embedding" (pooled backbone features, L2-normalised) or "phash" (perceptual hash bits)
+    kind: str  # "embedding" (pooled backbone features of each image and its mirror) or "phash" (hash bits)
     fingerprint: str
     dim: int
     dtype: str
     compute: Callable[[np.ndarray], np.ndarray]
+    view: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def vectors(self, images: np.ndarray) -> np.ndarray:
+        """The compared vectors of ``images``, as the cache returns them."""
+        stored = self.compute(images)
+        return self.view(stored) if self.view else stored
 
 
 class FeatureCache:
-    """The cached vectors of a list of sha1s, read back in blocks (a gather from the chunks each block touches)."""
+    """The cached vectors of a list of sha1s, read back in blocks (a gather from the chunks each block touches):
+    ``take``/``block`` through the featurizer's view, ``raw`` as stored."""
 
     def __init__(self, cache_dir: Path, sha1s: Sequence[str], where: dict[str, tuple[str, int]], dim: int,
-                 dtype: str):
+                 dtype: str, view: Callable[[np.ndarray], np.ndarray] | None = None):
         self.cache_dir, self.sha1s, self.dim, self.dtype = Path(cache_dir), list(sha1s), dim, np.dtype(dtype)
+        self.view = view
         self.chunks = np.array([where[s][0] for s in self.sha1s], dtype=object)
         self.rows = np.array([where[s][1] for s in self.sha1s], dtype=np.int64)
 
@@ -55,6 +68,10 @@ class FeatureCache:
         return self.take(np.arange(start, min(stop, len(self))))
 
     def take(self, positions: np.ndarray) -> np.ndarray:
+        stored = self.raw(positions)
+        return self.view(stored) if self.view else stored
+
+    def raw(self, positions: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), self.dim), self.dtype)
         chunks = self.chunks[positions]
         for chunk in dict.fromkeys(chunks):
@@ -95,10 +112,20 @@ def update_cache(cache_dir: Path, featurizer: Featurizer, sha1s: Sequence[str], 
     (cache_dir / "meta.json").write_text(json.dumps(
         {"fingerprint": featurizer.fingerprint, "kind": featurizer.kind, "dim": featurizer.dim,
          "dtype": featurizer.dtype}, indent=2) + "\n")
-    return FeatureCache(cache_dir, sha1s, where, featurizer.dim, featurizer.dtype), len(todo)
+    return FeatureCache(cache_dir, sha1s, where, featurizer.dim, featurizer.dtype, featurizer.view), len(todo)
 
 
-def _read(cache_dir: Path, fingerprint: str) -> dict[str, tuple[str, int]]:
+def open_cache(cache_dir: Path, fingerprint: str, sha1s: Sequence[str]) -> FeatureCache | None:
+    """The stored vectors of ``sha1s`` in a cache made with ``fingerprint``, read as stored; None when the cache
+    was made otherwise or lacks any of them (the caller computes them then)."""
+    where = _read(Path(cache_dir), fingerprint, quiet=True)
+    if not where or any(s not in where for s in sha1s):
+        return None
+    meta = json.loads((Path(cache_dir) / "meta.json").read_text())
+    return FeatureCache(cache_dir, sha1s, where, int(meta["dim"]), meta["dtype"])
+
+
+def _read(cache_dir: Path, fingerprint: str, quiet: bool = False) -> dict[str, tuple[str, int]]:
     """sha1 -> (chunk, row) of a cache made with ``fingerprint``, for the chunks whose file is whole; else {}."""
     try:
         meta = json.loads((cache_dir / "meta.json").read_text())
@@ -106,6 +133,8 @@ def _read(cache_dir: Path, fingerprint: str) -> dict[str, tuple[str, int]]:
     except (FileNotFoundError, ValueError, json.JSONDecodeError):
         return {}
     if meta.get("fingerprint") != fingerprint:
+        if quiet:
+            return {}
         log.info("%s: made with other features (%s); computing every image again", cache_dir, meta.get("kind"))
         return {}
     where = {}

@@ -1,0 +1,81 @@
+"""The pretrained backbone's pooled features of an image and of its mirror, computed once per image.
+
+The audit computes them for every image (near-copies, label and outlier checks compare the L2-normalised mean of
+the two, so a mirrored copy gets the same vector) and keeps them by image sha1 (``kennel.data.vectors``); a frozen
+phase of training (head only, the linear probe, the first phase of staged) trains on the same backbone's features
+of the same pixels, so it reads the image's half of the pair instead of a second pass through the backbone. The
+fingerprint names everything the values depend on: another arch, weights file, size, resize recipe or precision
+is another cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kennel.core.device import amp_name, to_device
+from kennel.data.shards import read_index, read_meta
+from kennel.data.vectors import open_cache
+from kennel.model.weights import imagenet_url
+
+FEATURES_VERSION = "pooled-and-mirror/2"  # bump when the way features are computed changes
+
+
+def weights_identity(weights: str, arch: str) -> str:
+    """What the weights are, for the fingerprint: a file's content hash, or the ImageNet file's name."""
+    if weights in ("auto", "imagenet"):
+        return imagenet_url(arch).rsplit("/", 1)[-1]  # torchvision's file names carry their hash
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprint(arch: str, weights: str, size: int, recipe: str, amp_dtype: torch.dtype | None) -> str:
+    return "|".join([FEATURES_VERSION, arch, weights_identity(weights, arch), str(size), recipe, amp_name(amp_dtype)])
+
+
+def storage_dtype(computed: torch.dtype) -> str:
+    """float16 holds bf16 and fp16 values as computed (pooled features sit far inside its range); float32 else."""
+    return "float16" if computed in (torch.bfloat16, torch.float16) else "float32"
+
+
+def pooled_pair(model, images: np.ndarray, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """N x 2·dim: the backbone's features (the head's input) of each uint8 image, then of its mirror, as computed
+    (under ``amp_dtype``'s autocast, as training's forward passes)."""
+    x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device)
+    with torch.inference_mode(), model.without_head() as body, \
+            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return torch.cat([body(x), body(x.flip(-1))], dim=1)
+
+
+def mean_of_pair(stored: np.ndarray) -> np.ndarray:
+    """Stored pairs -> the L2-normalised mean of each image's and its mirror's features (float16): what the audit
+    compares, their dot product the cosine similarity."""
+    half = stored.shape[1] // 2
+    both = stored[:, :half].astype(np.float32) + stored[:, half:].astype(np.float32)
+    norms = np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+    return (both / norms).astype(np.float16)
+
+
+def split_sha1s(data_dir: Path, split: str) -> list[str]:
+    """The sha1 of each image of ``split`` (``"train+val"``: both), in the order ``read_split`` reads them."""
+    index = read_index(data_dir)
+    return index.loc[index["split"].isin(split.split("+")), "sha1"].tolist()
+
+
+def cached_features(data_dir: Path, split: str, key: str) -> torch.Tensor | None:
+    """``split``'s features (N x dim, float32) from the cache the audit left for ``data_dir`` (its ``classes.json``
+    names it), when it holds every image under ``key`` (a ``fingerprint``); None when not."""
+    meta = read_meta(data_dir)
+    if "features" not in meta:
+        return None
+    cache = open_cache(Path(data_dir) / meta["features"], key, split_sha1s(data_dir, split))
+    if cache is None:
+        return None
+    stored = cache.raw(np.arange(len(cache)))
+    return torch.from_numpy(stored[:, :stored.shape[1] // 2].astype(np.float32))
