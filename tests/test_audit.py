@@ -23,7 +23,7 @@ from kennel.core.params import params_from_dict
 from kennel.data.manifest import read_manifest, split_of
 from kennel.data.shards import read_index, read_meta, read_split
 from kennel.data.synthetic import render
-from kennel.data.vectors import update_cache
+from kennel.data.vectors import open_cache, update_cache
 from kennel.evaluate.evaluation import split_paths
 from tests.conftest import build_dataset, leaking_copy, small_params
 
@@ -119,6 +119,11 @@ def test_the_cache_computes_only_new_images(planted, tmp_path):
     calls.clear()
     shrunk, computed = update_cache(tmp_path, counted, sha1s[20:], everything[20:], batch_size=8)
     assert computed == 0 and len(list((tmp_path / "chunks").iterdir())) == 1  # the first run's chunk is gone
+    # what training reads: the stored rows of every sha1 asked for, or nothing when one is missing or made otherwise
+    read = open_cache(tmp_path, featurizer.fingerprint, sha1s[20:])
+    assert np.array_equal(read.raw(np.arange(len(read))), featurizer.compute(everything[20:]))
+    assert open_cache(tmp_path, featurizer.fingerprint, sha1s) is None  # the first 20 left the cache
+    assert open_cache(tmp_path, "another fingerprint", sha1s[20:]) is None
     other = featurizer.__class__("phash", "another fingerprint", featurizer.dim, "uint8", featurizer.compute)
     assert update_cache(tmp_path, other, sha1s, everything, batch_size=8)[1] == len(sha1s)
 

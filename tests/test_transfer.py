@@ -317,26 +317,34 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
     assert learns.finetune == "staged" and learns.learns_new_domain
     assert (learns.train.epochs, learns.train.backbone_lr_mult) == (AUTO_EPOCHS_ALL_LAYERS, 1.0) == (15, 1.0)
     assert [(p.first, p.last, p.frozen) for p in learns.phases] == [(1, 1, True), (2, 15, False)]
+    new_images = "all layers learn images unlike the pretrained ones (model.finetune auto chose staged)"
+    assert (learns.train.select, learns.train.blend, learns.blends) == ("last", 1.0, False)  # the end, unblended
     assert learns.budget_reasons() == {
-        "epochs": "15: all layers learn images unlike the pretrained ones (model.finetune auto chose staged); "
-                  "train.epochs auto",
-        "backbone_lr_mult": "1: all layers learn images unlike the pretrained ones (model.finetune auto chose "
-                            "staged); train.backbone_lr_mult auto"}
+        "epochs": f"15: {new_images}; train.epochs auto",
+        "backbone_lr_mult": f"1: {new_images}; train.backbone_lr_mult auto",
+        "select": f"last: the last epoch: {new_images}; train.select auto",
+        "blend": f"1: {new_images}; train.blend auto"}
     assert learns.describe()[1].startswith("14 epochs: all layers, head lr 0.001, backbone lr 0.001,")
+    assert "blended" not in learns.describe()[1]
     head = Recipe.from_params(params, pretrained=True).decide(0.99)  # features that already separate the classes
     assert (head.finetune, head.train.epochs, head.train.backbone_lr_mult) == ("head", AUTO_EPOCHS, 0.1) == \
         ("head", 4, 0.1)
     assert head.budget_reasons() == {
         "epochs": "4: model.finetune head (auto); train.epochs auto",
         "backbone_lr_mult": "0.1: model.finetune head (auto), where no backbone trains at its own rate: unused; "
-                            "train.backbone_lr_mult auto"}
+                            "train.backbone_lr_mult auto",
+        "select": "best: the lowest val loss: model.finetune head (auto); train.select auto"}
     scratch = Recipe.from_params(params, pretrained=False).decide()  # random init: full, the shipped 4 epochs
     assert (scratch.finetune, scratch.train.epochs) == ("full", 4) and not scratch.learns_new_domain
     by_hand = Recipe.from_params(params_from_dict(small_params(**{**auto, "model.finetune": "staged"})), True)
-    assert by_hand.decide(0.5).train.epochs == 4  # a mode set by hand keeps the shipped budget
-    numbers = params_from_dict(small_params(**{**auto, "train.epochs": 6, "train.backbone_lr_mult": 0.3}))
+    by_hand = by_hand.decide(0.5)  # a mode set by hand keeps the shipped budget, the best epoch, blend's candidates
+    assert (by_hand.train.epochs, by_hand.train.select, by_hand.train.blend, by_hand.blends) == (4, "best", "auto",
+                                                                                                  True)
+    numbers = params_from_dict(small_params(**{**auto, "train.epochs": 6, "train.backbone_lr_mult": 0.3,
+                                               "train.select": "best", "train.blend": 0.5}))
     kept = Recipe.from_params(numbers, pretrained=True).decide(0.9)
-    assert (kept.train.epochs, kept.train.backbone_lr_mult, kept.budget_reasons()) == (6, 0.3, {})
+    assert (kept.train.epochs, kept.train.backbone_lr_mult, kept.train.select, kept.train.blend,
+            kept.budget_reasons()) == (6, 0.3, "best", 0.5, {})
 
 
 def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
@@ -346,7 +354,8 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     mode = "head" if auto.probe.val_accuracy >= AUTO_HEAD else "staged"
     assert auto.decisions["finetune"].startswith(f"{mode}: the linear probe on the pretrained features scores "
                                                  f"{auto.probe.val_accuracy:.4f} on val")
-    by_hand = train(_staged(**pretrained, **{"model.finetune": mode}), resized)
+    decided = {"train.blend": 1.0} if mode == "staged" else {}  # auto's all-layer end is kept unblended
+    by_hand = train(_staged(**pretrained, **{"model.finetune": mode}, **decided), resized)
     a, b = auto.model.state_dict(), by_hand.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r.val_loss for r in auto.history] == [r.val_loss for r in by_hand.history]

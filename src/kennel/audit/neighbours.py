@@ -83,7 +83,7 @@ def nearest(block: Callable[[int, int], np.ndarray], n: int, k: int, size: int =
     return best_sims, best_ids
 
 
-HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 80, 128  # graph degree, build and search beam: see RESULTS.md
+HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 160, 128  # graph degree, build and search beam: see RESULTS.md
 
 
 def _nearest_hnsw(block: Callable[[int, int], np.ndarray], n: int, k: int,

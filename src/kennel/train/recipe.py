@@ -20,7 +20,10 @@ from torch import nn
 from kennel.core.params import (
     AUTO_BACKBONE_LR_MULT,
     AUTO_BACKBONE_LR_MULT_ALL_LAYERS,
+    AUTO_BLEND_ALL_LAYERS,
     AUTO_EPOCHS_ALL_LAYERS,
+    AUTO_SELECT,
+    AUTO_SELECT_ALL_LAYERS,
     Params,
     TrainConfig,
 )
@@ -38,6 +41,8 @@ BN_SHIFT = 0.2
 # pets: probe val 0.99, head 0.988 on photos of another source, all layers 0.982-0.985). Satellite tiles (probe val
 # 0.93) and X-rays (0.94) are where the backbone has to learn.
 AUTO_HEAD = 0.97
+# train.* keys whose auto the recipe settles once it knows whether all layers learn images unlike ImageNet's
+AUTO_KEYS = ("epochs", "backbone_lr_mult", "select", "blend")
 # train.blend auto tries these weights of the kept all-layer epoch (one val pass each) and keeps the lowest val
 # loss; ties keep the first, the one nearest the fine-tuned weights. 0 is the frozen phase's end itself: whether
 # the all-layer phase helped at all is one of the candidates.
@@ -75,15 +80,16 @@ class Recipe:
     # what auto trains all layers with when the probe says so: staged, or full when train.epochs leave no room for
     # staged's two phases
     all_layers: str = "staged"
-    # which of train.epochs and train.backbone_lr_mult were auto (``decide`` sets them)
+    # which of train.epochs, backbone_lr_mult, select and blend were auto (``decide`` sets them)
     auto_budget: frozenset[str] = frozenset()
 
     @classmethod
     def from_params(cls, params: Params, pretrained: bool) -> Recipe:
         t = params.train
-        auto = frozenset(k for k in ("epochs", "backbone_lr_mult") if getattr(t, k) == "auto")
+        auto = frozenset(k for k in AUTO_KEYS if getattr(t, k) == "auto")
         train = dataclasses.replace(t, epochs=t.planned_epochs, backbone_lr_mult=AUTO_BACKBONE_LR_MULT
-                                    if t.backbone_lr_mult == "auto" else t.backbone_lr_mult)
+                                    if t.backbone_lr_mult == "auto" else t.backbone_lr_mult,
+                                    select=AUTO_SELECT if t.select == "auto" else t.select)
         return cls(params.model.finetune, pretrained, train, all_layers="staged" if params.stages_fit else "full",
                    auto_budget=auto)
 
@@ -114,11 +120,14 @@ class Recipe:
         probe_val = math.nan if probe_val is None else probe_val
         mode = "head" if probe_val >= AUTO_HEAD else self.all_layers
         train = self.train
-        if mode != "head":  # the backbone has to learn: a real budget, at one rate (see AUTO_EPOCHS)
+        if mode != "head":  # the backbone has to learn: a real budget, at one rate, its end kept (see AUTO_EPOCHS)
+            auto = self.auto_budget
             train = dataclasses.replace(
-                train, epochs=AUTO_EPOCHS_ALL_LAYERS if "epochs" in self.auto_budget else train.epochs,
-                backbone_lr_mult=AUTO_BACKBONE_LR_MULT_ALL_LAYERS if "backbone_lr_mult" in self.auto_budget
-                else train.backbone_lr_mult)
+                train, epochs=AUTO_EPOCHS_ALL_LAYERS if "epochs" in auto else train.epochs,
+                backbone_lr_mult=AUTO_BACKBONE_LR_MULT_ALL_LAYERS if "backbone_lr_mult" in auto
+                else train.backbone_lr_mult,
+                select=AUTO_SELECT_ALL_LAYERS if "select" in auto else train.select,
+                blend=AUTO_BLEND_ALL_LAYERS if "blend" in auto else train.blend)
         return dataclasses.replace(self, finetune=mode, probe_val=probe_val, auto=True, train=train)
 
     @property
@@ -131,15 +140,18 @@ class Recipe:
         """Why this many epochs and this backbone rate, in words (the log, the run's tags): for those that were
         auto."""
         t, why = self.train, {}
-        for key, value in (("epochs", t.epochs), ("backbone_lr_mult", t.backbone_lr_mult)):
-            if key not in self.auto_budget:
-                continue
+        for key in AUTO_KEYS:
+            if key not in self.auto_budget or (key == "blend" and not self.learns_new_domain):
+                continue  # blend auto otherwise scores its candidates on val, and says so then
             because = ("all layers learn images unlike the pretrained ones (model.finetune auto chose "
                        f"{self.finetune})" if self.learns_new_domain else
                        f"model.finetune {self.finetune}" + (" (auto)" if self.auto else ""))
             if key == "backbone_lr_mult" and not any(self.discriminative(p) for p in self.phases):
                 because += ", where no backbone trains at its own rate: unused"
-            why[key] = f"{value:g}: {because}; train.{key} auto"
+            if key == "select":
+                because = ("the last epoch: " if t.select == "last" else "the lowest val loss: ") + because
+            value = getattr(t, key)
+            why[key] = f"{value if isinstance(value, str) else format(value, 'g')}: {because}; train.{key} auto"
         return why
 
     def finetune_reason(self) -> str:
