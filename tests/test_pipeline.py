@@ -123,7 +123,7 @@ def test_mlflow_run_holds_everything(project):
     assert run.data.metrics["audit_duplicate_groups"] == 0
     note = tags["mlflow.note.content"]
     assert note.startswith(f"**Test accuracy {metrics['test_accuracy']:.3f}**")
-    assert f"of {EPOCHS} (train.select: best" in note
+    assert f"of {EPOCHS} (train.select: auto, lowest val loss" in note  # auto kept the best epoch here
     assert f"runs/{run.info.run_id}/artifacts/evaluation/top_losses_gradcam.png" in note
     assert "test_ece" in run.data.metrics
 
