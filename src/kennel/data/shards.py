@@ -71,11 +71,21 @@ def read_split(data_dir: Path, split: str) -> tuple[ShardedImages, np.ndarray]:
     as a refit on all labelled images reads them."""
     data_dir = Path(data_dir)
     meta, index = read_meta(data_dir), read_index(data_dir)
-    rows = index[index["split"].isin(split.split("+"))]
-    classes = {name: i for i, name in enumerate(meta["classes"])}
+    rows = split_rows(index, split)
     images = ShardedImages(shard_folder(data_dir, meta), rows["shard"].to_numpy(),
                            rows["row"].to_numpy(np.int64), meta["size"])
-    return images, np.array([classes[label] for label in rows["label"]], dtype=np.int64)
+    return images, split_labels(meta, rows)
+
+
+def split_rows(index: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The index rows of ``split`` (``"train+val"``: both), in the order ``read_split`` reads them."""
+    return index[index["split"].isin(split.split("+"))]
+
+
+def split_labels(meta: dict, rows: pd.DataFrame) -> np.ndarray:
+    """Class numbers of ``rows``, in ``meta``'s class order."""
+    classes = {name: i for i, name in enumerate(meta["classes"])}
+    return np.array([classes[label] for label in rows["label"]], dtype=np.int64)
 
 
 def shard_folder(data_dir: Path, meta: dict) -> Path:

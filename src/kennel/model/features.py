@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kennel.core.device import amp_name, to_device
-from kennel.data.shards import read_index, read_meta
+from kennel.data.shards import read_index, read_meta, split_labels, split_rows
 from kennel.data.vectors import open_cache
 from kennel.model.weights import imagenet_url
 
@@ -62,20 +62,16 @@ def mean_of_pair(stored: np.ndarray) -> np.ndarray:
     return (both / norms).astype(np.float16)
 
 
-def split_sha1s(data_dir: Path, split: str) -> list[str]:
-    """The sha1 of each image of ``split`` (``"train+val"``: both), in the order ``read_split`` reads them."""
-    index = read_index(data_dir)
-    return index.loc[index["split"].isin(split.split("+")), "sha1"].tolist()
-
-
-def cached_features(data_dir: Path, split: str, key: str) -> torch.Tensor | None:
-    """``split``'s features (N x dim, float32) from the cache the audit left for ``data_dir`` (its ``classes.json``
-    names it), when it holds every image under ``key`` (a ``fingerprint``); None when not."""
+def cached_features(data_dir: Path, split: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``split``'s features (N x dim, float32) and labels from the cache the audit left for ``data_dir`` (its
+    ``classes.json`` names it), when it holds every image under ``key`` (a ``fingerprint``); None when not."""
     meta = read_meta(data_dir)
     if "features" not in meta:
         return None
-    cache = open_cache(Path(data_dir) / meta["features"], key, split_sha1s(data_dir, split))
+    rows = split_rows(read_index(data_dir), split)
+    cache = open_cache(Path(data_dir) / meta["features"], key, rows["sha1"].tolist())
     if cache is None:
         return None
     stored = cache.raw(np.arange(len(cache)))
-    return torch.from_numpy(stored[:, :stored.shape[1] // 2].astype(np.float32))
+    return (torch.from_numpy(stored[:, :stored.shape[1] // 2].astype(np.float32)),
+            torch.from_numpy(split_labels(meta, rows)))

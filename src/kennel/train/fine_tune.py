@@ -131,7 +131,7 @@ def split_features(model: Classifier, data_dir: Path, split: str, batches: dict,
     backbone (``model`` as loaded: frozen phases come first). The flag says whether they came from the cache."""
     cached = cached_features(data_dir, split, key) if key else None
     if cached is not None:
-        return cached, torch.from_numpy(read_split(data_dir, split)[1]), True
+        return *cached, True
     return *extract_features(model, make_batches(data_dir, split, **batches, device=device), device, amp_dtype), False
 
 
