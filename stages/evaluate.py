@@ -29,7 +29,8 @@ from kennel.evaluate.reports import figure_links, scalar_metrics, summary_line, 
 def evaluate_stage(params: Params) -> None:
     e, t, mf = params.evaluate, params.train, params.mlflow
     run_id = track.read_run_file(RUN_FILE)
-    result = evaluate_model(MODEL, AUDITED, MANIFEST, device=t.device, amp=t.amp, calibration_bins=e.calibration_bins)
+    result = evaluate_model(MODEL, AUDITED, MANIFEST, device=t.device, amp=t.amp, calibration_bins=e.calibration_bins,
+                            params=params)
     reports = write_reports(result, top_losses=e.top_losses, calibration_bins=e.calibration_bins)
     m, root = result.metrics, project_root()
     data = with_splits(json.loads(DATA_SUMMARY.read_text()), read_index(AUDITED))  # the splits as evaluated

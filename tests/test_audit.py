@@ -266,8 +266,9 @@ def frozen_phases_read_the_audits_features(root: Path, overrides: dict, caplog) 
     """The pooled features the audit cached are the ones a pass through the backbone gives, split by split, and
     a head-only run reads them instead of computing them; another precision is another cache."""
     from kennel.core.device import resolve_amp
+    from kennel.model.features import features_key
     from kennel.train.batches import make_batches
-    from kennel.train.fine_tune import build_for, extract_features, features_key, split_features, train
+    from kennel.train.fine_tune import build_for, extract_features, split_features, train
 
     params = params_from_dict(small_params(**overrides, **{"model.finetune": "head", "train.epochs": 1}))
     audited, device = root / "data/audited", torch.device("cpu")
@@ -285,5 +286,33 @@ def frozen_phases_read_the_audits_features(root: Path, overrides: dict, caplog) 
     other = features_key(params, audited, torch.float16 if amp is None else None)
     assert not split_features(model, audited, "val", how, device, amp, other)[2]  # computed: another cache
     caplog.clear()
-    train(params, audited)
+    result = train(params, audited)
     assert any(r.getMessage().endswith("read from the audit's cache") for r in caplog.records), caplog.text
+    evaluation_reads_them(root, params, result.model, caplog)
+
+
+def evaluation_reads_them(root: Path, params, model, caplog) -> None:
+    """Evaluating the head-only model scores the test split from the same cache, with the logits a pass through
+    the model gives (plain and with flip TTA, which reads the mirrors' half); a backbone that moved is computed."""
+    from kennel.evaluate.evaluation import evaluate_model
+    from kennel.model.file import save_model
+
+    for tta in ("none", "flip"):
+        model.tta = tta
+        save_model(model, root / "head.pt", size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
+        how = dict(device="cpu", amp=params.train.amp)
+        caplog.clear()
+        cached = evaluate_model(root / "head.pt", root / "data/audited", root / "data/prepared/manifest.csv", **how,
+                                params=params)
+        assert any("the head on the audit's features" in r.getMessage() for r in caplog.records), caplog.text
+        computed = evaluate_model(root / "head.pt", root / "data/audited", root / "data/prepared/manifest.csv", **how)
+        assert np.array_equal(cached.labels, computed.labels) and cached.paths == computed.paths
+        assert np.allclose(cached.probs, computed.probs, rtol=0, atol=1e-6), np.abs(cached.probs - computed.probs).max()
+        assert cached.metrics == computed.metrics, tta
+    with torch.no_grad():
+        next(model.backbone.parameters()).add_(1e-3)
+    save_model(model, root / "head.pt", size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
+    caplog.clear()
+    evaluate_model(root / "head.pt", root / "data/audited", root / "data/prepared/manifest.csv", device="cpu",
+                   amp=params.train.amp, params=params)
+    assert not any("the head on the audit's features" in r.getMessage() for r in caplog.records), caplog.text

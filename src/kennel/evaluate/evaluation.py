@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,16 +12,20 @@ import pandas as pd
 import torch
 
 from kennel.core.device import resolve_amp, resolve_device
+from kennel.core.params import Params
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.manifest import read_manifest
 from kennel.data.shards import read_index
 from kennel.evaluate.gradcam import grad_cam
 from kennel.evaluate.metrics import Curves, calibration, classification_metrics, curves
+from kennel.model.features import backbone_as_loaded, cached_pairs, features_key, logits_from_pairs
 from kennel.model.file import load_model
 from kennel.model.inference import softmax
 from kennel.model.network import Classifier
 from kennel.train.batches import make_loader
 from kennel.train.loop import predict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,16 +84,22 @@ class Evaluation:
 
 def evaluate_model(
     model_path: Path, data_dir: Path, manifest: Path, split: str = "test", device: str = "auto",
-    amp: str = "auto", batch_size: int = 64, calibration_bins: int = 10,
+    amp: str = "auto", batch_size: int = 64, calibration_bins: int = 10, params: Params | None = None,
 ) -> Evaluation:
+    """``params`` (the run's): when the model's backbone is still the pretrained one its ``model.weights`` load
+    (a head-only run) and the audit's cache holds the split's features under the run's fingerprint, the head
+    scores those instead of a second pass through the backbone: the same logits, bit for bit."""
     dev = resolve_device(device)
+    amp_dtype = resolve_amp(amp, dev)
     model, _ = load_model(model_path, dev)
     dataset = ImageArrayDataset(data_dir, split)
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split} split is empty; raise data.test_fraction")
-    batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
-    logits, labels = predict(model, batches, dev, resolve_amp(amp, dev), desc=f"evaluate {split}")
-    logits, labels = logits.numpy().astype(np.float64), labels.numpy()
+    cached = from_the_audits_features(model, params, data_dir, split, dev, amp_dtype) if params else None
+    if cached is None:
+        batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
+        cached = predict(model, batches, dev, amp_dtype, desc=f"evaluate {split}")
+    logits, labels = cached[0].numpy().astype(np.float64), cached[1].numpy()
     probs = softmax(logits)
     log_probs = logits - logits.max(axis=1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
@@ -104,6 +115,18 @@ def evaluate_model(
         images=dataset.images,
         model=model,
     )
+
+
+def from_the_audits_features(model: Classifier, params: Params, data_dir: Path, split: str, device: torch.device,
+                             amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits, labels) of ``split`` from the audit's cached features, or None when they cannot be the model's."""
+    key = features_key(params, data_dir, amp_dtype)
+    pairs = cached_pairs(data_dir, split, key) if key else None
+    if pairs is None or not backbone_as_loaded(model, params.model.arch, params.model.weights):
+        return None
+    log.info("%s split: the head on the audit's features of its %d images (the backbone is %s's, unchanged)",
+             split, len(pairs[1]), params.model.weights)
+    return logits_from_pairs(model, pairs[0], device, amp_dtype), pairs[1]
 
 
 def split_paths(manifest: Path, data_dir: Path, split: str, classes: list[str], labels: np.ndarray) -> list[str]:

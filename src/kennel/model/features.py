@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kennel.core.device import amp_name, to_device
+from kennel.core.params import Params
 from kennel.data.shards import read_index, read_meta, split_labels, split_rows
 from kennel.data.vectors import open_cache
-from kennel.model.weights import imagenet_url
+from kennel.model.weights import imagenet_url, read_weights
+
+if TYPE_CHECKING:  # torchvision, which the network imports, is not needed for the perceptual hash's audit
+    from kennel.model.network import Classifier
 
 FEATURES_VERSION = "pooled-and-mirror/2"  # bump when the way features are computed changes
 
@@ -37,6 +42,15 @@ def weights_identity(weights: str, arch: str) -> str:
 
 def fingerprint(arch: str, weights: str, size: int, recipe: str, amp_dtype: torch.dtype | None) -> str:
     return "|".join([FEATURES_VERSION, arch, weights_identity(weights, arch), str(size), recipe, amp_name(amp_dtype)])
+
+
+def features_key(params: Params, data_dir: Path, amp_dtype: torch.dtype | None) -> str | None:
+    """The fingerprint under which the audit's cache holds this run's pretrained features; None when the data
+    names no cache (the audit found no pretrained weights, or the data was not audited)."""
+    meta = read_meta(data_dir)
+    if "features" not in meta or params.model.weights == "none":
+        return None
+    return fingerprint(params.model.arch, params.model.weights, meta["size"], meta.get("recipe", ""), amp_dtype)
 
 
 def storage_dtype(computed: torch.dtype) -> str:
@@ -62,9 +76,10 @@ def mean_of_pair(stored: np.ndarray) -> np.ndarray:
     return (both / norms).astype(np.float16)
 
 
-def cached_features(data_dir: Path, split: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``split``'s features (N x dim, float32) and labels from the cache the audit left for ``data_dir`` (its
-    ``classes.json`` names it), when it holds every image under ``key`` (a ``fingerprint``); None when not."""
+def cached_pairs(data_dir: Path, split: str, key: str) -> tuple[np.ndarray, torch.Tensor] | None:
+    """``split``'s stored pairs (N x 2·dim: each image's features, then its mirror's) and labels from the cache
+    the audit left for ``data_dir`` (its ``classes.json`` names it), when it holds every image under ``key`` (a
+    ``fingerprint``); None when not."""
     meta = read_meta(data_dir)
     if "features" not in meta:
         return None
@@ -72,6 +87,39 @@ def cached_features(data_dir: Path, split: str, key: str) -> tuple[torch.Tensor,
     cache = open_cache(Path(data_dir) / meta["features"], key, rows["sha1"].tolist())
     if cache is None:
         return None
-    stored = cache.raw(np.arange(len(cache)))
-    return (torch.from_numpy(stored[:, :stored.shape[1] // 2].astype(np.float32)),
-            torch.from_numpy(split_labels(meta, rows)))
+    return cache.raw(np.arange(len(cache))), torch.from_numpy(split_labels(meta, rows))
+
+
+def cached_features(data_dir: Path, split: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``split``'s features (N x dim, float32: the image's half of each pair) and labels, as ``cached_pairs``."""
+    cached = cached_pairs(data_dir, split, key)
+    if cached is None:
+        return None
+    stored, labels = cached
+    return torch.from_numpy(stored[:, :stored.shape[1] // 2].astype(np.float32)), labels
+
+
+def backbone_as_loaded(model: Classifier, arch: str, weights: str) -> bool:
+    """Whether every weight and statistic of ``model`` but its head is bit for bit what ``weights`` loads for
+    ``arch``: a head-only model, whose backbone never moved, computes the pretrained features the cache holds."""
+    state, _ = read_weights(arch, weights, len(model.classes))
+    if state is None:
+        return False
+    own = model.backbone.state_dict()
+    body = {k: v for k, v in own.items() if f"backbone.{k}" not in model.head_parameter_names()}
+    return body.keys() <= state.keys() and all(torch.equal(v, state[k].to(v.dtype)) for k, v in body.items())
+
+
+def logits_from_pairs(model: Classifier, stored: np.ndarray, device: torch.device, amp_dtype: torch.dtype | None,
+                      batch_size: int = 4096) -> torch.Tensor:
+    """What ``model`` outputs (float32, on the CPU) for images whose stored pairs these are, when its backbone is
+    the one that computed them: the head on the image's features, or with ``tta`` flip the mean over the image's
+    and its mirror's (as ``Classifier.forward``, in the same precision)."""
+    half, out = stored.shape[1] // 2, []
+    compute = amp_dtype or torch.float32
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=compute, enabled=amp_dtype is not None):
+        for start in range(0, len(stored), batch_size):
+            pair = to_device(torch.from_numpy(stored[start:start + batch_size]), device).to(compute)
+            out.append(model.from_features(pair[:, :half], pair[:, half:]).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(model.classes))

@@ -72,6 +72,13 @@ class Classifier(nn.Module):
             return (self.backbone(x) + self.backbone(x.flip(-1))) / 2
         return self.backbone(x)
 
+    def from_features(self, features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` outputs given the backbone's features (``without_head``) of the images and of their
+        mirrors: the head's logits, their mean over both with ``tta`` flip in eval mode."""
+        if self.tta == "flip" and not self.training:
+            return (self.head(features) + self.head(mirrored)) / 2
+        return self.head(features)
+
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if getattr(self, "frozen", False):

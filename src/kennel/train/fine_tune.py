@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
-from kennel.model.features import cached_features, fingerprint
+from kennel.model.features import cached_features, features_key
 from kennel.model.network import Classifier, build_model
 from kennel.model.statistics import batchnorm_shift
 from kennel.model.weights import WeightsInfo
@@ -113,15 +113,6 @@ def extract_features(model: Classifier, batches: Iterable, device: torch.device,
     """Backbone features (the head's input) for every image, computed once."""
     with model.without_head():
         return predict(model, batches, device, amp_dtype, desc="features")
-
-
-def features_key(params: Params, data_dir: Path, amp_dtype: torch.dtype | None) -> str | None:
-    """The fingerprint under which the audit's cache holds this run's pretrained features; None when the data
-    names no cache (the audit found no pretrained weights, or the data was not audited)."""
-    meta = read_meta(data_dir)
-    if "features" not in meta or params.model.weights == "none":
-        return None
-    return fingerprint(params.model.arch, params.model.weights, meta["size"], meta.get("recipe", ""), amp_dtype)
 
 
 def split_features(model: Classifier, data_dir: Path, split: str, batches: dict, device: torch.device,

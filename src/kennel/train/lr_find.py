@@ -20,8 +20,9 @@ from kennel.core.device import resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.core.plots import save_figure, subplots
 from kennel.data.shards import read_split
+from kennel.model.features import features_key
 from kennel.train.batches import Batches, make_batches
-from kennel.train.fine_tune import build_for, features_key, fits_resident, load_head, seed_everything, split_features
+from kennel.train.fine_tune import build_for, fits_resident, load_head, seed_everything, split_features
 from kennel.train.loop import StepConfig, train_one_epoch
 from kennel.train.probe import fit_probe
 from kennel.train.recipe import Phase
