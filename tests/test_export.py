@@ -26,7 +26,7 @@ from kennel.cli.main import main
 from kennel.cli.predict import predict_files
 from kennel.core.errors import ExportError
 from kennel.data.shards import read_split
-from kennel.export.onnx_export import OPSET, export_from_splits
+from kennel.export.onnx_export import FLOAT_CONVS, OPSET, export_from_splits
 from kennel.model.inference import load_model_file, predict_arrays
 from kennel.model.onnx_inference import load_onnx_model, predict_onnx
 from kennel.track.serving import ImageClassifier
@@ -96,6 +96,13 @@ def test_int8_is_smaller_and_reports_its_accuracy(exported, tmp_path):
     assert report["bytes"] < onnx_file.stat().st_size / 3 and report["int8_test_images"] == 4
     assert report["int8_drop"] == pytest.approx(report["accuracy_fp32"] - report["accuracy_int8"])
     assert load_onnx_model(output).metadata["quantization"] == "int8"
+    graph = onnx.load(str(output)).graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    quantized = ["DequantizeLinear" == getattr(made_by.get(node.input[1]), "op_type", "")
+                 for node in graph.node if node.op_type == "Conv"]
+    # the stem's convolutions keep float weights, every later one reads int8 weights
+    assert quantized[:FLOAT_CONVS] == [False] * FLOAT_CONVS and all(quantized[FLOAT_CONVS:]), quantized
+    assert report["int8_float_convs"] == FLOAT_CONVS
     with pytest.raises(ExportError, match="int8 needs calibration images"):
         from kennel.export.onnx_export import Images, export_onnx
 
