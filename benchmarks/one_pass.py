@@ -8,7 +8,7 @@ N JPEG views of the real photos (a random crop of 40-90 % of the area, a random 
 real git + DVC projects, the files of ``--old`` and of this checkout, each with the views in data/raw, train
 ``model.finetune: head`` with ``--arch`` and ``--weights`` (the shipped params otherwise); each runs the pipeline
 stage by stage (``dvc repro -s``: prepare, resize, audit, train, evaluate), the two projects alternating stage by
-stage so that both see the same machine. Prints each stage's seconds, the totals, their ratio, and the two models'
+stage so that both see the same machine (each goes first on every other stage; dirty pages flushed before each). Prints each stage's seconds, the totals, their ratio, and the two models'
 test accuracy and predictions (the head should be the same model either way).
 """
 
@@ -104,12 +104,16 @@ def main() -> None:
     roots = {"old": project(args.work / "old", args.old, views, args.arch, args.weights.resolve()),
              "new": project(args.work / "new", None, views, args.arch, args.weights.resolve())}
     seconds: dict[str, dict[str, float]] = {name: {} for name in roots}
-    for s in STAGES:
-        for name, root in roots.items():
-            seconds[name][s], printed = stage(root, s)
+    for k, s in enumerate(STAGES):
+        # each project goes first on every other stage: the one that follows a stage writing gigabytes (resize)
+        # would otherwise always pay for the other's writeback; dirty pages are flushed before every timing
+        for name in ("old", "new") if k % 2 == 0 else ("new", "old"):
+            os.sync()
+            seconds[name][s], printed = stage(roots[name], s)
             print(f"{name} {s}: {seconds[name][s]:.0f} s", flush=True)
             for line in printed.splitlines():  # where the features came from, and the stages' own summaries
-                if "pretrained features of" in line or "features (" in line or "computed (the rest" in line:
+                if any(said in line for said in ("pretrained features of", "features (", "computed (the rest",
+                                                 "the head on the audit's features")):
                     print(f"    {line.strip()[:200]}", flush=True)
     print("\n| stage | old (s) | new (s) |\n|---|--:|--:|")
     for s in STAGES:
