@@ -8,7 +8,8 @@ N JPEG views of the real photos (a random crop of 40-90 % of the area, a random 
 real git + DVC projects, the files of ``--old`` and of this checkout, each with the views in data/raw, train
 ``model.finetune: head`` with ``--arch`` and ``--weights`` (the shipped params otherwise); each runs the pipeline
 stage by stage (``dvc repro -s``: prepare, resize, audit, train, evaluate), the two projects alternating stage by
-stage so that both see the same machine (each goes first on every other stage; dirty pages flushed before each). Prints each stage's seconds, the totals, their ratio, and the two models'
+stage so that both see the same machine (each goes first on every other stage; dirty pages flushed before
+each). Prints each stage's seconds, the totals, their ratio, and the two models'
 test accuracy and predictions (the head should be the same model either way).
 """
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kennel.core.device import amp_name, to_device
+from kennel.core.errors import WeightsError
 from kennel.core.params import Params
 from kennel.data.shards import read_index, read_meta, split_labels, split_rows
 from kennel.data.vectors import open_cache
@@ -102,7 +103,10 @@ def cached_features(data_dir: Path, split: str, key: str) -> tuple[torch.Tensor,
 def backbone_as_loaded(model: Classifier, arch: str, weights: str) -> bool:
     """Whether every weight and statistic of ``model`` but its head is bit for bit what ``weights`` loads for
     ``arch``: a head-only model, whose backbone never moved, computes the pretrained features the cache holds."""
-    state, _ = read_weights(arch, weights, len(model.classes))
+    try:
+        state, _ = read_weights(arch, weights, len(model.classes))
+    except WeightsError:  # gone since training (a moved file, an emptied cache): compute instead
+        return False
     if state is None:
         return False
     own = model.backbone.state_dict()
