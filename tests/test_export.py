@@ -26,7 +26,7 @@ from kennel.cli.main import main
 from kennel.cli.predict import predict_files
 from kennel.core.errors import ExportError
 from kennel.data.shards import read_split
-from kennel.export.onnx_export import FLOAT_CONVS, OPSET, export_from_splits
+from kennel.export.onnx_export import OPSET, export_from_splits, float_convs
 from kennel.model.inference import load_model_file, predict_arrays
 from kennel.model.onnx_inference import load_onnx_model, predict_onnx
 from kennel.track.serving import ImageClassifier
@@ -100,15 +100,27 @@ def test_int8_is_smaller_and_reports_its_accuracy(exported, tmp_path):
     made_by = {out: node for node in graph.node for out in node.output}
     quantized = ["DequantizeLinear" == getattr(made_by.get(node.input[1]), "op_type", "")
                  for node in graph.node if node.op_type == "Conv"]
-    # the stem's convolutions keep float weights, every later one reads int8 weights
-    assert quantized[:FLOAT_CONVS] == [False] * FLOAT_CONVS and all(quantized[FLOAT_CONVS:]), quantized
-    assert report["int8_float_convs"] == FLOAT_CONVS
+    assert all(quantized) and report["int8_float_convs"] == 0  # resnet18: no depthwise stem, every conv in int8
+
     with pytest.raises(ExportError, match="int8 needs calibration images"):
         from kennel.export.onnx_export import Images, export_onnx
 
         export_onnx(load_model_file(model_file), tmp_path / "x.onnx", quantize="int8",
                     check=Images(np.zeros((1, 3, SIZE, SIZE), np.uint8), ["zeros"]))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_keeps_a_depthwise_stem_in_float():
+    """The convolutions up to the first depthwise one stay float when it comes within the first three (MobileNets),
+    none otherwise (resnets, or a grouped convolution deep in the network)."""
+    def graph(groups: list[int]) -> onnx.GraphProto:
+        nodes = [onnx.helper.make_node("Conv", [f"x{k}", f"w{k}"], [f"x{k + 1}"], name=f"conv{k}", group=g)
+                 for k, g in enumerate(groups)]
+        return onnx.helper.make_graph(nodes, "g", [], [])
+
+    assert float_convs(graph([1, 32, 1, 1, 96])) == ["conv0", "conv1"]
+    assert float_convs(graph([32, 1])) == ["conv0"]
+    assert float_convs(graph([1, 1, 1, 1])) == [] and float_convs(graph([1, 1, 1, 8])) == []
 
 
 NO_TORCH = """

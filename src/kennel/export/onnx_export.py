@@ -42,9 +42,11 @@ TOLERANCE = 1e-4  # largest difference in any class probability between PyTorch 
 MAX_DROP = 0.005  # largest loss of test accuracy int8 may cost (0.005: half a point)
 QUANTIZE = ("none", "int8")
 CALIBRATION_IMAGES = 128  # train images whose activations set the int8 ranges
-# int8: the first convolutions (the stem, on the raw pixels) stay in float. Measured on MobileNetV2 (benchmarks/
-# RESULTS.md, "Export"): two halve int8's probability error against fp32 for ~10 % of its speed; four, a third more.
-FLOAT_CONVS = 2
+# int8: the stem up to its first depthwise convolution stays in float when that comes this early (MobileNets,
+# EfficientNets, ConvNeXt; resnets have none). Depthwise convolutions are int8's hard case: measured on MobileNetV2
+# (benchmarks/RESULTS.md, "Export"), the stem's two in float halve int8's difference from fp32 for ~10 % of its
+# speed; on resnet18 two float convolutions cost a third of int8's speed.
+STEM_CONVS = 3
 
 
 @dataclass(frozen=True)
@@ -146,24 +148,32 @@ class _Batches(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
-    """Static int8 quantization (QDQ, weights per channel), activation ranges from ``calibration``'s images.
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> list[str]:
+    """Static int8 quantization (QDQ, weights per channel), activation ranges from ``calibration``'s images; returns
+    the convolutions left in float (``float_convs``).
 
     Static rather than dynamic: dynamic quantization computes activation ranges per batch at run time and, in
     onnxruntime, quantizes only MatMul/Gemm well; a convnet's time is in its convolutions, which static int8 runs
     as integer kernels. The graph is first optimised (shared constants and folded batch norms resolved, shapes
-    inferred), as onnxruntime's quantizer asks. The stem's convolutions stay in float (``FLOAT_CONVS``)."""
+    inferred), as onnxruntime's quantizer asks."""
     prepared = fp32.with_name(fp32.stem + ".prepared.onnx")
     with _quiet_root_logger():
         quant_pre_process(str(fp32), str(prepared))
+        kept = float_convs(onnx.load(str(prepared)).graph)
         quantize_static(str(prepared), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=stem_convs(prepared))
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=kept)
+    return kept
 
 
-def stem_convs(path: Path, count: int = FLOAT_CONVS) -> list[str]:
-    """The first ``count`` Conv nodes of the graph (it is topologically sorted): the ones int8 leaves in float."""
-    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"][:count]
+def float_convs(graph: onnx.GraphProto, within: int = STEM_CONVS) -> list[str]:
+    """The Conv nodes up to and including the first depthwise (grouped) one, when it is among the first ``within``
+    (the graph is topologically sorted); none otherwise."""
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    for k, node in enumerate(convs[:within]):
+        if any(a.name == "group" and a.i > 1 for a in node.attribute):
+            return [c.name for c in convs[:k + 1]]
+    return []
 
 
 @contextmanager
@@ -235,13 +245,13 @@ def _int8(exported: OnnxModel, fp32: Path, final: Path, model: LoadedModel, cali
     """Quantize ``fp32`` into ``final`` and score it on ``score``; ExportError when it costs more than ``max_drop``."""
     if calibration is None or not len(calibration) or score is None or score.labels is None or not len(score.arrays):
         raise ExportError("int8 needs calibration images and labelled test images (the train and test splits)")
-    quantize_int8(fp32, final, calibration)
+    kept = quantize_int8(fp32, final, calibration)
     set_metadata(final, contract(model, "int8"))
     reference = predict_onnx(score.arrays, exported)
     probs = predict_onnx(score.arrays, load_onnx_model(final))
     found = parity(reference, probs, score.names)
     before, after = accuracy(reference, score.labels), accuracy(probs, score.labels)
-    numbers = {"int8_calibration_images": len(calibration), "int8_float_convs": FLOAT_CONVS,
+    numbers = {"int8_calibration_images": len(calibration), "int8_float_convs": len(kept),
                "int8_test_images": len(score.arrays),
                "accuracy_fp32": before, "accuracy_int8": after, "int8_drop": before - after, "max_drop": max_drop,
                "int8_top1_agreement": 1 - found.top1_differs / found.images,
