@@ -95,11 +95,11 @@ def evaluate_model(
     dataset = ImageArrayDataset(data_dir, split)
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split} split is empty; raise data.test_fraction")
-    cached = from_the_audits_features(model, params, data_dir, split, dev, amp_dtype) if params else None
-    if cached is None:
+    outputs = from_the_audits_features(model, params, data_dir, split, dev, amp_dtype) if params is not None else None
+    if outputs is None:
         batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
-        cached = predict(model, batches, dev, amp_dtype, desc=f"evaluate {split}")
-    logits, labels = cached[0].numpy().astype(np.float64), cached[1].numpy()
+        outputs = predict(model, batches, dev, amp_dtype, desc=f"evaluate {split}")
+    logits, labels = outputs[0].numpy().astype(np.float64), outputs[1].numpy()
     probs = softmax(logits)
     log_probs = logits - logits.max(axis=1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))

@@ -109,8 +109,8 @@ def backbone_as_loaded(model: Classifier, arch: str, weights: str) -> bool:
         return False
     if state is None:
         return False
-    own = model.backbone.state_dict()
-    body = {k: v for k, v in own.items() if f"backbone.{k}" not in model.head_parameter_names()}
+    head = model.head_parameter_names()
+    body = {k: v for k, v in model.backbone.state_dict().items() if f"backbone.{k}" not in head}
     return body.keys() <= state.keys() and all(torch.equal(v, state[k].to(v.dtype)) for k, v in body.items())
 
 
