@@ -18,6 +18,7 @@ from random init, for contrast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -160,8 +161,9 @@ def interval(row: dict, key: str) -> str:
 
 
 def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: list[str], overrides: dict,
-            jobs: int = 1, threads: int | None = None) -> dict:
-    """Every mode on ``photos`` (and ``other``): the rows, the probe fit here, the data and the machine's note."""
+            jobs: int = 1, threads: int | None = None, keep: Path | None = None) -> dict:
+    """Every mode on ``photos`` (and ``other``): the rows, the probe fit here, the data and the machine's note.
+    ``keep``: the projects stay in this folder (models, reports, MLflow store) instead of a temporary one."""
     other = other.resolve() if other else None  # read from each mode's project folder
     base = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
         "data.source": "folder", "data.raw_dir": str(photos.resolve()), "model.arch": arch,
@@ -183,7 +185,9 @@ def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: l
               flush=True)
         return r
 
-    with tempfile.TemporaryDirectory(prefix="kennel-realdata-") as tmp:
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory(prefix="kennel-realdata-") as tmp:
         prepared = Path(tmp) / "prepared"
         prepared.mkdir()
         make_project(prepared, lambda _: base)
@@ -226,10 +230,11 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="modes run at the same time, each in its own copy")
     parser.add_argument("--threads", type=int, help="torch threads per mode (OMP_NUM_THREADS; default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--keep", type=Path, help="keep the projects (models, reports) in this new folder")
     args = parser.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     result = measure(args.photos, args.weights, args.arch, args.other, args.modes.split(","), overrides, args.jobs,
-                     args.threads)
+                     args.threads, args.keep)
     print(f"\n{result['machine']}\n")
     print(table(result["rows"]).to_markdown(index=False))
     if result["probe"]:

@@ -107,6 +107,15 @@ def test_scientific_notation_lr_is_a_number():
     assert params_from_dict(_with("train.lr", "1e-4")).train.lr == pytest.approx(1e-4)
 
 
+def test_an_unquoted_off_in_yaml_is_the_word_off(tmp_path):
+    # PyYAML and `dvc exp run -S train.amp=off` read an unquoted `off` as false
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("amp: auto", "amp: off"))
+    assert load_params(path).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp = True: allowed: auto"):
+        params_from_dict(_with("train.amp", True))
+
+
 def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
         load_params(tmp_path / "nope.yaml")

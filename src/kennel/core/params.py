@@ -381,6 +381,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return _build(hint, value, prefix=f"{key}.")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
+        if value is False and "off" in choices:
+            value = "off"  # YAML 1.1 (PyYAML, `dvc exp run -S`) reads an unquoted `off` as false
         # type-exact: YAML's `true` must not pass for 1, nor 1 for `true`
         if not any(value == c and type(value) is type(c) for c in choices):
             raise ConfigError(f"{key} = {value!r}: allowed: {' | '.join(map(_yaml_word, choices))}")
