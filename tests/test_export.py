@@ -75,6 +75,21 @@ def test_the_export_matches_pytorch_and_carries_the_contract(exported):
         np.testing.assert_allclose(predict_onnx(images, model, batch), torch_probs, atol=1e-5)
 
 
+def test_dihedral_tta_exports_with_its_eight_views(exported, tmp_path):
+    """The turns are transposes and flips in the graph: ONNX averages the same eight views as PyTorch."""
+    model_file, _, data, _ = exported
+    loaded = load_model_file(model_file)
+    loaded.module.tta = "dihedral"
+    report = export_from_splits(loaded, tmp_path / "model.onnx", data)
+    assert report["top1_differs"] == 0 and report["max_prob_diff"] <= 1e-4
+    model = load_onnx_model(tmp_path / "model.onnx")
+    assert model.metadata["tta"] == "dihedral"
+    images = np.random.default_rng(1).integers(0, 256, (3, 3, SIZE, SIZE), dtype=np.uint8)
+    turned = np.ascontiguousarray(np.rot90(images, 1, axes=(2, 3)))
+    np.testing.assert_allclose(predict_onnx(images, model, 3), predict_arrays(images, loaded), atol=1e-5)
+    np.testing.assert_allclose(predict_onnx(turned, model, 3), predict_onnx(images, model, 3), atol=1e-5)
+
+
 def test_a_refused_export_writes_nothing(exported, photos, tmp_path, capsys):
     """Exit 2 and one line naming the worst image; neither a new file nor a temporary one, an earlier file as it was."""
     model_file, _, _, _ = exported

@@ -111,6 +111,7 @@ def test_mlflow_run_holds_everything(project):
     assert tags["mlflow.runName"].endswith("@" + tags["git.commit"][:7])
     assert tags["mlflow.runName"].startswith("auto-adamw-lr0.001-bs8")  # the params as given: model.finetune auto
     assert tags["kennel.decision.finetune"].startswith("full: random init")  # what auto decided, and why
+    assert tags["kennel.tta"] == "none" and tags["kennel.decision.tta"].startswith("none: no pretrained features")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {f"evaluation/{name}" for name in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png",
             "top_losses.png", "top_losses_gradcam.png", "metrics.json", "predictions.csv")} <= artifacts

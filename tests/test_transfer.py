@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -368,7 +369,7 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     ({"train.head_epochs": 3}, "train.head_epochs = 3"),
     ({"train.warmup_epochs": 2.0}, "fewer than the second phase's"),
     ({"train.backbone_lr_mult": 0.0}, "train.backbone_lr_mult = 0.0: allowed: auto or a finite number > 0"),
-    ({"evaluate.tta": "five-crop"}, "evaluate.tta = 'five-crop': allowed: none | flip"),
+    ({"evaluate.tta": "five-crop"}, "evaluate.tta = 'five-crop': allowed: none | flip | dihedral | auto"),
 ])
 def test_bad_staged_and_tta_params_are_rejected(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -396,6 +397,64 @@ def test_flip_tta_on_a_mirror_symmetric_image_equals_no_tta(tmp_path):
     assert loaded.tta == "flip" and torch.equal(loaded(other), model(other))
     model.train()
     torch.testing.assert_close(model(other[:2]), model.backbone((other[:2].float() - model.mean) / model.std))
+
+
+def test_dihedral_tta_averages_the_eight_turns_and_mirrors_and_travels_with_the_model(tmp_path):
+    model, _ = build_model("resnet18", ["a", "b"])
+    model.eval()
+    x = _x(2, 32)
+    views = [v for k in range(4) for t in [torch.rot90(x, k, (-2, -1))] for v in (t, t.flip(-1))]
+    plain = [model(v) for v in views]
+    model.tta = "dihedral"
+    torch.testing.assert_close(model(x), sum(plain) / 8)
+    # what it averages over is the same for every turn and mirror of an image: the output does not move
+    torch.testing.assert_close(model(torch.rot90(x, 1, (-2, -1))), model(x))
+    torch.testing.assert_close(model(x.flip(-2)), model(x))
+    assert not torch.allclose(model(x), plain[0])
+    with pytest.raises(ValueError, match="run the images through the model"):
+        model.from_features(torch.zeros(1, 512), torch.zeros(1, 512))
+    save_model(model, tmp_path / "m.pt", size=32, arch="resnet18", mode="center_crop")
+    assert load_model(tmp_path / "m.pt")[0].tta == "dihedral"
+
+
+def _oriented_set(root, up: bool):
+    """Two classes told apart by where the light is (``up``: a bright top half or a bright bottom half) or by
+    colour alone (red or blue): turned a quarter, the first are neither class; the second are still theirs."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import build_dataset
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / "raw" / label).mkdir(parents=True)
+        for i in range(24):
+            pixels = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+            if up:
+                rows = slice(0, 16) if label == "a" else slice(16, 32)
+                pixels[rows] += 180
+            else:
+                pixels[..., 0 if label == "a" else 2] += 180
+            Image.fromarray(pixels).save(root / "raw" / label / f"{label}{i}.png")
+    return build_dataset(root, source="folder")
+
+
+@pytest.mark.parametrize("up,tta", [(True, "none"), (False, "dihedral")])
+def test_tta_auto_turns_the_images_only_where_they_have_no_up(tmp_path, up, tta):
+    data = _oriented_set(tmp_path / "set", up)
+    torch.manual_seed(1)  # resnet18's random features keep where the light is (MobileNetV3's collapse at 32 px)
+    weights = _save(tmp_path / "resnet18.pth", get_model("resnet18").state_dict())
+    result = train(_staged(**{"model.arch": "resnet18", "model.weights": weights, "model.finetune": "head",
+                              "train.epochs": 1, "evaluate.tta": "auto"}), data)
+    decision = result.decisions["tta"]
+    assert result.tta == tta and decision.startswith(f"{tta}: ") and decision.endswith("(evaluate.tta auto)")
+    turned, mirrored = (float(v) for v in re.findall(r"(?:quarter|mirrors) (\d+\.\d+)", decision))
+    assert (turned > 1.25 * mirrored + 0.02) == up, decision
+    if up:
+        return
+    # without pretrained features there is no probe to ask
+    scratch = train(_staged(**{"model.finetune": "full", "train.epochs": 1, "evaluate.tta": "auto"}), data)
+    assert scratch.tta == "none" and scratch.decisions["tta"].startswith("none: no pretrained features")
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline

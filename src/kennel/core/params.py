@@ -223,7 +223,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    tta: Literal["none", "flip"]  # flip: mean of the logits of each image and its mirror; travels with the model
+    # flip: mean of the logits of each image and its mirror; dihedral: of its 8 turns and mirrors; auto: dihedral
+    # where the images have no "up" (the probe judges), else none. Travels with the model
+    tta: Literal["none", "flip", "dihedral", "auto"]
     top_losses: int  # test images in the top-losses grids, highest loss first
     calibration_bins: int  # equal-width confidence bins of the reliability diagram and the ECE
 

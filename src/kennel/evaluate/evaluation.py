@@ -120,6 +120,8 @@ def evaluate_model(
 def from_the_audits_features(model: Classifier, params: Params, data_dir: Path, split: str, device: torch.device,
                              amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(logits, labels) of ``split`` from the audit's cached features, or None when they cannot be the model's."""
+    if model.tta == "dihedral":  # the cache holds each image and its mirror, not their turns
+        return None
     key = features_key(params, data_dir, amp_dtype)
     pairs = cached_pairs(data_dir, split, key) if key else None
     if pairs is None or not backbone_as_loaded(model, params.model.arch, params.model.weights):

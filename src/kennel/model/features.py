@@ -62,10 +62,20 @@ def storage_dtype(computed: torch.dtype) -> str:
 def pooled_pair(model, images: np.ndarray, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """N x 2·dim: the backbone's features (the head's input) of each uint8 image, then of its mirror, as computed
     (under ``amp_dtype``'s autocast, as training's forward passes)."""
+    return _pooled(model, images, device, amp_dtype, mirror_too=True)
+
+
+def pooled(model, images: np.ndarray, device: torch.device, amp_dtype: torch.dtype | None) -> np.ndarray:
+    """N x dim float32 on the CPU: the backbone's features of each uint8 image, as ``pooled_pair`` computes them."""
+    return _pooled(model, images, device, amp_dtype, mirror_too=False).float().cpu().numpy()
+
+
+def _pooled(model, images: np.ndarray, device: torch.device, amp_dtype: torch.dtype | None,
+            mirror_too: bool) -> torch.Tensor:
     x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device)
     with torch.inference_mode(), model.without_head() as body, \
             torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return torch.cat([body(x), body(x.flip(-1))], dim=1)
+        return torch.cat([body(x), body(x.flip(-1))], dim=1) if mirror_too else body(x)
 
 
 def mean_of_pair(stored: np.ndarray) -> np.ndarray:

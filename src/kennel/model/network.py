@@ -67,14 +67,18 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
-        if self.tta == "flip" and not self.training:
-            # two passes rather than one over a doubled batch: torch.export keeps the batch size dynamic
-            return (self.backbone(x) + self.backbone(x.flip(-1))) / 2
+        if self.tta != "none" and not self.training:
+            # a pass per view rather than one over a stacked batch: torch.export keeps the batch size dynamic
+            views = tta_views(x, self.tta)
+            return sum(self.backbone(view) for view in views) / len(views)
         return self.backbone(x)
 
     def from_features(self, features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
         """What ``forward`` outputs given the backbone's features (``without_head``) of the images and of their
-        mirrors: the head's logits, their mean over both with ``tta`` flip in eval mode."""
+        mirrors: the head's logits, their mean over both with ``tta`` flip in eval mode (``dihedral`` needs the
+        turned images' features: a pass through ``forward``)."""
+        if self.tta == "dihedral" and not self.training:
+            raise ValueError("tta dihedral averages over turned images: run the images through the model")
         if self.tta == "flip" and not self.training:
             return (self.head(features) + self.head(mirrored)) / 2
         return self.head(features)
@@ -89,6 +93,19 @@ class Classifier(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()  # normalise with the pretrained statistics; the affine weights still learn
         return self
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of square images N x C x S x S that ``tta`` averages over: flip, each image and its mirror;
+    dihedral, the four quarter turns of each and of its mirror (images with no "up": tiles seen from above, slides).
+    Turns as a transpose and a flip: the operators ONNX has (its exporter has no rot90)."""
+    if tta == "flip":
+        return [x, x.flip(-1)]
+    if tta == "dihedral":
+        turned = x.transpose(-2, -1)
+        turns = [x, turned.flip(-2), x.flip(-2).flip(-1), turned.flip(-1)]  # 0, 1, 2, 3 quarter turns
+        return [view for turn in turns for view in (turn, turn.flip(-1))]
+    raise ValueError(f"tta {tta!r}: allowed: flip | dihedral")
 
 
 def build_model(arch: str, classes: Sequence[str], weights: str = "none") -> tuple[Classifier, WeightsInfo]:

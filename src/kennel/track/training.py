@@ -82,7 +82,7 @@ def log_start(result: TrainResult, world: int) -> None:
 def save_and_log_model(result: TrainResult, params: Params) -> None:
     """The model file (a DVC output), then the exported model and the servable classifier."""
     store.set_tags({"kennel.selected_epoch": result.selected_epoch, "kennel.selected_reason": result.selected_reason,
-                    "kennel.tta": params.evaluate.tta,
+                    "kennel.tta": result.tta,
                     **{f"kennel.decision.{k}": v for k, v in result.decisions.items()}})  # the blend's, now
     store.log_metrics(result.baseline_metrics())
     if result.blended_val is not None and not math.isnan(result.blended_val[0]):  # NaN: no val split to score on
@@ -91,7 +91,7 @@ def save_and_log_model(result: TrainResult, params: Params) -> None:
     if warning:
         log.warning("%s", warning)
         store.set_tags({"kennel.baseline_warning": warning})
-    result.model.tta = params.evaluate.tta  # stored with the model: evaluate, predict and serving repeat it
+    result.model.tta = result.tta  # stored with the model: evaluate, predict and serving repeat it
     save_model(result.model, MODEL, size=params.resize.size, arch=params.model.arch, mode=params.resize.mode)
     images, _ = read_split(AUDITED, "train")
     model_uri = log_model(result.model, example=np.array(images[:2]))

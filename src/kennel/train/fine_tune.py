@@ -29,6 +29,7 @@ from kennel.train.batches import Batches, make_batches
 from kennel.train.checkpoint import Checkpointer, restore_run
 from kennel.train.distributed import Dist
 from kennel.train.loop import EpochResult, FitState, StepConfig, evaluate, fit, predict, snapshot
+from kennel.train.orientation import decide_tta, orientation_losses
 from kennel.train.probe import PROBE_CS, Probe, below_probe_warning, fit_probe
 from kennel.train.recipe import BLENDS, Phase, Recipe, blend_weights
 
@@ -59,6 +60,7 @@ class TrainResult:
     selected_epoch: int = 0  # the epoch whose weights the model holds
     selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
     decisions: dict[str, str] = field(default_factory=dict)  # what the recipe decided from the data, and why
+    tta: str = "none"  # evaluate.tta, or what auto decided: stored with the model
 
     def baseline_metrics(self) -> dict[str, float]:
         """The probe's scores (baseline_val_accuracy, baseline_test_accuracy, baseline_c); none without a probe."""
@@ -301,9 +303,13 @@ def train(
     batches = dict(resident=resident, batch_size=params.train.batch_size // ctx.world,
                    num_workers=params.train.num_workers)
     key = features_key(params, data_dir, amp_dtype)
+    tta, tta_reason = params.evaluate.tta, ""
     if recipe is None:
         model, recipe, weights, frozen = build_for(params, data_dir, device, amp_dtype, probe_cs, batches, key)
-    else:  # a refit's, decided already
+        if tta == "auto":  # before a resume loads trained weights: the probe judges the pretrained features
+            tta, tta_reason, frozen = auto_tta(model, weights, frozen, data_dir, device, amp_dtype, batches,
+                                               probe_cs, key)
+    else:  # a refit's, decided already (its caller keeps the selection run's tta)
         model, _, weights, frozen = build_for(dataclasses.replace(params, model=dataclasses.replace(
             params.model, finetune=recipe.finetune)), data_dir, device)
     t = recipe.train
@@ -313,7 +319,7 @@ def train(
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
     result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
-                         resumed_from=start - 1, epochs=t.epochs)
+                         resumed_from=start - 1, epochs=t.epochs, tta=tta)
     log.info("training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
              device, amp_name(amp_dtype), result.data_placement, n_train, n_val, data.batch_size, ctx.world,
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
@@ -329,6 +335,9 @@ def train(
     for key, reason in recipe.budget_reasons().items():
         result.decisions[key] = reason
         log.info("train.%s %s", key, reason)
+    if tta_reason:
+        result.decisions["tta"] = tta_reason
+        log.info("evaluate.tta %s", tta_reason)
     for warning in balance_warnings(train_labels, val_labels, model.classes,
                                     weighs(t.class_weights, train_labels, len(model.classes))):
         log.warning(warning)
@@ -375,6 +384,18 @@ def train(
             result.decisions["blend"] = blend_decision(result.blend, tried)
         log.info("blended: %s", result.selected_reason.rsplit("; ", 1)[-1])
     return refit(params, data_dir, result, recipe, ctx) if t.refit else result
+
+
+def auto_tta(model: Classifier, weights: WeightsInfo, frozen: FrozenStart | None, data_dir: Path,
+             device: torch.device, amp_dtype: torch.dtype | None, batches: dict, probe_cs: Sequence[float],
+             key: str | None) -> tuple[str, str, FrozenStart | None]:
+    """``evaluate.tta: auto``: dihedral where the images have no "up" (``kennel.train.orientation``), else none;
+    the reason; and the frozen start it fit the probe on (a frozen phase then starts from it)."""
+    if not weights.loaded:
+        return "none", "none: no pretrained features to judge the images' orientation by (evaluate.tta auto)", frozen
+    frozen = frozen or frozen_start(model, data_dir, TRAIN_VAL, device, amp_dtype, batches, probe_cs, key)
+    tta, reason = decide_tta(*orientation_losses(model, frozen.probe, data_dir, device, amp_dtype, key))
+    return tta, reason, frozen
 
 
 def blend_kept(model: nn.Module, start: dict[str, torch.Tensor], blend: float | str, val_batches: Iterable,
@@ -427,7 +448,9 @@ def refit(params: Params, data_dir: Path, selected: TrainResult, recipe: Recipe,
                                selected_reason=f"{selected.selected_reason}; then trained again on train + val "
                                                f"for {k} epoch(s) (train.refit)"
                                                f"{', blended the same way' if again.blended_val else ''}",
-                               blended_val=selected.blended_val,
+                               blended_val=selected.blended_val, tta=selected.tta,
+                               decisions={**again.decisions, **{k: v for k, v in selected.decisions.items()
+                                                                 if k == "tta"}},
                                refit_images=sum(len(read_split(data_dir, s)[1]) for s in REFIT[0].split("+")))
 
 

@@ -1,0 +1,67 @@
+"""``evaluate.tta: auto``: whether the images have an "up", asked of the linear probe on the pretrained features.
+
+A tile seen from above or a slide under a microscope is the same image turned a quarter; a pet or a chest X-ray is
+not. The probe, fit on the images as they are, tells which: on val images turned a quarter its log loss stays
+where it is on their mirrors (a turn that carries no meaning), or it rises well above it (the classes look
+different upside down). Where turns carry no meaning, averaging the model over the eight turns and mirrors of each
+image (``dihedral``) is free accuracy at eight passes per image; elsewhere the model sees each image once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kennel.data.shards import read_split
+from kennel.model.features import cached_pairs, pooled
+from kennel.model.network import Classifier
+from kennel.train.probe import Probe
+
+log = logging.getLogger(__name__)
+
+# Turned images may cost the probe this many times its loss on mirrored ones (plus TURN_SLACK) and still count as
+# having no "up". Measured (benchmarks/RESULTS.md): satellite tiles 0.98x, chest X-rays 1.95x, pet photos 9.4x.
+TURN_RATIO = 1.25
+TURN_SLACK = 0.02  # nats: near-perfect probes differ by noise alone
+BATCH = 64
+
+
+def orientation_losses(model: Classifier, probe: Probe, data_dir: Path, device: torch.device,
+                       amp_dtype: torch.dtype | None, key: str | None) -> tuple[float, float]:
+    """The probe's val log loss on the val images turned a quarter, and on their mirrors (from the audit's cache
+    under ``key`` when it holds them: each stored pair's second half); NaN for both without val images."""
+    images, labels = read_split(data_dir, "val")
+    if len(labels) == 0:
+        return math.nan, math.nan
+    model.eval()
+    turned = np.concatenate([pooled(model, np.rot90(images[i:i + BATCH], 1, axes=(2, 3)), device, amp_dtype)
+                             for i in range(0, len(images), BATCH)])
+    cached = cached_pairs(data_dir, "val", key) if key else None
+    if cached is not None:
+        stored = cached[0]
+        mirrored = stored[:, stored.shape[1] // 2:].astype(np.float32)
+    else:
+        mirrored = np.concatenate([pooled(model, images[i:i + BATCH][..., ::-1], device, amp_dtype)
+                                   for i in range(0, len(images), BATCH)])
+    return _log_loss(probe, turned, labels), _log_loss(probe, mirrored, labels)
+
+
+def _log_loss(probe: Probe, features: np.ndarray, labels: np.ndarray) -> float:
+    p = probe.predict_proba(features.astype(np.float64))[np.arange(len(labels)), labels]
+    return float(-np.log(np.maximum(p, 1e-15)).mean())
+
+
+def decide_tta(turned: float, mirrored: float) -> tuple[str, str]:
+    """``evaluate.tta`` auto's choice from the two losses, and its reason in words (the run's tag)."""
+    losses = f"the linear probe's val log loss on val images turned a quarter {turned:.4f}, on their mirrors " \
+             f"{mirrored:.4f}"
+    if math.isnan(turned):
+        return "none", "none: no val images to judge the images' orientation by (evaluate.tta auto)"
+    if turned <= TURN_RATIO * mirrored + TURN_SLACK:
+        return "dihedral", (f"dihedral: the images have no \"up\" ({losses}); the model averages each image's "
+                            "eight turns and mirrors (evaluate.tta auto)")
+    return "none", f"none: turned images are other images to this data ({losses}) (evaluate.tta auto)"
