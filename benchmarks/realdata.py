@@ -89,7 +89,7 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
            "val_accuracy": live["selected_val_accuracy"], "selected_epoch": live["selected_epoch"],
            "epochs": live["step"], "probe_test": live.get("baseline_test_accuracy"),
            "probe_val": live.get("baseline_val_accuracy"), "seconds": seconds,
-           "decided": decided_mode(root)}
+           "decided": decided_mode(root), "tta": run_tag(root, "kennel.decision.tta") or run_tag(root, "kennel.tta")}
     if other is not None:
         out = root / "other.csv"
         sh([str(BIN / "python"), "-m", "kennel", "predict", str(other), "--model", "models/model.pt", "--output",
@@ -100,9 +100,15 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
 
 def decided_mode(root: Path) -> str:
     """What ``model.finetune: auto`` chose: the run's tag in the project's store (empty for a mode set by hand)."""
+    row = run_tag(root, "kennel.decision.finetune")
+    return row.split(":", 1)[0] if "model.finetune auto" in row else ""
+
+
+def run_tag(root: Path, key: str) -> str:
+    """A tag of the project's run ("" when it has none)."""
     with closing(sqlite3.connect(root / "mlflow.db")) as db:
-        row = db.execute("SELECT value FROM tags WHERE key = 'kennel.decision.finetune'").fetchone()
-    return row[0].split(":", 1)[0] if row and "model.finetune auto" in row[0] else ""
+        row = db.execute("SELECT value FROM tags WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else ""
 
 
 def other_scores(predictions: pd.DataFrame) -> dict:
@@ -181,7 +187,8 @@ def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: l
         print(f"{mode}: test {interval(r, 'test_accuracy')}  other {interval(r, 'other_accuracy')}  "
               f"(balanced {r.get('other_balanced_accuracy', float('nan')):.4f}, worst recall "
               f"{r.get('other_worst_recall', float('nan')):.4f} {r.get('other_worst_class', '')})  "
-              f"epoch {r['selected_epoch']} of {r['epochs']}  {r['seconds']:.0f} s  {r.get('decided', '')}",
+              f"epoch {r['selected_epoch']} of {r['epochs']}  {r['seconds']:.0f} s  {r.get('decided', '')}  "
+              f"tta {r.get('tta', '')}",
               flush=True)
         return r
 
