@@ -21,6 +21,7 @@ from kennel.model.file import load_model, save_model
 from kennel.model.network import build_model
 from kennel.model.weights import read_weights
 from kennel.train.fine_tune import find_resumable, seed_everything, train
+from kennel.train.orientation import TURN_RATIO, TURN_SLACK
 from kennel.train.recipe import AUTO_HEAD, BLENDS, Recipe
 from tests.conftest import Killed, kill_at, small_params
 
@@ -449,7 +450,7 @@ def test_tta_auto_turns_the_images_only_where_they_have_no_up(tmp_path, up, tta)
     decision = result.decisions["tta"]
     assert result.tta == tta and decision.startswith(f"{tta}: ") and decision.endswith("(evaluate.tta auto)")
     turned, mirrored = (float(v) for v in re.findall(r"(?:quarter|mirrors) (\d+\.\d+)", decision))
-    assert (turned > 1.25 * mirrored + 0.02) == up, decision
+    assert (turned > TURN_RATIO * mirrored + TURN_SLACK) == up, decision
     if up:
         return
     # without pretrained features there is no probe to ask
