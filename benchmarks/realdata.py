@@ -175,7 +175,10 @@ def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: l
         "data.source": "folder", "data.raw_dir": str(photos.resolve()), "model.arch": arch,
         "model.weights": str(weights.resolve()),
     })
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    # bytecode cached as `make` does: where PYTHONDONTWRITEBYTECODE is set, every stage would compile torch and
+    # MLflow from source again (seconds per process, most of a short run's time)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
     note = (f"{machine()}; arch {arch}; weights {weights.name}; photos {photos}"
             f"{f'; other {other}' if other else ''}; {jobs} mode(s) at a time, "
             f"{threads or 'default'} torch thread(s) each; params.yaml as shipped but data.*, model.arch, "
@@ -198,7 +201,7 @@ def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: l
         prepared = Path(tmp) / "prepared"
         prepared.mkdir()
         make_project(prepared, lambda _: base)
-        prep = sh([str(BIN / "dvc"), "repro", "resize"], prepared)
+        prep = sh([str(BIN / "dvc"), "repro", "resize"], prepared, env)
         summary = json.loads((prepared / "reports/data_summary.json").read_text())
         print(f"prepare + resize: {prep:.0f} s; {summary['kept']} photos kept of {summary['found']}", flush=True)
         probe = probe_scores(prepared, arch, weights, other) if other else {}
