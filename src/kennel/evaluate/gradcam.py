@@ -56,13 +56,23 @@ def grad_cam(
     """
     device = next(model.parameters()).device
     model.eval()
-    if layer is None:
-        layer = target_layer(model, images[:1].to(device))[1]
-    maps = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).float()
-        idx = torch.as_tensor(class_index[start:start + batch_size], device=device).long()
-        maps.append(_cam(model, layer, x, idx))
+    # A TTA model's map of the image as it is: through the averaged views the gradient reaching the first view's
+    # feature map is the plain model's over their number, so after scaling the map is the same, at one pass
+    # instead of two or eight (eight views of a batch, with their graphs, take gigabytes).
+    tta = getattr(model, "tta", None)
+    if tta is not None:
+        model.tta = "none"
+    try:
+        if layer is None:
+            layer = target_layer(model, images[:1].to(device))[1]
+        maps = []
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device).float()
+            idx = torch.as_tensor(class_index[start:start + batch_size], device=device).long()
+            maps.append(_cam(model, layer, x, idx))
+    finally:
+        if tta is not None:
+            model.tta = tta
     return torch.cat(maps).numpy() if maps else np.zeros((0, *images.shape[-2:]), np.float32)
 
 
@@ -74,7 +84,6 @@ def _cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, idx: torch.Tensor)
         with torch.enable_grad():
             logits = model(x.requires_grad_(True))
             score = logits.float().gather(1, idx[:, None]).sum()
-            # The first pass sees the image as it is; with flip TTA a second one sees its mirror.
             (grad,) = torch.autograd.grad(score, captured[0])
     finally:
         handle.remove()
