@@ -6,10 +6,14 @@ class logit. The layer is found from the model's structure, so every torchvision
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kennel.model.network import Classifier
 
 POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
@@ -59,10 +63,7 @@ def grad_cam(
     # A TTA model's map of the image as it is: through the averaged views the gradient reaching the first view's
     # feature map is the plain model's over their number, so after scaling the map is the same, at one pass
     # instead of two or eight (eight views of a batch, with their graphs, take gigabytes).
-    tta = getattr(model, "tta", None)
-    if tta is not None:
-        model.tta = "none"
-    try:
+    with model.one_view() if isinstance(model, Classifier) else contextlib.nullcontext():
         if layer is None:
             layer = target_layer(model, images[:1].to(device))[1]
         maps = []
@@ -70,9 +71,6 @@ def grad_cam(
             x = images[start:start + batch_size].to(device).float()
             idx = torch.as_tensor(class_index[start:start + batch_size], device=device).long()
             maps.append(_cam(model, layer, x, idx))
-    finally:
-        if tta is not None:
-            model.tta = tta
     return torch.cat(maps).numpy() if maps else np.zeros((0, *images.shape[-2:]), np.float32)
 
 

@@ -65,6 +65,15 @@ class Classifier(nn.Module):
         finally:
             setattr(parent, leaf, head)
 
+    @contextmanager
+    def one_view(self) -> Iterator[Classifier]:
+        """The model without test-time augmentation (each image as it is), for as long as the block runs."""
+        tta, self.tta = self.tta, "none"
+        try:
+            yield self
+        finally:
+            self.tta = tta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
         if self.tta != "none" and not self.training:

@@ -9,8 +9,8 @@ image (``dihedral``) is free accuracy at eight passes per image; elsewhere the m
 
 from __future__ import annotations
 
-import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,6 @@ from kennel.data.shards import read_split
 from kennel.model.features import cached_pairs, pooled
 from kennel.model.network import Classifier
 from kennel.train.probe import Probe
-
-log = logging.getLogger(__name__)
 
 # Turned images may cost the probe this many times its loss on mirrored ones (plus TURN_SLACK) and still count as
 # having no "up". Measured in pipeline runs (benchmarks/RESULTS.md): satellite tiles 1.31x, chest X-rays 1.53x,
@@ -38,22 +36,24 @@ def orientation_losses(model: Classifier, probe: Probe, data_dir: Path, device: 
     images, labels = read_split(data_dir, "val")
     if len(labels) == 0:
         return math.nan, math.nan
+    from sklearn.metrics import log_loss  # loaded already: the probe was fit with it
+
     model.eval()
-    turned = np.concatenate([pooled(model, np.rot90(images[i:i + BATCH], 1, axes=(2, 3)), device, amp_dtype)
-                             for i in range(0, len(images), BATCH)])
+
+    def features(view: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return np.concatenate([pooled(model, view(images[i:i + BATCH]), device, amp_dtype)
+                               for i in range(0, len(images), BATCH)])
+
+    turned = features(lambda batch: np.rot90(batch, 1, axes=(2, 3)))
     cached = cached_pairs(data_dir, "val", key) if key else None
     if cached is not None:
         stored = cached[0]
         mirrored = stored[:, stored.shape[1] // 2:].astype(np.float32)
     else:
-        mirrored = np.concatenate([pooled(model, images[i:i + BATCH][..., ::-1], device, amp_dtype)
-                                   for i in range(0, len(images), BATCH)])
-    return _log_loss(probe, turned, labels), _log_loss(probe, mirrored, labels)
-
-
-def _log_loss(probe: Probe, features: np.ndarray, labels: np.ndarray) -> float:
-    p = probe.predict_proba(features.astype(np.float64))[np.arange(len(labels)), labels]
-    return float(-np.log(np.maximum(p, 1e-15)).mean())
+        mirrored = features(lambda batch: batch[..., ::-1])
+    classes = range(len(probe.bias))
+    return tuple(float(log_loss(labels, probe.predict_proba(f.astype(np.float64)), labels=classes))
+                 for f in (turned, mirrored))
 
 
 def decide_tta(turned: float, mirrored: float) -> tuple[str, str]:
