@@ -5,7 +5,7 @@ from torchvision.models import resnet18
 
 from kennel.core.errors import WeightsError
 from kennel.model.file import load_model, save_model
-from kennel.model.network import build_model, folded
+from kennel.model.network import build_model
 from kennel.model.weights import imagenet_cache_path
 
 
@@ -26,29 +26,6 @@ def test_uint8_input_is_normalised_inside_the_model():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(model(x), model.backbone((x.float() / 255 - mean) / std), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_folded_batchnorm_computes_the_same_function(arch):
-    """Inference's copy holds no BatchNorm and gives the model's logits (and features) in fp32 up to rounding, with
-    test-time augmentation kept; the model itself is untouched: it still trains, with its BatchNorm."""
-    torch.manual_seed(0)
-    model, _ = build_model(arch, ["a", "b", "c"], weights="none")
-    for module in model.modules():  # statistics and affine weights far from the identity a fresh layer has
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(module.weight, 0.5, 1.5), nn.init.uniform_(module.bias, -0.5, 0.5)
-    model.eval().tta = "flip"
-    fast = folded(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
-    assert fast.tta == "flip" and not fast.training and not any(p.requires_grad for p in fast.parameters())
-    x = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
-        with fast.without_head() as a, model.without_head() as b:
-            torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 10
-    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_a_frozen_model_trains_only_fc():

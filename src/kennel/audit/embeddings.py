@@ -32,7 +32,7 @@ def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, re
     """Pooled features of the pretrained backbone, or the perceptual hash when ``weights`` are not pretrained."""
     info = WeightsInfo("none")
     if weights != "none":
-        from kennel.model.network import build_model, folded  # torchvision: not for the perceptual hash
+        from kennel.model.network import build_model  # torchvision: not needed for the perceptual hash
 
         model, info = build_model(arch, classes, weights=weights)
     if not pretrained(info):
@@ -41,7 +41,7 @@ def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, re
         return phash_featurizer(size, recipe)
     dev = resolve_device(device)
     dtype = resolve_amp(amp, dev)
-    model = folded(model.to(dev))
+    model = model.to(dev, memory_format=torch.channels_last).eval()
     probe = pooled_pair(model, np.zeros((1, 3, size, size), np.uint8), dev, dtype)
     stored = storage_dtype(probe.dtype)
 

@@ -21,7 +21,7 @@ from kennel.evaluate.metrics import Curves, calibration, classification_metrics,
 from kennel.model.features import backbone_as_loaded, cached_pairs, features_key, logits_from_pairs
 from kennel.model.file import load_model
 from kennel.model.inference import softmax
-from kennel.model.network import Classifier, folded
+from kennel.model.network import Classifier
 from kennel.train.batches import make_loader
 from kennel.train.loop import predict
 
@@ -98,7 +98,7 @@ def evaluate_model(
     outputs = from_the_audits_features(model, params, data_dir, split, dev, amp_dtype) if params is not None else None
     if outputs is None:
         batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
-        outputs = predict(folded(model), batches, dev, amp_dtype, desc=f"evaluate {split}")
+        outputs = predict(model, batches, dev, amp_dtype, desc=f"evaluate {split}")
     logits, labels = outputs[0].numpy().astype(np.float64), outputs[1].numpy()
     probs = softmax(logits)
     log_probs = logits - logits.max(axis=1, keepdims=True)

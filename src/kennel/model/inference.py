@@ -16,7 +16,7 @@ from torch import nn
 from kennel.core.device import to_device
 from kennel.data.images import load_array
 from kennel.model.file import load_model
-from kennel.model.network import Classifier, folded
+from kennel.model.network import Classifier
 from kennel.model.outputs import result_frame, softmax
 
 __all__ = ["CPU", "DEFAULT_MODE", "LoadedModel", "load_model_file", "place", "predict_arrays", "preprocess",
@@ -43,7 +43,7 @@ def load_model_file(path: Path) -> LoadedModel:
     model, size = load_model(path)
     # mmap: only the small entries are read, not the weights a second time
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return LoadedModel(folded(model), list(model.classes), size, str(payload.get("mode", DEFAULT_MODE)), str(path),
+    return LoadedModel(model, list(model.classes), size, str(payload.get("mode", DEFAULT_MODE)), str(path),
                        str(payload["arch"]))
 
 

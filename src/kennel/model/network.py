@@ -3,14 +3,12 @@ test-time augmentation inside, built from an arch name and weights."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torchvision
 from torch import nn
-from torch.fx.experimental.optimization import fuse
 from torchvision.models import get_model, list_models
 
 from kennel.core.archs import head_path, supported_archs
@@ -117,17 +115,6 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
         turns = [x, turned.flip(-2), x.flip(-2).flip(-1), turned.flip(-1)]  # 0, 1, 2, 3 quarter turns
         return [view for turn in turns for view in (turn, turn.flip(-1))]
     raise ValueError(f"tta {tta!r}: allowed: flip | dihedral")
-
-
-def folded(model: Classifier) -> Classifier:
-    """A copy of ``model`` for inference: each BatchNorm folded into the convolution that feeds it (traced with
-    torch.fx, so only where that convolution feeds nothing else), in eval mode, without gradients. The same
-    function up to rounding with one pass over the activations less per layer: about 1.5 x the images/s of
-    MobileNetV2 on a CPU. Every inference pass that must agree with the audit's cached features goes through it
-    (features, evaluate, predict, export); training, Grad-CAM and anything hooking the layers keep ``model``."""
-    inference = copy.deepcopy(model).eval().requires_grad_(False)
-    inference.backbone = fuse(inference.backbone, inplace=True)
-    return inference.to(memory_format=torch.channels_last)
 
 
 def build_model(arch: str, classes: Sequence[str], weights: str = "none") -> tuple[Classifier, WeightsInfo]:

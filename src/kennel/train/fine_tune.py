@@ -21,7 +21,7 @@ from kennel.core.device import amp_name, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
 from kennel.model.features import cached_features, features_key
-from kennel.model.network import Classifier, build_model, folded
+from kennel.model.network import Classifier, build_model
 from kennel.model.statistics import batchnorm_shift
 from kennel.model.weights import WeightsInfo
 from kennel.train.balance import balance_warnings, weighs, weights_reason
@@ -112,10 +112,9 @@ def fits_resident(nbytes: int, device: torch.device, setting: str | bool) -> boo
 
 def extract_features(model: Classifier, batches: Iterable, device: torch.device,
                      amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (the head's input) for every image, computed once, as the audit computes them."""
-    inference = folded(model)
-    with inference.without_head():
-        return predict(inference, batches, device, amp_dtype, desc="features")
+    """Backbone features (the head's input) for every image, computed once."""
+    with model.without_head():
+        return predict(model, batches, device, amp_dtype, desc="features")
 
 
 def split_features(model: Classifier, data_dir: Path, split: str, batches: dict, device: torch.device,

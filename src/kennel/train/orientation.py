@@ -18,7 +18,7 @@ import torch
 
 from kennel.data.shards import read_split
 from kennel.model.features import cached_pairs, pooled
-from kennel.model.network import Classifier, folded
+from kennel.model.network import Classifier
 from kennel.train.probe import Probe
 
 # Turned images may cost the probe this many times its loss on mirrored ones (plus TURN_SLACK) and still count as
@@ -38,7 +38,7 @@ def orientation_losses(model: Classifier, probe: Probe, data_dir: Path, device: 
         return math.nan, math.nan
     from sklearn.metrics import log_loss  # loaded already: the probe was fit with it
 
-    model = folded(model)  # as the audit's cached mirrors were computed
+    model.eval()
 
     def features(view: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         return np.concatenate([pooled(model, view(images[i:i + BATCH]), device, amp_dtype)
