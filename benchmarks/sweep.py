@@ -29,29 +29,26 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from realdata import REPO, set_params  # puts src/ on the path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from kennel.core.params import params_from_dict  # noqa: E402
-from kennel.data.images import load_array  # noqa: E402
-from kennel.data.manifest import split_of  # noqa: E402
-from kennel.data.shard_writer import write_splits  # noqa: E402
-from kennel.data.shards import read_split  # noqa: E402
-from kennel.train import fine_tune  # noqa: E402
-from kennel.train.batches import Batches  # noqa: E402
-from kennel.train.loop import predict  # noqa: E402
-
-SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from kennel.core.params import params_from_dict
+from kennel.data.images import load_array
+from kennel.data.manifest import assign_splits
+from kennel.data.shard_writer import write_splits
+from kennel.data.shards import read_split
+from kennel.data.sources import from_folder
+from kennel.train import fine_tune
+from kennel.train.batches import Batches
+from kennel.train.loop import evaluate
 
 
 def manifest_of(folder: Path, seed: int) -> pd.DataFrame:
-    rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES):
-        sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
-        rows.append({"path": str(path.relative_to(folder)), "label": path.parent.name,
-                     "split": split_of(sha1, seed, 0.15, 0.15), "sha1": sha1})
-    return pd.DataFrame(rows)
+    """``folder``'s images (prepare's folder layout) split 70/15/15 by content and ``seed`` as prepare splits."""
+    files = [c for c in from_folder(folder) if c.label]
+    frame = pd.DataFrame({"path": [str(c.path.relative_to(folder)) for c in files],
+                          "label": [c.label for c in files],
+                          "sha1": [hashlib.sha1(c.path.read_bytes()).hexdigest() for c in files]})
+    return assign_splits(frame, 0.15, 0.15, seed)
 
 
 def _load(path, size: int) -> np.ndarray:
@@ -65,25 +62,18 @@ def variant(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def params_for(args, sets: dict[str, str], seed: int, size: int):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["seed"] = seed
-    raw["resize"]["size"] = size
-    raw["model"].update(arch=args.arch, weights=args.weights, finetune="auto")
-    raw["train"].update(device=args.device, num_workers=0)
-    for key, value in sets.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    return params_from_dict(raw)
+    raw = set_params(yaml.safe_load((REPO / "params.yaml").read_text()), {
+        "seed": seed, "resize.size": size, "model.arch": args.arch, "model.weights": args.weights,
+        "model.finetune": "auto", "train.device": args.device, "train.num_workers": 0})
+    return params_from_dict(set_params(raw, {key: yaml.safe_load(value) for key, value in sets.items()}))
 
 
 def score(model, data_dir: Path, split: str, device: torch.device, amp) -> tuple[int, int]:
+    """(images right, images) of ``split``."""
     x, y = read_split(data_dir, split)
-    batches = Batches(torch.from_numpy(np.array(x)), torch.from_numpy(np.asarray(y)), 64)
-    logits, labels = predict(model.to(device), batches, device, amp, desc=split)
-    return int((logits.argmax(1) == labels).sum()), len(labels)
+    _, accuracy = evaluate(model, Batches(torch.from_numpy(np.array(x)), torch.from_numpy(np.asarray(y)), 64),
+                           device, amp)
+    return round(accuracy * len(y)), len(y)
 
 
 def main(argv=None) -> int:
