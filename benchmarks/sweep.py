@@ -58,7 +58,10 @@ def _load(path, size: int) -> np.ndarray:
 def variant(spec: str) -> tuple[str, dict[str, str]]:
     """``name:key=value,key=value`` (``name`` alone: the shipped params)."""
     name, _, sets = spec.partition(":")
-    return name, dict(kv.split("=", 1) for kv in sets.split(",") if kv)
+    pairs = [kv.split("=", 1) for kv in sets.split(",") if kv]
+    if not name or any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--variant {spec!r}: expected name[:key=value,key=value]")
+    return name, dict(pairs)
 
 
 def params_for(args, sets: dict[str, str], seed: int, size: int):
@@ -90,6 +93,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     variants = [variant(v) for v in args.variant or ["shipped"]]
+    for name, sets in variants:  # a wrong key or value stops the sweep here, before any image is read
+        try:
+            params_for(args, sets, args.seeds[0], args.size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"--variant {name}: {type(e).__name__}: {e}") from None
     runs = []
     for seed in args.seeds:
         data_dir = args.work / f"{args.folder.name}-{seed}"
