@@ -61,6 +61,7 @@ BAD = [
     ("audit.group_splits", "yes", ["audit.group_splits", "'yes'", "true or false"]),
     ("audit.figure_pairs", 0, ["audit.figure_pairs", "0", ">= 1"]),
     ("audit.batch_size", 0, ["audit.batch_size", "0", ">= 1"]),
+    ("audit.batch_size", "many", ["audit.batch_size", "'many'", "an integer or auto"]),
     ("audit.neighbours", 5, ["unknown key audit.neighbours", "duplicate_floor"]),
     ("train.blend", 1.5, ["train.blend", "1.5", "[0, 1]"]),
     ("train.blend", -0.1, ["train.blend", "-0.1", "[0, 1]"]),

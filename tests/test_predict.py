@@ -20,6 +20,7 @@ from PIL import Image
 from kennel import track
 from kennel.cli.main import main
 from kennel.cli.predict import expand, predict_files, resolve_model
+from kennel.core.device import CPU_INFERENCE_BATCH, inference_batch
 from kennel.core.params import params_from_dict
 from kennel.data.images import load_array
 from kennel.data.manifest import SPLITS, account
@@ -27,7 +28,7 @@ from kennel.data.shards import read_split
 from kennel.data.sources import find_images
 from kennel.data.validate import inspect_all
 from kennel.model.file import save_model
-from kennel.model.inference import LoadedModel, load_model_file, preprocess, softmax
+from kennel.model.inference import LoadedModel, load_model_file, predict_arrays, preprocess, softmax
 from kennel.model.network import Classifier
 from kennel.train.fine_tune import train
 from tests.conftest import REPO, build_dataset, isolate, small_params
@@ -130,6 +131,21 @@ def test_predict_feeds_the_model_the_training_tensors(trained):
             expected = softmax(trained.model(torch.from_numpy(resized)).numpy().astype(np.float64))
         frame = predict_files(paths, trained.loaded)
         np.testing.assert_allclose(_probabilities(frame, trained.loaded.classes), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_batch_an_inference_pass_runs_at_changes_no_probability(trained):
+    # the CPU runs inference passes a few images at a time because it is faster there: the numbers must not move
+    # (beyond the last float digit: a batch of 1 or 3 may take other kernels than one of 4, 8 or 16)
+    images = np.concatenate([read_split(trained.resized, split)[0] for split in SPLITS])
+    assert inference_batch(torch.device("cpu")) == CPU_INFERENCE_BATCH < len(images)
+    assert inference_batch(torch.device("cuda"), 256) == 256
+    default = predict_arrays(images, trained.loaded)
+    assert np.array_equal(predict_arrays(images, trained.loaded, len(images)), default)
+    for batch_size in (1, 3):
+        np.testing.assert_allclose(predict_arrays(images, trained.loaded, batch_size), default, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(predict_arrays(images, trained.loaded, 3, amp_dtype=torch.bfloat16),
+                               predict_arrays(images, trained.loaded, len(images), amp_dtype=torch.bfloat16),
+                               rtol=0, atol=1e-6)
 
 
 def test_preprocess_uses_the_model_resize_mode(trained, batch):

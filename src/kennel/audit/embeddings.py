@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kennel.audit.phash import phash_featurizer
-from kennel.core.device import amp_name, resolve_amp, resolve_device
+from kennel.core.device import amp_name, inference_batch, resolve_amp, resolve_device
 from kennel.data.vectors import Featurizer
 from kennel.model.features import fingerprint, mean_of_pair, pooled_pair, storage_dtype
 from kennel.model.weights import WeightsInfo
@@ -51,5 +51,5 @@ def choose_featurizer(arch: str, weights: str, classes: list[str], size: int, re
     dim = probe.shape[1] // 2
     log.info("near-duplicates by %s features (%s, %d dims, %s)", arch, info.source, dim, amp_name(dtype))
     return Featurizer("embedding", fingerprint(arch, weights, size, recipe, dtype), 2 * dim, stored, compute,
-                      view=mean_of_pair)
+                      view=mean_of_pair, batch=inference_batch(dev))
 

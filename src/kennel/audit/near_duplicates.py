@@ -64,7 +64,8 @@ def find_near_duplicates(resized_dir: Path, manifest: pd.DataFrame, cache_dir: P
     paths = [path_of[s] for s in index["sha1"]]
     start = time.perf_counter()
     featurizer = choose_featurizer(arch, weights, meta["classes"], meta["size"], meta.get("recipe", ""), device, amp)
-    features, computed = update_cache(cache_dir, featurizer, index["sha1"].tolist(), _Batches(images), cfg.batch_size,
+    batch = featurizer.batch if cfg.batch_size == "auto" else cfg.batch_size
+    features, computed = update_cache(cache_dir, featurizer, index["sha1"].tolist(), _Batches(images), batch,
                                       desc="embed" if featurizer.kind == "embedding" else "hash")
     seconds = {"features": time.perf_counter() - start}
     start = time.perf_counter()

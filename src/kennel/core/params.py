@@ -261,7 +261,7 @@ class AuditConfig:
     exact_search_max: int  # images up to which neighbours are searched exactly; past it, an HNSW graph
     outlier_score: float  # outlier score (distance to the nearest class centre / that class's median) counted
     figure_pairs: int  # the most similar pairs drawn side by side in reports/audit/near_duplicates.png
-    batch_size: int  # images per forward pass while embedding
+    batch_size: int | Literal["auto"]  # images per forward pass while embedding; auto: the device's inference batch
 
     def check(self) -> None:
         if not 0 < self.duplicate_floor <= 1:
@@ -275,7 +275,8 @@ class AuditConfig:
             raise ConfigError(f"audit.outlier_score = {self.outlier_score!r}: allowed: a number > 0")
         _at_least("audit.exact_search_max", self.exact_search_max, 1)
         _at_least("audit.figure_pairs", self.figure_pairs, 1)
-        _at_least("audit.batch_size", self.batch_size, 1)
+        if self.batch_size != "auto":
+            _at_least("audit.batch_size", self.batch_size, 1)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class Featurizer:
     dtype: str
     compute: Callable[[np.ndarray], np.ndarray]
     view: Callable[[np.ndarray], np.ndarray] | None = None
+    batch: int = 64  # images per ``compute`` call when the caller leaves it to the featurizer
 
     def vectors(self, images: np.ndarray) -> np.ndarray:
         """The compared vectors of ``images``, as the cache returns them."""

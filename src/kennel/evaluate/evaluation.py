@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kennel.core.device import resolve_amp, resolve_device
+from kennel.core.device import inference_batch, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.dataset import ImageArrayDataset
 from kennel.data.manifest import read_manifest
@@ -84,7 +84,7 @@ class Evaluation:
 
 def evaluate_model(
     model_path: Path, data_dir: Path, manifest: Path, split: str = "test", device: str = "auto",
-    amp: str = "auto", batch_size: int = 64, calibration_bins: int = 10, params: Params | None = None,
+    amp: str = "auto", batch_size: int | None = None, calibration_bins: int = 10, params: Params | None = None,
 ) -> Evaluation:
     """``params`` (the run's): when the model's backbone is still the pretrained one its ``model.weights`` load
     (a head-only run) and the audit's cache holds the split's features under the run's fingerprint, the head
@@ -97,7 +97,7 @@ def evaluate_model(
         raise ValueError(f"{data_dir}: the {split} split is empty; raise data.test_fraction")
     outputs = from_the_audits_features(model, params, data_dir, split, dev, amp_dtype) if params is not None else None
     if outputs is None:
-        batches = make_loader(dataset, batch_size=batch_size, num_workers=0, device=dev)
+        batches = make_loader(dataset, batch_size=batch_size or inference_batch(dev), num_workers=0, device=dev)
         outputs = predict(model, batches, dev, amp_dtype, desc=f"evaluate {split}")
     logits, labels = outputs[0].numpy().astype(np.float64), outputs[1].numpy()
     probs = softmax(logits)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kennel.core.device import to_device
+from kennel.core.device import inference_batch, to_device
 from kennel.data.images import load_array
 from kennel.model.file import load_model
 from kennel.model.network import Classifier
@@ -52,11 +52,12 @@ def preprocess(path: str | Path, model: LoadedModel) -> np.ndarray:
     return load_array(path, model.size, mode=model.mode)
 
 
-def predict_arrays(images: np.ndarray, model: LoadedModel, batch_size: int = 32, *,
+def predict_arrays(images: np.ndarray, model: LoadedModel, batch_size: int | None = None, *,
                    device: torch.device = CPU, amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """uint8 N x 3 x S x S -> class probabilities N x C (float64), computed on ``device`` (where the model is:
-    see :func:`place`) in ``amp_dtype`` autocast when given."""
-    logits = []
+    see :func:`place`) in ``amp_dtype`` autocast when given, ``batch_size`` images a pass (default: the device's
+    inference batch)."""
+    logits, batch_size = [], batch_size or inference_batch(device)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = to_device(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])), device)

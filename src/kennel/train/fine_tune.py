@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kennel.core.device import amp_name, resolve_amp, resolve_device
+from kennel.core.device import amp_name, inference_batch, resolve_amp, resolve_device
 from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
 from kennel.model.features import cached_features, features_key
@@ -125,7 +125,8 @@ def split_features(model: Classifier, data_dir: Path, split: str, batches: dict,
     cached = cached_features(data_dir, split, key) if key else None
     if cached is not None:
         return *cached, True
-    return *extract_features(model, make_batches(data_dir, split, **batches, device=device), device, amp_dtype), False
+    passes = {**batches, "batch_size": inference_batch(device, batches["batch_size"])}
+    return *extract_features(model, make_batches(data_dir, split, **passes, device=device), device, amp_dtype), False
 
 
 def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -250,7 +251,8 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
                  "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
         train_batches = make_batches(data.dir, data.splits[0], **batches, shuffle=True, generator=data.generator,
                                      rank=ctx.rank, world=ctx.world)
-        val_batches = make_batches(data.dir, data.splits[1], **batches, rank=ctx.rank, world=ctx.world)
+        val_batches = make_batches(data.dir, data.splits[1], **{**batches, "batch_size": inference_batch(
+            device, data.batch_size)}, rank=ctx.rank, world=ctx.world)
     module = recipe.trained_module(model, phase)
     trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 else module

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kennel.core.device import inference_batch
 from kennel.data.shards import read_split
 from kennel.model.features import cached_pairs, pooled
 from kennel.model.network import Classifier
@@ -26,7 +27,6 @@ from kennel.train.probe import Probe
 # pet photos ~9x; the line sits between the two close ones.
 TURN_RATIO = 1.4
 TURN_SLACK = 0.01  # nats: near-perfect probes differ by noise alone
-BATCH = 64
 
 
 def orientation_losses(model: Classifier, probe: Probe, data_dir: Path, device: torch.device,
@@ -39,10 +39,11 @@ def orientation_losses(model: Classifier, probe: Probe, data_dir: Path, device: 
     from sklearn.metrics import log_loss  # loaded already: the probe was fit with it
 
     model.eval()
+    batch = inference_batch(device)
 
     def features(view: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        return np.concatenate([pooled(model, view(images[i:i + BATCH]), device, amp_dtype)
-                               for i in range(0, len(images), BATCH)])
+        return np.concatenate([pooled(model, view(images[i:i + batch]), device, amp_dtype)
+                               for i in range(0, len(images), batch)])
 
     turned = features(lambda batch: np.rot90(batch, 1, axes=(2, 3)))
     cached = cached_pairs(data_dir, "val", key) if key else None

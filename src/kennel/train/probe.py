@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,12 +55,9 @@ def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def _fit(features: np.ndarray, labels: np.ndarray, c: float, classes: int) -> tuple[np.ndarray, np.ndarray]:
     # scikit-learn on first use: a run without pretrained weights fits no probe and skips its second of imports
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a few more iterations change nothing we report
-        model = LogisticRegression(C=c, max_iter=1000).fit(features, labels)
+    model = LogisticRegression(C=c, max_iter=1000).fit(features, labels)
     weight, bias = np.zeros((classes, features.shape[1])), np.zeros(classes)
     if len(model.classes_) == 2:  # sklearn keeps one row for two classes: split it into the softmax's two
         weight[model.classes_] = np.stack([-model.coef_[0], model.coef_[0]]) / 2
@@ -72,6 +71,7 @@ def fit_probe(train: tuple, val: tuple, test: tuple | None = None, *, classes: i
               cs: Sequence[float] = PROBE_CS) -> Probe:
     """Logistic regression on ``train`` = (features, labels), C out of ``cs`` chosen by val log loss (without val,
     the only one given, else the default); scored on val and test."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import log_loss
 
     x, y = _as_numpy(train[0]), np.asarray(train[1])
@@ -79,8 +79,13 @@ def fit_probe(train: tuple, val: tuple, test: tuple | None = None, *, classes: i
         raise ValueError("the linear probe needs at least two classes in the train split")
     vx, vy = _as_numpy(val[0]), np.asarray(val[1])
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
-    for c in cs if len(vy) or len(cs) == 1 else (DEFAULT_C,):
-        weight, bias = _fit(x, y, c, classes)
+    grid = cs if len(vy) or len(cs) == 1 else (DEFAULT_C,)
+    # one fit per C, side by side: lbfgs spends most of its time in numpy, which lets go of the GIL. The warning
+    # filter is set around the threads, not in them: filters are process-wide, and setting them is not thread-safe.
+    with warnings.catch_warnings(), ThreadPoolExecutor(min(len(grid), os.cpu_count() or 1)) as pool:
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a few more iterations change nothing we report
+        fits = list(pool.map(lambda c: _fit(x, y, c, classes), grid))
+    for c, (weight, bias) in zip(grid, fits, strict=True):
         probe = Probe(c, math.nan, math.nan, math.nan, weight, bias)
         loss = log_loss(vy, probe.predict_proba(vx), labels=range(classes)) if len(vy) else math.nan
         if best is None or loss < best[1]:
