@@ -6,7 +6,8 @@ The photos are the real ones of ../shared/realdata (photos/ and photos_other/, r
 a MobileNetV2 with its real ImageNet features and a new 2-class head (predictions are not scored: speed only).
 Each measurement runs in its own process on warm files:
   decode   the resize stage's own decode + resize (plain_arrays.write_split, workers=auto): the decode floor
-  model    the model alone on ready uint8 tensors, batch 32, mixed precision as `--amp auto` picks it
+  model    the model alone on ready uint8 tensors at the inference batch (8 on a CPU), mixed precision as
+           `--amp auto` picks it
   evaluate the evaluate stage's pass (kennel.train.loop.predict over the decoded split)
   features feature extraction for head / staged (kennel.train.fine_tune.extract_features, the backbone only)
   before   every file decoded in the main process, then the model in fp32: what `kennel predict` did before
@@ -43,7 +44,7 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
     from plain_arrays import read_plain, write_split
 
     from kennel.cli.predict import predict_batches
-    from kennel.core.device import resolve_amp
+    from kennel.core.device import inference_batch, resolve_amp
     from kennel.data.dataset import ImageArrayDataset
     from kennel.data.images import load_array
     from kennel.model.inference import load_model_file, predict_arrays
@@ -64,10 +65,11 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
         if not (out / "bench_x.npy").exists():
             write_split(out, "bench", paths, [0] * len(paths), model.size, partial(load_array, mode=model.mode), "auto")
         images = np.array(read_plain(out, "bench")[0])
-        loader = make_loader(ImageArrayDataset(out, "bench"), batch_size=32, num_workers=0, device=cpu)
+        loader = make_loader(ImageArrayDataset(out, "bench"), batch_size=inference_batch(cpu), num_workers=0,
+                             device=cpu)
         start = time.perf_counter()
         if method == "model":
-            predict_arrays(images, model, 32, amp_dtype=amp)
+            predict_arrays(images, model, amp_dtype=amp)
         elif method == "evaluate":  # the evaluate stage's pass over the decoded split
             predict(model.module, loader, cpu, amp)
         else:  # head and staged: the backbone's features of every image, once
