@@ -8,7 +8,7 @@ Each measurement runs in its own process on warm files:
   decode   the resize stage's own decode + resize (plain_arrays.write_split, workers=auto): the decode floor
   model    the model alone on ready uint8 tensors at the inference batch (8 on a CPU), mixed precision as
            `--amp auto` picks it
-  evaluate the evaluate stage's pass (kennel.train.loop.predict over the decoded split)
+  evaluate the evaluate stage's pass (kennel.train.loop.predict over the decoded images)
   features feature extraction for head / staged (kennel.train.fine_tune.extract_features, the backbone only)
   before   every file decoded in the main process, then the model in fp32: what `kennel predict` did before
   serial   the same with mixed precision (workers 0)
@@ -45,10 +45,9 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
 
     from kennel.cli.predict import predict_batches
     from kennel.core.device import inference_batch, resolve_amp
-    from kennel.data.dataset import ImageArrayDataset
     from kennel.data.images import load_array
     from kennel.model.inference import load_model_file, predict_arrays
-    from kennel.train.batches import make_loader
+    from kennel.train.batches import Batches
     from kennel.train.fine_tune import extract_features
     from kennel.train.loop import predict
 
@@ -65,8 +64,8 @@ def _child(method: str, listing: Path, model_file: Path, work: Path) -> float:
         if not (out / "bench_x.npy").exists():
             write_split(out, "bench", paths, [0] * len(paths), model.size, partial(load_array, mode=model.mode), "auto")
         images = np.array(read_plain(out, "bench")[0])
-        loader = make_loader(ImageArrayDataset(out, "bench"), batch_size=inference_batch(cpu), num_workers=0,
-                             device=cpu)
+        # resident batches of the decoded images, as a run whose split fits in memory has them
+        loader = Batches(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long), inference_batch(cpu))
         start = time.perf_counter()
         if method == "model":
             predict_arrays(images, model, amp_dtype=amp)
