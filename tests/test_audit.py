@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from kennel.audit.neighbours import connected_groups, cosine_pairs, margin_pairs
 from kennel.audit.outliers import outlier_scores
 from kennel.audit.phash import phash_featurizer
 from kennel.audit.splits import keep_groups_together, write_audited
+from kennel.core.device import CPU_INFERENCE_BATCH
 from kennel.core.params import params_from_dict
 from kennel.data.manifest import read_manifest, split_of
 from kennel.data.shards import read_index, read_meta, read_split
@@ -146,6 +148,12 @@ def test_embeddings_rank_the_planted_copy_first_and_are_cached(planted, tmp_path
     again = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache", cfg, arch="resnet18",
                                  weights=str(weights), device="cpu", amp="off")
     assert again.computed == 0 and again.pairs.equals(found.pairs)
+    # the shipped batch (auto: a few images a pass on a CPU, for speed) and a wide one embed alike
+    wide = find_near_duplicates(planted / "resized", manifest, tmp_path / "cache64", replace(cfg, batch_size=64),
+                                arch="resnet18", weights=str(weights), device="cpu", amp="off")
+    assert cfg.batch_size == "auto" and wide.computed == len(manifest) > CPU_INFERENCE_BATCH
+    np.testing.assert_allclose(wide.features.block(0, len(manifest)).astype(np.float32), vectors, atol=1e-3)
+    assert wide.pairs[["a", "b"]].equals(found.pairs[["a", "b"]])
 
 
 def test_block_search_equals_the_full_matrix():
