@@ -125,8 +125,13 @@ def split_features(model: Classifier, data_dir: Path, split: str, batches: dict,
     cached = cached_features(data_dir, split, key) if key else None
     if cached is not None:
         return *cached, True
-    passes = {**batches, "batch_size": inference_batch(device, batches["batch_size"])}
-    return *extract_features(model, make_batches(data_dir, split, **passes, device=device), device, amp_dtype), False
+    return *extract_features(model, make_batches(data_dir, split, **for_inference(batches, device), device=device),
+                             device, amp_dtype), False
+
+
+def for_inference(batches: dict, device: torch.device) -> dict:
+    """``make_batches``' keywords ``batches`` for a pass without gradients: the device's inference batch."""
+    return {**batches, "batch_size": inference_batch(device, batches["batch_size"])}
 
 
 def _model_state(model: Classifier, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -251,8 +256,8 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
                  "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
         train_batches = make_batches(data.dir, data.splits[0], **batches, shuffle=True, generator=data.generator,
                                      rank=ctx.rank, world=ctx.world)
-        val_batches = make_batches(data.dir, data.splits[1], **{**batches, "batch_size": inference_batch(
-            device, data.batch_size)}, rank=ctx.rank, world=ctx.world)
+        val_batches = make_batches(data.dir, data.splits[1], **for_inference(batches, device), rank=ctx.rank,
+                                   world=ctx.world)
     module = recipe.trained_module(model, phase)
     trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 else module

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kennel.data.parallel import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def fit_probe(train: tuple, val: tuple, test: tuple | None = None, *, classes: i
     grid = cs if len(vy) or len(cs) == 1 else (DEFAULT_C,)
     # one fit per C, side by side: lbfgs spends most of its time in numpy, which lets go of the GIL. The warning
     # filter is set around the threads, not in them: filters are process-wide, and setting them is not thread-safe.
-    with warnings.catch_warnings(), ThreadPoolExecutor(min(len(grid), os.cpu_count() or 1)) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(min(len(grid), resolve_workers("auto"))) as pool:
         warnings.simplefilter("ignore", ConvergenceWarning)  # a few more iterations change nothing we report
         fits = list(pool.map(lambda c: _fit(x, y, c, classes), grid))
     for c, (weight, bias) in zip(grid, fits, strict=True):
