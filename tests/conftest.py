@@ -53,10 +53,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-def isolate(mp: pytest.MonkeyPatch, torch_home: Path) -> None:
-    """No test downloads weights or talks to a tracking server it did not start."""
+SYSTEM_TMP = tempfile.gettempdir()  # read once, before any test moves TMPDIR: in-process temp files stay there
+
+
+def isolate(mp: pytest.MonkeyPatch, home: Path) -> None:
+    """No test downloads weights or talks to a tracking server it did not start; what the processes a test starts
+    leave in their temp dir (a killed stage cannot clean up) goes with the test's folders."""
     mp.setenv("KENNEL_OFFLINE", "1")
-    mp.setenv("TORCH_HOME", str(torch_home))
+    mp.setenv("TORCH_HOME", str(home))
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    mp.setenv("TMPDIR", str(home / "tmp"))
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         mp.delenv(var, raising=False)
     mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -434,11 +440,20 @@ def set_params(root: Path, **values) -> None:
     write_params(root / "params.yaml", params)
 
 
+def _link_cached(src: str, dest: str) -> None:
+    """DVC's cache files are read-only and replaced, never written in place: the copy links them (tens of copies
+    of a run would otherwise fill a small disk); everything else is copied."""
+    if f"{os.sep}.dvc{os.sep}cache{os.sep}" in src:
+        os.link(src, dest)
+    else:
+        shutil.copy2(src, dest)
+
+
 def copy_project(src: Path, dest: Path) -> Path:
     """A copy of a project that ran, working on its own: ``cp -r``, then the absolute paths its MLflow store holds
     (the experiment's artifact folder, each run's) point into the copy. models/mlflow_run.json keeps the path it
     was written with: DVC tracks its bytes, and the stages read only its run id."""
-    shutil.copytree(src, dest, symlinks=True)
+    shutil.copytree(src, dest, symlinks=True, copy_function=_link_cached)
     old, new = f"{src}/", f"{dest}/"
     with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
         tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -530,7 +545,7 @@ def postgres_bin() -> Path:
 def start_postgres() -> tuple[str, dict]:
     """A real PostgreSQL server on 127.0.0.1 in a temp dir: its URI (no database) and how to stop it. PostgreSQL
     refuses to run as root: then the binaries are copied beside the data and run as `nobody`."""
-    folder, port = Path(tempfile.mkdtemp(prefix="kennel-pg-")), free_port()  # not under root-only temp dirs
+    folder, port = Path(tempfile.mkdtemp(prefix="kennel-pg-", dir=SYSTEM_TMP)), free_port()  # not root-only
     install, as_user = postgres_bin(), []
     if os.geteuid() == 0:  # the copy keeps the wheel's layout: the binaries find their libraries at ../../../
         site = install.parents[1]

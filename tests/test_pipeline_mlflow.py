@@ -74,7 +74,8 @@ def test_parallel_runs_through_a_tracking_server_on_postgresql(pipeline, project
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")
         assert not [k for k in run.data.metrics if k.startswith("system/")]  # switched off in params
         assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/roc.png"}
-    model = mlflow.pytorch.load_model(runs[0].data.tags["kennel.model_uri"])
+    (tmp_path / "loaded").mkdir()  # not a temp folder of MLflow's, which would stay behind
+    model = mlflow.pytorch.load_model(runs[0].data.tags["kennel.model_uri"], dst_path=str(tmp_path / "loaded"))
     x = torch.from_numpy(np.array(read_split(roots[0] / "data/resized", "test")[0]))
     assert model(x).shape == (len(x), 2)
     # every run registered a version; the champion is the best, whichever finished first

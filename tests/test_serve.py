@@ -64,7 +64,8 @@ def _log(root: Path) -> str:
 
 def test_pyfunc_model_in_process(tmp_path, images):
     uri = _log(tmp_path)
-    model = mlflow.pyfunc.load_model(uri)
+    (tmp_path / "loaded").mkdir()  # not a temp folder of MLflow's, which would stay behind
+    model = mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path / "loaded"))
     assert model.metadata.metadata == {"kennel.classes": ["cat", "dog"], "kennel.size": SIZE, "kennel.mode": "pad",
                                        "kennel.tta": "none", "kennel.runtime": "torch"}
     requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()

@@ -78,7 +78,12 @@ def test_checkpoint_from_other_params_or_data_is_not_resumed(resized, tmp_path, 
     assert "made with other params or data" in caplog.text
     other_data = build_dataset(tmp_path / "other", per_class=16, seed=5)
     assert find_resumable(tmp_path / "ckpt.pt", params, other_data) is None
+    unfinished = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     mark_complete(tmp_path / "ckpt.pt")  # what the train stage does once everything is logged
+    finished = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert finished["complete"] is True and "optimizer" not in finished and "best_state" not in finished
+    assert all(torch.equal(finished["model"][k], v) for k, v in unfinished["model"].items())
+    assert finished["history"] == unfinished["history"] and finished["epoch"] == unfinished["epoch"]
     with caplog.at_level(logging.INFO):
         assert find_resumable(tmp_path / "ckpt.pt", params, resized) is None
     assert "belongs to a run that finished" in caplog.text

@@ -4,6 +4,7 @@ kennel model file, its ONNX model). torch is imported only to load a PyTorch mod
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,8 +74,9 @@ def load_logged_model(run_id: str, root: Path, ref: str) -> LoadedModel:
     missing += [] if params.get("resize.size") else ["param resize.size"]
     if missing:
         raise ModelRefError(f"{ref!r}: run {run_id} lacks {', '.join(missing)}; is it a finished kennel train run?")
-    try:
-        module = mlflow.pytorch.load_model(tags["kennel.model_uri"], map_location="cpu")
+    try:  # downloaded into a folder of ours, gone once loaded (MLflow's own temp folder would stay behind)
+        with tempfile.TemporaryDirectory(prefix="kennel-model-") as scratch:
+            module = mlflow.pytorch.load_model(tags["kennel.model_uri"], dst_path=scratch, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - a deleted artifact, a store moved away, ...
         raise ModelRefError(f"{ref!r}: cannot load {tags['kennel.model_uri']} ({type(err).__name__}: {err})") from None
     classes = tags["kennel.classes"].split(",")

@@ -97,11 +97,16 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return payload
 
 
+# What a finished run's checkpoint keeps: its last weights (a weights source, as model.pt is) and its record. The
+# optimizer, the selected and starting weights and the RNG only serve a resume: three more copies of the model.
+KEPT_WHEN_COMPLETE = ("fingerprint", "epoch", "phase", "model", "history", "best_epoch", "best_score", "mlflow_run_id")
+
+
 def mark_complete(path: Path) -> None:
     """Flag the checkpoint of a run whose stage finished: rerunning the stage then trains anew, not resumes."""
     if path.exists():
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        save_checkpoint(path, {**payload, "complete": True})
+        save_checkpoint(path, {k: payload[k] for k in KEPT_WHEN_COMPLETE if k in payload} | {"complete": True})
 
 
 @dataclass
