@@ -178,6 +178,8 @@ def measure(photos: Path, weights: Path, arch: str, other: Path | None, modes: l
     # bytecode cached as `make` does: where PYTHONDONTWRITEBYTECODE is set, every stage would compile torch and
     # MLflow from source again (seconds per process, most of a short run's time)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    # the stages' `python` is this interpreter even when its venv is not activated; no analytics files from DVC
+    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"})
     env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
     note = (f"{machine()}; arch {arch}; weights {weights.name}; photos {photos}"
             f"{f'; other {other}' if other else ''}; {jobs} mode(s) at a time, "
