@@ -54,6 +54,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 SYSTEM_TMP = tempfile.gettempdir()  # read once, before any test moves TMPDIR: in-process temp files stay there
+TMP_NEEDED_GB = 4  # the suite's temp folder peaks near 3 GB on 2 workers (benchmarks/RESULTS.md, "The test suite")
+
+
+def pytest_report_header() -> str:
+    """A full disk shows up as copies failing half way: say up front when there is too little room."""
+    free = shutil.disk_usage(SYSTEM_TMP).free / 2**30
+    short = f" -- LESS THAN THE {TMP_NEEDED_GB} GB THE SUITE NEEDS" if free < TMP_NEEDED_GB else ""
+    return f"temp folder {SYSTEM_TMP}: {free:.1f} GB free{short}"
 
 
 def isolate(mp: pytest.MonkeyPatch, home: Path) -> None:
