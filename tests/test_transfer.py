@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -15,10 +16,11 @@ from torchvision.models import get_model
 
 from kennel.core.archs import head_path, supported_archs
 from kennel.core.errors import ConfigError, WeightsError
-from kennel.core.params import AUTO_EPOCHS, AUTO_EPOCHS_ALL_LAYERS, params_from_dict
+from kennel.core.params import AUTO_ENSEMBLE_ALL_LAYERS, AUTO_EPOCHS, AUTO_EPOCHS_ALL_LAYERS, params_from_dict
 from kennel.data.shards import read_split
+from kennel.evaluate.gradcam import grad_cam
 from kennel.model.file import load_model, save_model
-from kennel.model.network import build_model
+from kennel.model.network import build_model, ensemble_state
 from kennel.model.weights import read_weights
 from kennel.train.fine_tune import find_resumable, seed_everything, train
 from kennel.train.orientation import TURN_RATIO, TURN_SLACK
@@ -298,6 +300,78 @@ def test_blend_auto_keeps_the_candidate_with_the_lowest_val_loss_and_equals_that
     assert all(torch.equal(a[k], b[k]) for k in a) and auto.blended_val == by_hand.blended_val
 
 
+def test_ensemble_trains_its_members_from_one_start_and_averages_their_logits(resized, tmp_path, pretrained):
+    """train.ensemble 2: the first member is the plain staged run, the second trains all layers again from the
+    frozen phase's end (epochs numbered on); the model outputs the mean of their logits, and keeps it through its
+    file; that file as a run's weights gives the first member."""
+    params = _staged(**pretrained, **{"train.ensemble": 2, "train.blend": 1.0})
+    assert [(p.first, p.last, p.frozen, p.member) for p in Recipe.from_params(params, True).phases] == \
+        [(1, 1, True, 1), (2, 3, False, 1), (4, 5, False, 2)]
+    full = Recipe.from_params(params_from_dict(small_params(**{"model.finetune": "full", "train.epochs": 2,
+                                                                "train.ensemble": 3})), pretrained=False)
+    assert [(p.first, p.last, p.member) for p in full.phases] == [(1, 2, 1), (3, 4, 2), (5, 6, 3)]
+    assert full.train.select == "last"  # select auto follows an ensemble set by hand
+
+    plain = train(_staged(**pretrained, **{"train.blend": 1.0}), resized)
+    both = train(params, resized)
+    model = both.model
+    assert [r.epoch for r in both.history] == [1, 2, 3, 4, 5] and both.epochs == 5 and len(model.members) == 1
+    first = {k.removeprefix("backbone."): v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    second = {k.removeprefix("members.0."): v for k, v in model.state_dict().items() if k.startswith("members.0.")}
+    assert all(torch.equal(v, plain.model.backbone.state_dict()[k]) for k, v in first.items())
+    assert not torch.equal(first["features.0.0.weight"], second["features.0.0.weight"])
+    x = _x(4, 32, seed=3)
+    alone = []
+    for weights in (first, second):
+        member, _ = build_model(SMALL, model.classes)
+        member.backbone.load_state_dict(weights)
+        alone.append(member.eval()(x))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), (alone[0] + alone[1]) / 2)
+        model.tta = "flip"
+        with model.one_view():
+            mirrored = (model(x) + model(x.flip(-1))) / 2
+        torch.testing.assert_close(model(x), mirrored)
+
+    model.tta = "none"
+    first_alone, _ = build_model(SMALL, model.classes)
+    first_alone.backbone.load_state_dict(first)
+    labels = torch.tensor([0, 1, 1, 0])  # Grad-CAM shows the first member's evidence
+    np.testing.assert_allclose(grad_cam(model, x, labels), grad_cam(first_alone, x, labels), atol=1e-5)
+
+    loss, accuracy = both.ensemble_val
+    assert both.kept_val_accuracy() == accuracy and len(both.members_val) == 2
+    assert both.members_val[0] == (both.history[2].val_loss, both.history[2].val_accuracy)
+    assert both.members_val[1] == (both.history[4].val_loss, both.history[4].val_accuracy)
+    assert f"then the ensemble of 2 all-layer runs, each's last epoch (3, 5), logits averaged (train.ensemble): " \
+           f"val loss {loss:.4f}, accuracy {accuracy:.4f}, each alone " in both.selected_reason
+    assert both.decisions["ensemble"].startswith("2: train.ensemble (the ensemble of 2")
+
+    model.tta = "flip"
+    save_model(model, tmp_path / "model.pt", size=32, arch=SMALL, mode="center_crop")
+    loaded, _ = load_model(tmp_path / "model.pt")
+    assert len(loaded.members) == 1 and loaded.tta == model.tta
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    state, info = read_weights(SMALL, str(tmp_path / "model.pt"), 2)
+    assert all(torch.equal(state[k], v) for k, v in first.items()) and info.loaded == len(first)
+    assert ensemble_state([{"backbone.a": x}, {"backbone.a": x + 1}]).keys() == {"backbone.a", "members.0.a"}
+
+
+@pytest.mark.parametrize("killed_after", [3, 4], ids=["between-members", "in-member-2"])
+def test_ensemble_resumes_exactly_between_and_inside_its_members(resized, tmp_path, pretrained, killed_after):
+    params = _staged(**pretrained, **{"train.ensemble": 2, "train.epochs": 3})
+    straight = train(params, resized)
+    with pytest.raises(Killed):
+        train(params, resized, on_epoch=kill_at(killed_after + 1), checkpoint=tmp_path / "ckpt.pt")
+    resume = find_resumable(tmp_path / "ckpt.pt", params, resized)
+    assert resume["epoch"] == killed_after and len(resume["members"]) == killed_after - 3
+    resumed = train(params, resized, checkpoint=tmp_path / "ckpt.pt", resume=resume)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.ensemble_val == resumed.ensemble_val
+
+
 @pytest.mark.parametrize("probe_val,mode", [(0.99, "head"), (0.97, "head"), (0.9, "staged"), (math.nan, "staged")])
 def test_finetune_auto_is_head_when_the_probe_is_already_right_on_val_else_staged(probe_val, mode):
     params = params_from_dict(small_params(**{"model.finetune": "auto"}))
@@ -318,16 +392,22 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
     learns = Recipe.from_params(params, pretrained=True).decide(0.9)  # the probe: the backbone has to learn
     assert learns.finetune == "staged" and learns.learns_new_domain
     assert (learns.train.epochs, learns.train.backbone_lr_mult) == (AUTO_EPOCHS_ALL_LAYERS, 1.0) == (15, 1.0)
-    assert [(p.first, p.last, p.frozen) for p in learns.phases] == [(1, 1, True), (2, 15, False)]
+    # two all-layer runs from the frozen phase's end, numbered on
+    assert [(p.first, p.last, p.frozen, p.member) for p in learns.phases] == [(1, 1, True, 1), (2, 15, False, 1),
+                                                                              (16, 29, False, 2)]
+    assert (learns.members, learns.total_epochs) == (AUTO_ENSEMBLE_ALL_LAYERS, 29) == (2, 29)
     new_images = "all layers learn images unlike the pretrained ones (model.finetune auto chose staged)"
     assert (learns.train.select, learns.train.blend, learns.blends) == ("last", 1.0, False)  # the end, unblended
     assert learns.budget_reasons() == {
         "epochs": f"15: {new_images}; train.epochs auto",
         "backbone_lr_mult": f"1: {new_images}; train.backbone_lr_mult auto",
         "select": f"last: the last epoch: {new_images}; train.select auto",
-        "blend": f"1: {new_images}; train.blend auto"}
+        "blend": f"1: {new_images}; train.blend auto",
+        "ensemble": f"2: 2 all-layer runs, logits averaged: {new_images}; train.ensemble auto"}
     assert learns.describe()[1].startswith("14 epochs: all layers, head lr 0.001, backbone lr 0.001,")
     assert "blended" not in learns.describe()[1]
+    assert learns.describe()[2].startswith("14 epochs: all layers again from where they started, as before "
+                                           "(ensemble member 2 of 2")
     head = Recipe.from_params(params, pretrained=True).decide(0.99)  # features that already separate the classes
     assert (head.finetune, head.train.epochs, head.train.backbone_lr_mult) == ("head", AUTO_EPOCHS, 0.1) == \
         ("head", 4, 0.1)
@@ -335,15 +415,18 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
         "epochs": "4: model.finetune head (auto); train.epochs auto",
         "backbone_lr_mult": "0.1: model.finetune head (auto), where no backbone trains at its own rate: unused; "
                             "train.backbone_lr_mult auto",
-        "select": "best: the lowest val loss: model.finetune head (auto); train.select auto"}
+        "select": "best: the lowest val loss: model.finetune head (auto); train.select auto",
+        "ensemble": "1: one model: model.finetune head (auto); train.ensemble auto"}
+    assert (head.members, head.total_epochs) == (1, 4)
     scratch = Recipe.from_params(params, pretrained=False).decide()  # random init: full, the shipped 4 epochs
     assert (scratch.finetune, scratch.train.epochs) == ("full", 4) and not scratch.learns_new_domain
     by_hand = Recipe.from_params(params_from_dict(small_params(**{**auto, "model.finetune": "staged"})), True)
     by_hand = by_hand.decide(0.5)  # a mode set by hand keeps the shipped budget, the best epoch, blend's candidates
     assert (by_hand.train.epochs, by_hand.train.select, by_hand.train.blend, by_hand.blends) == (4, "best", "auto",
                                                                                                   True)
+    assert by_hand.members == 1
     numbers = params_from_dict(small_params(**{**auto, "train.epochs": 6, "train.backbone_lr_mult": 0.3,
-                                               "train.select": "best", "train.blend": 0.5}))
+                                               "train.select": "best", "train.blend": 0.5, "train.ensemble": 1}))
     kept = Recipe.from_params(numbers, pretrained=True).decide(0.9)
     assert (kept.train.epochs, kept.train.backbone_lr_mult, kept.train.select, kept.train.blend,
             kept.budget_reasons()) == (6, 0.3, "best", 0.5, {})
@@ -356,7 +439,8 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     mode = "head" if auto.probe.val_accuracy >= AUTO_HEAD else "staged"
     assert auto.decisions["finetune"].startswith(f"{mode}: the linear probe on the pretrained features scores "
                                                  f"{auto.probe.val_accuracy:.4f} on val")
-    decided = {"train.blend": 1.0} if mode == "staged" else {}  # auto's all-layer end is kept unblended
+    # auto's all-layer end is kept unblended, the ensemble of two such runs
+    decided = {"train.blend": 1.0, "train.ensemble": 2} if mode == "staged" else {}
     by_hand = train(_staged(**pretrained, **{"model.finetune": mode}, **decided), resized)
     a, b = auto.model.state_dict(), by_hand.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -371,6 +455,9 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     ({"train.warmup_epochs": 2.0}, "fewer than the second phase's"),
     ({"train.backbone_lr_mult": 0.0}, "train.backbone_lr_mult = 0.0: allowed: auto or a finite number > 0"),
     ({"evaluate.tta": "five-crop"}, "evaluate.tta = 'five-crop': allowed: none | flip | dihedral | auto"),
+    ({"train.ensemble": 0}, "train.ensemble = 0: allowed: an integer >= 1"),
+    ({"train.ensemble": 2, "train.select": "best"}, "train.ensemble = 2: each member keeps its last epoch: allowed "
+                                                     "with train.select last or auto"),
 ])
 def test_bad_staged_and_tta_params_are_rejected(overrides, words):
     with pytest.raises(ConfigError) as err:

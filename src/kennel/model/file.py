@@ -17,6 +17,8 @@ def save_model(model: Classifier, path: Path, *, size: int, arch: str, mode: str
     describe the wrong preprocessing."""
     payload = {"arch": arch, "classes": model.classes, "size": size, "mode": mode, "tta": model.tta,
                "state_dict": model.state_dict()}
+    if len(model.members):  # an ensemble (train.ensemble): its further models' count, for load_model to build
+        payload["members"] = len(model.members)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -25,6 +27,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifi
     """A model written by ``save_model``; returns (model in eval mode, input size)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model, _ = build_model(payload["arch"], payload["classes"], weights="none")
+    model.add_members(int(payload.get("members", 0)))  # an ensemble's further models (train.ensemble)
     model.load_state_dict(payload["state_dict"])
     model.tta = payload.get("tta", "none")
     return model.to(device).eval(), int(payload["size"])

@@ -3,6 +3,7 @@ test-time augmentation inside, built from an arch name and weights."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -23,7 +24,8 @@ class Classifier(nn.Module):
 
     Keeping the ImageNet normalisation inside the module means training, evaluation, ``kennel predict`` and
     the MLflow model all take the same raw pixels, and the division runs on the device. With ``tta = "flip"``
-    the eval-mode output is the mean of the logits of each image and its mirror.
+    the eval-mode output is the mean of the logits of each image and its mirror. An ensemble (``members``: further
+    copies of the backbone with their own weights, ``train.ensemble``) outputs the mean of every member's logits.
     """
 
     def __init__(self, backbone: nn.Module, classes: Sequence[str], head: str, frozen: bool = False,
@@ -34,6 +36,7 @@ class Classifier(nn.Module):
         self.head_name = head
         self.tta = tta
         self.freeze_bn = False  # training keeps the backbone's BatchNorm statistics (set for a run, not saved)
+        self.members = nn.ModuleList()  # an ensemble's further models (state keys members.<i>.*); trained apart
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.set_frozen(frozen)
@@ -53,9 +56,17 @@ class Classifier(nn.Module):
             p.requires_grad = not frozen or name in head
         self.train(self.training)
 
+    def add_members(self, count: int) -> None:
+        """``count`` further models of an ensemble, copies of the backbone until their weights are loaded
+        (``load_state_dict`` with ``members.<i>.*`` keys, as ``ensemble_state`` makes)."""
+        for _ in range(count):
+            self.members.append(copy.deepcopy(self.backbone))
+
     @contextmanager
     def without_head(self) -> Iterator[Classifier]:
         """The model outputting the head's input (the backbone features), for as long as the block runs."""
+        if len(self.members):
+            raise ValueError("an ensemble's members each have their own features: no one feature space")
         parent_name, _, leaf = self.head_name.rpartition(".")
         parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
         head = self.head
@@ -76,10 +87,13 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
+        nets = [self.backbone, *self.members]
         if self.tta != "none" and not self.training:
             # a pass per view rather than one over a stacked batch: torch.export keeps the batch size dynamic
             views = tta_views(x, self.tta)
-            return sum(self.backbone(view) for view in views) / len(views)
+            return sum(net(view) for net in nets for view in views) / (len(views) * len(nets))
+        if len(nets) > 1:
+            return sum(net(x) for net in nets) / len(nets)
         return self.backbone(x)
 
     def from_features(self, features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
@@ -102,6 +116,14 @@ class Classifier(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()  # normalise with the pretrained statistics; the affine weights still learn
         return self
+
+
+def ensemble_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One Classifier state of several with the same structure (``backbone.*`` keys): the first as the backbone,
+    each further one as a member (``members.<i>.*``): what a model with ``add_members(len(states) - 1)`` loads."""
+    first, *rest = states
+    return {**first, **{f"members.{i}.{k.removeprefix('backbone.')}": v
+                        for i, state in enumerate(rest) for k, v in state.items()}}
 
 
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:

@@ -111,7 +111,8 @@ def _read_file(path: Path) -> dict:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors")
-    return _strip_wrappers(state)
+    # a kennel ensemble (train.ensemble): its first model is the one a run starts from
+    return _strip_wrappers({k: v for k, v in state.items() if not k.startswith("members.")})
 
 
 def _strip_wrappers(state: dict) -> dict:

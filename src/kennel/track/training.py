@@ -87,6 +87,8 @@ def save_and_log_model(result: TrainResult, params: Params) -> None:
     store.log_metrics(result.baseline_metrics())
     if result.blended_val is not None and not math.isnan(result.blended_val[0]):  # NaN: no val split to score on
         store.log_metrics(dict(zip(("blended_val_loss", "blended_val_accuracy"), result.blended_val, strict=True)))
+    if result.ensemble_val is not None and not math.isnan(result.ensemble_val[0]):
+        store.log_metrics(dict(zip(("ensemble_val_loss", "ensemble_val_accuracy"), result.ensemble_val, strict=True)))
     warning = result.below_baseline()
     if warning:
         log.warning("%s", warning)

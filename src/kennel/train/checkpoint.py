@@ -134,7 +134,8 @@ class Checkpointer:
             "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(generator),
             "history": [asdict(r) for r in state.history], "best_epoch": state.best_epoch,
             "best_score": list(state.best_score), "best_state": state.best_state,
-            "probe": probe_payload(state.probe), "start_state": state.start_state, **self.extra,
+            "probe": probe_payload(state.probe), "start_state": state.start_state, "members": state.members,
+            **self.extra,
         })
 
 
@@ -160,5 +161,5 @@ def restore_run(payload: dict, model: torch.nn.Module, generator: torch.Generato
     set_rng_state(payload["rng"], generator)
     state = FitState([EpochResult(**r) for r in payload["history"]], payload["best_epoch"],
                      tuple(payload["best_score"]), payload["best_state"], probe_from_payload(payload.get("probe")),
-                     payload.get("start_state"))
+                     payload.get("start_state"), members=list(payload.get("members") or []))
     return state, payload["epoch"] + 1

@@ -21,7 +21,7 @@ from kennel.core.device import amp_name, inference_batch, resolve_amp, resolve_d
 from kennel.core.params import Params
 from kennel.data.shards import read_meta, read_split
 from kennel.model.features import cached_features, features_key
-from kennel.model.network import Classifier, build_model
+from kennel.model.network import Classifier, build_model, ensemble_state
 from kennel.model.statistics import batchnorm_shift
 from kennel.model.weights import WeightsInfo
 from kennel.train.balance import balance_warnings, weighs, weights_reason
@@ -57,6 +57,9 @@ class TrainResult:
     # train.blend: (val loss, val accuracy) of the blended weights kept, which are no epoch's; None otherwise
     blended_val: tuple[float, float] | None = None
     blend: float | None = None  # the blend weight kept (train.blend, or the one auto chose)
+    # train.ensemble > 1: (val loss, val accuracy) of the ensemble kept, then of each member's last epoch alone
+    ensemble_val: tuple[float, float] | None = None
+    members_val: list[tuple[float, float]] = field(default_factory=list)
     selected_epoch: int = 0  # the epoch whose weights the model holds
     selected_reason: str = ""  # why those weights, in words (logged, tagged on the run, in its note)
     decisions: dict[str, str] = field(default_factory=dict)  # what the recipe decided from the data, and why
@@ -72,9 +75,11 @@ class TrainResult:
         return below_probe_warning(accuracy, self.probe) if accuracy is not None else ""
 
     def kept_val_accuracy(self) -> float | None:
-        """Val accuracy of the weights the model holds: the blend's, else the selected epoch's."""
+        """Val accuracy of the weights the model holds: the blend's, the ensemble's, else the selected epoch's."""
         if self.blended_val is not None:
             return self.blended_val[1]
+        if self.ensemble_val is not None:
+            return self.ensemble_val[1]
         kept = next((r for r in self.history if r.epoch == self.selected_epoch), None)
         return kept.val_accuracy if kept is not None else None
 
@@ -326,7 +331,7 @@ def train(
     saver = Checkpointer.for_run(checkpoint, params, data_dir, checkpoint_extra) if checkpoint else None
     state, start = restore_run(resume, model, generator) if resume is not None else (FitState(), 1)
     result = TrainResult(model, state.history, weights, device, amp_dtype, "device" if resident else "stream",
-                         resumed_from=start - 1, epochs=t.epochs, tta=tta)
+                         resumed_from=start - 1, epochs=recipe.total_epochs, tta=tta)
     log.info("training on %s (amp %s, data %s), %d train / %d val images, batch %d x %d processes, weights %s%s",
              device, amp_name(amp_dtype), result.data_placement, n_train, n_val, data.batch_size, ctx.world,
              weights.source, f", resuming after epoch {start - 1}" if start > 1 else "")
@@ -342,6 +347,10 @@ def train(
     for key, reason in recipe.budget_reasons().items():
         result.decisions[key] = reason
         log.info("train.%s %s", key, reason)
+    if t.ensemble > recipe.members:  # set by hand for a run that trains the head alone
+        result.decisions["ensemble"] = (f"1: model.finetune {recipe.finetune} trains no all-layer phase to repeat "
+                                        f"(train.ensemble {t.ensemble})")
+        log.warning("train.ensemble %s", result.decisions["ensemble"])
     if tta_reason:
         result.decisions["tta"] = tta_reason
         log.info("evaluate.tta %s", tta_reason)
@@ -357,9 +366,12 @@ def train(
             continue  # finished before the checkpoint we resume from
         if not phase.frozen and phase.index > 1:
             state.best_state = _model_state(model, state.best_state)
-            # kept only when it will be blended; a run resumed inside the phase has it from the checkpoint
-            if start <= phase.first and recipe.keeps_start(phase):
+        if not phase.frozen and start <= phase.first:  # a run resumed inside the phase has these from the checkpoint
+            if recipe.keeps_start(phase):  # to blend back toward, and for further ensemble members
                 state.start_state = snapshot(model)
+            if phase.member > 1:  # the member before is done: this one starts where it did
+                state.members.append(snapshot(model))
+                model.load_state_dict(state.start_state)
         setup = setup_phase(phase, recipe, model, data, fresh=start <= phase.first, probe_cs=probe_cs,
                             frozen=frozen)
         if resume is not None:
@@ -379,11 +391,20 @@ def train(
         state = fit(setup.trained, setup.train_batches, setup.val_batches, setup.optimizer, phase.last, device,
                     setup.step, eval_model=evaluated, state=state, start_epoch=max(start, phase.first),
                     on_epoch=after_epoch, patience=t.patience, since=phase.first - 1)
-    result = select_weights(result, model, state, evaluated, t.select, t.epochs)
+    result = select_weights(result, model, state, evaluated, t.select, recipe.total_epochs)
     if state.stopped_after:
         result.selected_reason += (f"; training stopped after epoch {state.stopped_after}: val loss had not improved "
                                    f"for {t.patience} epochs (train.patience)")
-    if state.start_state is not None and setup is not None and result.selected_epoch > t.head_epochs:
+    if state.members and setup is not None:
+        result.ensemble_val = ensemble_kept(model, state.members, setup.val_batches, device, amp_dtype)
+        result.members_val = member_scores(state.history, recipe.phases)
+        kept = ensemble_reason(result.ensemble_val, result.members_val, recipe.phases)
+        result.selected_reason += f"; then {kept}"
+        why = result.decisions.get("ensemble", f"{recipe.members}: train.ensemble")
+        result.decisions["ensemble"] = f"{why} ({kept})"
+        log.info("kept %s", kept)
+    if (recipe.blends_back and state.start_state is not None and setup is not None
+            and result.selected_epoch > t.head_epochs):
         result.blend, result.blended_val, tried = blend_kept(model, state.start_state, t.blend, setup.val_batches,
                                                              device, amp_dtype)
         result.selected_reason += blend_reason(result.blend, result.selected_epoch, result.blended_val, tried)
@@ -427,6 +448,32 @@ def blend_kept(model: nn.Module, start: dict[str, torch.Tensor], blend: float | 
     return best, tried[best], tried
 
 
+def ensemble_kept(model: Classifier, earlier: list[dict[str, torch.Tensor]], val_batches: Iterable,
+                  device: torch.device, amp_dtype: torch.dtype | None) -> tuple[float, float]:
+    """The model becomes the ensemble of the ``earlier`` members' weights and its own (the last member's), in that
+    order (``train.ensemble``); returns the ensemble's (val loss, val accuracy)."""
+    states = [*earlier, snapshot(model)]
+    model.add_members(len(earlier))
+    model.load_state_dict(ensemble_state(states))
+    return evaluate(model, val_batches, device, amp_dtype)
+
+
+def member_scores(history: list[EpochResult], phases: list[Phase]) -> list[tuple[float, float]]:
+    """(val loss, val accuracy) of each ensemble member's last epoch (all-layer phases, in order)."""
+    return [next((r.val_loss, r.val_accuracy) for r in reversed(history) if p.first <= r.epoch <= p.last)
+            for p in phases if not p.frozen]
+
+
+def ensemble_reason(kept: tuple[float, float], members: list[tuple[float, float]], phases: list[Phase]) -> str:
+    """The ensemble kept, in words, with its val numbers and its members' (the selection reason, the decision)."""
+    ends = [str(p.last) for p in phases if not p.frozen]
+    scores = "no val split" if math.isnan(kept[0]) else (
+        f"val loss {kept[0]:.4f}, accuracy {kept[1]:.4f}, each alone "
+        + ", ".join(f"{loss:.4f} / {acc:.4f}" for loss, acc in members))
+    return (f"the ensemble of {len(ends)} all-layer runs, each's last epoch ({', '.join(ends)}), logits averaged "
+            f"(train.ensemble): {scores}")
+
+
 def blend_decision(blend: float, tried: dict[float, tuple[float, float]]) -> str:
     """``train.blend: auto``'s choice and every candidate's val loss, in words (the run's tag)."""
     scores = ", ".join(f"{w:g}: {loss:.4f}" for w, (loss, _) in tried.items())
@@ -455,7 +502,8 @@ def refit(params: Params, data_dir: Path, selected: TrainResult, recipe: Recipe,
                                selected_reason=f"{selected.selected_reason}; then trained again on train + val "
                                                f"for {k} epoch(s) (train.refit)"
                                                f"{', blended the same way' if again.blended_val else ''}",
-                               blended_val=selected.blended_val, tta=selected.tta,
+                               blended_val=selected.blended_val, ensemble_val=selected.ensemble_val,
+                               members_val=selected.members_val, tta=selected.tta,
                                decisions={**again.decisions, **{k: v for k, v in selected.decisions.items()
                                                                  if k == "tta"}},
                                refit_images=sum(len(read_split(data_dir, s)[1]) for s in REFIT[0].split("+")))

@@ -53,6 +53,7 @@ class FitState:
     probe: Probe | None = None  # the frozen phase's linear probe, kept across a resume
     start_state: dict[str, torch.Tensor] | None = None  # staged: the weights the all-layer phase started from
     stopped_after: int = 0  # the epoch after which train.patience stopped the phase (0: it ran to its end)
+    members: list[dict[str, torch.Tensor]] = field(default_factory=list)  # train.ensemble: the finished members
 
     def consider(self, result: EpochResult, model: nn.Module) -> None:
         score = (-result.val_loss, result.val_accuracy)

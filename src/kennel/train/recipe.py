@@ -21,6 +21,8 @@ from kennel.core.params import (
     AUTO_BACKBONE_LR_MULT,
     AUTO_BACKBONE_LR_MULT_ALL_LAYERS,
     AUTO_BLEND_ALL_LAYERS,
+    AUTO_ENSEMBLE,
+    AUTO_ENSEMBLE_ALL_LAYERS,
     AUTO_EPOCHS_ALL_LAYERS,
     AUTO_SELECT,
     AUTO_SELECT_ALL_LAYERS,
@@ -42,7 +44,7 @@ BN_SHIFT = 0.2
 # 0.93) and X-rays (0.94) are where the backbone has to learn.
 AUTO_HEAD = 0.97
 # train.* keys whose auto the recipe settles once it knows whether all layers learn images unlike ImageNet's
-AUTO_KEYS = ("epochs", "backbone_lr_mult", "select", "blend")
+AUTO_KEYS = ("epochs", "backbone_lr_mult", "select", "blend", "ensemble")
 # train.blend auto tries these weights of the kept all-layer epoch (one val pass each) and keeps the lowest val
 # loss; ties keep the first, the one nearest the fine-tuned weights. 0 is the frozen phase's end itself: whether
 # the all-layer phase helped at all is one of the candidates.
@@ -51,12 +53,14 @@ BLENDS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 @dataclass(frozen=True)
 class Phase:
-    """Epochs ``first..last`` trained with one optimizer and one schedule; frozen = head only, on cached features."""
+    """Epochs ``first..last`` trained with one optimizer and one schedule; frozen = head only, on cached features.
+    ``member`` > 1: all layers once more from where the first all-layer phase started, for ``train.ensemble``."""
 
     index: int
     first: int
     last: int
     frozen: bool
+    member: int = 1
 
     @property
     def epochs(self) -> int:
@@ -87,21 +91,42 @@ class Recipe:
     def from_params(cls, params: Params, pretrained: bool) -> Recipe:
         t = params.train
         auto = frozenset(k for k in AUTO_KEYS if getattr(t, k) == "auto")
+        ensemble = AUTO_ENSEMBLE if t.ensemble == "auto" else t.ensemble
+        # members keep their last epochs: select auto follows an ensemble set by hand
+        select = ("last" if ensemble > 1 else AUTO_SELECT) if t.select == "auto" else t.select
         train = dataclasses.replace(t, epochs=t.planned_epochs, backbone_lr_mult=AUTO_BACKBONE_LR_MULT
                                     if t.backbone_lr_mult == "auto" else t.backbone_lr_mult,
-                                    select=AUTO_SELECT if t.select == "auto" else t.select)
+                                    select=select, ensemble=ensemble)
         return cls(params.model.finetune, pretrained, train, all_layers="staged" if params.stages_fit else "full",
                    auto_budget=auto)
 
     @property
     def phases(self) -> list[Phase]:
         """``head``: one frozen phase; ``full``: one phase of all layers; ``staged``: ``train.head_epochs`` frozen,
-        then all layers with the schedule restarting."""
+        then all layers with the schedule restarting. With ``train.ensemble`` > 1 the all-layer phase runs that many
+        times, each from the weights the first one started from, its epochs numbered on."""
         t = self.train
         if self.finetune == "staged" or (self.finetune == "auto" and self.all_layers == "staged"):
             # auto, undecided: the plan when all layers train
-            return [Phase(1, 1, t.head_epochs, True), Phase(2, t.head_epochs + 1, t.epochs, False)]
-        return [Phase(1, 1, t.epochs, self.finetune == "head")]
+            phases = [Phase(1, 1, t.head_epochs, True), Phase(2, t.head_epochs + 1, t.epochs, False)]
+        else:
+            phases = [Phase(1, 1, t.epochs, self.finetune == "head")]
+        last = phases[-1]
+        if last.frozen:
+            return phases
+        n = last.epochs
+        return phases + [Phase(last.index + m - 1, last.first + (m - 1) * n, last.last + (m - 1) * n, False, m)
+                         for m in range(2, t.ensemble + 1)]
+
+    @property
+    def members(self) -> int:
+        """The models the kept one averages: ``train.ensemble`` where all layers train, else 1."""
+        return self.phases[-1].member
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs over every phase: ``train.epochs`` plus the further ensemble members' all-layer epochs."""
+        return self.phases[-1].last
 
     @property
     def decides_on_probe(self) -> bool:
@@ -122,12 +147,14 @@ class Recipe:
         train = self.train
         if mode != "head":  # the backbone has to learn: a real budget, at one rate, its end kept (see AUTO_EPOCHS)
             auto = self.auto_budget
+            select = AUTO_SELECT_ALL_LAYERS if "select" in auto else train.select
             train = dataclasses.replace(
                 train, epochs=AUTO_EPOCHS_ALL_LAYERS if "epochs" in auto else train.epochs,
                 backbone_lr_mult=AUTO_BACKBONE_LR_MULT_ALL_LAYERS if "backbone_lr_mult" in auto
-                else train.backbone_lr_mult,
-                select=AUTO_SELECT_ALL_LAYERS if "select" in auto else train.select,
-                blend=AUTO_BLEND_ALL_LAYERS if "blend" in auto else train.blend)
+                else train.backbone_lr_mult, select=select,
+                blend=AUTO_BLEND_ALL_LAYERS if "blend" in auto else train.blend,
+                # members keep their last epochs: with select best (by hand) one model
+                ensemble=AUTO_ENSEMBLE_ALL_LAYERS if "ensemble" in auto and select == "last" else train.ensemble)
         return dataclasses.replace(self, finetune=mode, probe_val=probe_val, auto=True, train=train)
 
     @property
@@ -150,6 +177,11 @@ class Recipe:
                 because += ", where no backbone trains at its own rate: unused"
             if key == "select":
                 because = ("the last epoch: " if t.select == "last" else "the lowest val loss: ") + because
+            if key == "ensemble":
+                because = (f"{self.members} all-layer run{'s' if self.members > 1 else ''}, logits averaged: "
+                           if self.members > 1 else "one model: ") + because
+                why[key] = f"{self.members}: {because}; train.{key} auto"
+                continue
             value = getattr(t, key)
             why[key] = f"{value if isinstance(value, str) else format(value, 'g')}: {because}; train.{key} auto"
         return why
@@ -209,7 +241,7 @@ class Recipe:
     def discriminative(self, phase: Phase) -> bool:
         """All layers from pretrained weights or after a frozen phase: the backbone holds what was learnt, so it
         trains at ``lr x backbone_lr_mult``; ``full`` from random init trains everything at ``lr``."""
-        return not phase.frozen and (self.pretrained or phase.index > 1)
+        return not phase.frozen and (self.pretrained or self.phases[0].frozen)
 
     def sweep_phase(self) -> Phase:
         """The phase a learning-rate range test sweeps: the first all-layer one (``full``, ``staged``), else the
@@ -271,8 +303,14 @@ class Recipe:
         return self.train.head_init == "probe" and fresh
 
     def keeps_start(self, phase: Phase) -> bool:
-        """The weights an all-layer phase after a frozen one starts from are kept, to blend back toward."""
-        return not phase.frozen and phase.index > 1 and self.blends
+        """The weights the first all-layer phase starts from are kept: to blend back toward (after a frozen one),
+        and for the further ensemble members to start from."""
+        return not phase.frozen and phase.member == 1 and (self.blends_back or self.members > 1)
+
+    @property
+    def blends_back(self) -> bool:
+        """``train.blend`` applies: staged (a frozen phase, then all layers) and ``blends``."""
+        return self.blends and self.phases[0].frozen and len(self.phases) > 1
 
     @staticmethod
     def restore(payload: dict, phase: Phase, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
@@ -292,6 +330,8 @@ class Recipe:
         on val, which a refit no longer has)."""
         finetune = "head" if self.finetune == "staged" and epochs <= self.train.head_epochs else self.finetune
         kept = self.train.blend if blend is None else blend
+        if finetune != "head" and self.members > 1:  # the members' epochs are counted on: each trains the budget
+            epochs = self.train.epochs
         return dataclasses.replace(self, finetune=finetune, train=dataclasses.replace(
             self.train, epochs=epochs, select="last", refit=False, blend=kept))
 
@@ -305,6 +345,10 @@ class Recipe:
         words = []
         for phase in self.phases:
             epochs = f"{phase.epochs} epoch{'s' if phase.epochs > 1 else ''}"
+            if phase.member > 1:
+                words.append(f"{epochs}: all layers again from where they started, as before (ensemble member "
+                             f"{phase.member} of {self.members}; the model averages the members' logits)")
+                continue
             if phase.frozen:
                 start = "from the linear probe" if t.head_init == "probe" else "from random"
                 words.append(f"{epochs}: head only {start}, lr {t.lr:g}, on cached features (no augmentation)")
@@ -317,7 +361,7 @@ class Recipe:
                       f"{a.policy} policy" if a.policy != "none" else "", f"mixup {a.mixup:g}" if a.mixup else "",
                       f"cutmix {a.cutmix:g}" if a.cutmix else ""]
             crop += "".join(f", {e}" for e in extras if e)
-            blend = "" if not self.keeps_start(phase) else \
+            blend = "" if not (self.blends_back and phase.member == 1) else \
                 "; kept: the best of these epochs blended with the weights they started from, the weight of " \
                 f"{', '.join(f'{b:g}' for b in BLENDS)} with the lowest val loss" if t.blend == "auto" else \
                 f"; kept: {t.blend:g} x the best of these epochs + {1 - t.blend:g} x the weights they started from"
@@ -330,6 +374,8 @@ def blend_weights(model: nn.Module, start: dict[str, torch.Tensor], blend: float
     weight-space ensemble of the fine-tuned model and the one it started from, which both begin from the same
     pretrained weights, keeps more of what transfers to photos of another source). Integer buffers (BatchNorm's
     counters) stay the model's."""
-    mixed = {k: (blend * v + (1 - blend) * start[k].to(v.device, v.dtype)) if v.is_floating_point() else v
+    # an ensemble's members (members.<i>.*) started from the same weights as its backbone
+    at = {k: k if k in start else "backbone." + k.split(".", 2)[2] for k in model.state_dict()}
+    mixed = {k: (blend * v + (1 - blend) * start[at[k]].to(v.device, v.dtype)) if v.is_floating_point() else v
              for k, v in model.state_dict().items()}
     model.load_state_dict(mixed)
