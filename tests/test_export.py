@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+import torch
 from mlflow.pyfunc import PythonModelContext
 from PIL import Image
 
@@ -27,7 +28,9 @@ from kennel.cli.predict import predict_files
 from kennel.core.errors import ExportError
 from kennel.data.shards import read_split
 from kennel.export.onnx_export import OPSET, export_from_splits, float_convs
+from kennel.model.file import save_model
 from kennel.model.inference import load_model_file, predict_arrays
+from kennel.model.network import build_model
 from kennel.model.onnx_inference import load_onnx_model, predict_onnx
 from kennel.track.serving import ImageClassifier
 from tests.conftest import REPO, blocking, random_model_file, write_image
@@ -88,6 +91,30 @@ def test_dihedral_tta_exports_with_its_eight_views(exported, tmp_path):
     turned = np.ascontiguousarray(np.rot90(images, 1, axes=(2, 3)))
     np.testing.assert_allclose(predict_onnx(images, model, 3), predict_arrays(images, loaded), atol=1e-5)
     np.testing.assert_allclose(predict_onnx(turned, model, 3), predict_onnx(images, model, 3), atol=1e-5)
+
+
+def test_an_ensemble_exports_and_serves_the_mean_of_its_members(exported, tmp_path):
+    """train.ensemble's model: its file, its ONNX export and its torch.export program (MLflow's pt2 model) all give
+    the mean of the members' logits."""
+    model_file, _, data, _ = exported
+    single = load_model_file(model_file)
+    model = load_model_file(model_file).module
+    torch.manual_seed(1)
+    other, _ = build_model("resnet18", CLASSES)
+    model.add_members(1)
+    model.members[0].load_state_dict(other.backbone.state_dict())
+    save_model(model, tmp_path / "model.pt", size=SIZE, arch="resnet18", mode="squash")
+    ensemble = load_model_file(tmp_path / "model.pt")
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 3, SIZE, SIZE), dtype=np.uint8))
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble.module(x), (single.module(x) + other.eval()(x)) / 2)
+        program = torch.export.export(ensemble.module, (x,))
+        torch.testing.assert_close(program.module()(x), ensemble.module(x))
+    report = export_from_splits(ensemble, tmp_path / "model.onnx", data)
+    assert report["top1_differs"] == 0 and report["max_prob_diff"] <= 1e-4
+    np.testing.assert_allclose(predict_onnx(x.numpy(), load_onnx_model(tmp_path / "model.onnx"), 3),
+                               predict_arrays(x.numpy(), ensemble), atol=1e-5)
+    assert not np.allclose(predict_arrays(x.numpy(), ensemble), predict_arrays(x.numpy(), single), atol=1e-3)
 
 
 def test_a_refused_export_writes_nothing(exported, photos, tmp_path, capsys):

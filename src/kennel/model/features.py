@@ -113,6 +113,8 @@ def cached_features(data_dir: Path, split: str, key: str) -> tuple[torch.Tensor,
 def backbone_as_loaded(model: Classifier, arch: str, weights: str) -> bool:
     """Whether every weight and statistic of ``model`` but its head is bit for bit what ``weights`` loads for
     ``arch``: a head-only model, whose backbone never moved, computes the pretrained features the cache holds."""
+    if len(model.members):  # an ensemble's members trained all layers
+        return False
     try:
         state, _ = read_weights(arch, weights, len(model.classes))
     except WeightsError:  # gone since training (a moved file, an emptied cache): compute instead
