@@ -36,7 +36,6 @@ class Classifier(nn.Module):
         self.head_name = head
         self.tta = tta
         self.freeze_bn = False  # training keeps the backbone's BatchNorm statistics (set for a run, not saved)
-        self.members = nn.ModuleList()  # an ensemble's further models (state keys members.<i>.*); trained apart
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.set_frozen(frozen)
@@ -56,11 +55,19 @@ class Classifier(nn.Module):
             p.requires_grad = not frozen or name in head
         self.train(self.training)
 
+    @property
+    def members(self) -> Sequence[nn.Module]:
+        """An ensemble's further models (state keys ``members.<i>.*``), none for a single model."""
+        return self._modules.get("members") or ()
+
     def add_members(self, count: int) -> None:
         """``count`` further models of an ensemble, copies of the backbone until their weights are loaded
-        (``load_state_dict`` with ``members.<i>.*`` keys, as ``ensemble_state`` makes)."""
+        (``load_state_dict`` with ``members.<i>.*`` keys, as ``ensemble_state`` makes). Registered only then: a
+        single model's file stays byte for byte what it was."""
+        if count and "members" not in self._modules:
+            self._modules["members"] = nn.ModuleList()  # add_module refuses a name the property holds
         for _ in range(count):
-            self.members.append(copy.deepcopy(self.backbone))
+            self._modules["members"].append(copy.deepcopy(self.backbone))
 
     @contextmanager
     def without_head(self) -> Iterator[Classifier]:
