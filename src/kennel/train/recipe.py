@@ -178,10 +178,8 @@ class Recipe:
             if key == "select":
                 because = ("the last epoch: " if t.select == "last" else "the lowest val loss: ") + because
             if key == "ensemble":
-                because = (f"{self.members} all-layer run{'s' if self.members > 1 else ''}, logits averaged: "
-                           if self.members > 1 else "one model: ") + because
-                why[key] = f"{self.members}: {because}; train.{key} auto"
-                continue
+                because = (f"{self.members} all-layer runs, logits averaged: " if self.members > 1 else
+                           "one model: ") + because
             value = getattr(t, key)
             why[key] = f"{value if isinstance(value, str) else format(value, 'g')}: {because}; train.{key} auto"
         return why
@@ -375,7 +373,7 @@ def blend_weights(model: nn.Module, start: dict[str, torch.Tensor], blend: float
     pretrained weights, keeps more of what transfers to photos of another source). Integer buffers (BatchNorm's
     counters) stay the model's."""
     # an ensemble's members (members.<i>.*) started from the same weights as its backbone
-    at = {k: k if k in start else "backbone." + k.split(".", 2)[2] for k in model.state_dict()}
-    mixed = {k: (blend * v + (1 - blend) * start[at[k]].to(v.device, v.dtype)) if v.is_floating_point() else v
+    at = lambda k: k if k in start else "backbone." + k.split(".", 2)[2]  # noqa: E731
+    mixed = {k: (blend * v + (1 - blend) * start[at(k)].to(v.device, v.dtype)) if v.is_floating_point() else v
              for k, v in model.state_dict().items()}
     model.load_state_dict(mixed)
