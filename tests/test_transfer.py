@@ -386,6 +386,15 @@ def test_finetune_auto_is_head_when_the_probe_is_already_right_on_val_else_stage
     assert by_hand.decide(0.5) is by_hand
 
 
+def test_auto_keeps_staged_when_its_warmup_fits_the_budget_auto_gives_all_layers():
+    # 3 warmup epochs leave no room in the 4 epochs a head gets, but they do in the 15 all layers get
+    auto = {"model.finetune": "auto", "train.epochs": "auto", "train.warmup_epochs": 3}
+    learns = Recipe.from_params(params_from_dict(small_params(**auto)), pretrained=True).decide(0.9)
+    assert (learns.finetune, learns.train.epochs, learns.phases[1].epochs) == ("staged", AUTO_EPOCHS_ALL_LAYERS, 14)
+    by_hand = Recipe.from_params(params_from_dict(small_params(**{**auto, "train.epochs": 4})), pretrained=True)
+    assert by_hand.decide(0.9).finetune == "full"  # 4 epochs: 1 frozen would leave 3, all warmup
+
+
 def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_chose_them_for_new_images():
     auto = {"model.finetune": "auto", "train.epochs": "auto", "train.backbone_lr_mult": "auto"}
     params = params_from_dict(small_params(**auto))

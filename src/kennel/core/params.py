@@ -336,8 +336,10 @@ class Params:
 
     @property
     def stages_fit(self) -> bool:
-        """``train.epochs``, ``head_epochs`` and ``warmup_epochs`` leave room for staged's two phases."""
-        t, epochs = self.train, self.train.planned_epochs
+        """``train.epochs``, ``head_epochs`` and ``warmup_epochs`` leave room for staged's two phases: with epochs
+        and finetune both auto, in the budget auto gives all layers when it chooses them (staged arises only there)."""
+        t = self.train
+        epochs = AUTO_EPOCHS_ALL_LAYERS if t.epochs == "auto" and self.model.finetune == "auto" else t.planned_epochs
         return 1 <= t.head_epochs < epochs and not (t.schedule == "cosine"
                                                     and t.warmup_epochs >= epochs - t.head_epochs)
 
