@@ -372,8 +372,9 @@ def blend_weights(model: nn.Module, start: dict[str, torch.Tensor], blend: float
     weight-space ensemble of the fine-tuned model and the one it started from, which both begin from the same
     pretrained weights, keeps more of what transfers to photos of another source). Integer buffers (BatchNorm's
     counters) stay the model's."""
-    # an ensemble's members (members.<i>.*) started from the same weights as its backbone
-    at = lambda k: k if k in start else "backbone." + k.split(".", 2)[2]  # noqa: E731
-    mixed = {k: (blend * v + (1 - blend) * start[at(k)].to(v.device, v.dtype)) if v.is_floating_point() else v
+    def started(k: str) -> torch.Tensor:  # an ensemble's members (members.<i>.*) started where its backbone did
+        return start[k if k in start else "backbone." + k.split(".", 2)[2]]
+
+    mixed = {k: (blend * v + (1 - blend) * started(k).to(v.device, v.dtype)) if v.is_floating_point() else v
              for k, v in model.state_dict().items()}
     model.load_state_dict(mixed)
