@@ -66,7 +66,7 @@ BAD = [
     ("train.blend", 1.5, ["train.blend", "1.5", "[0, 1]"]),
     ("train.blend", -0.1, ["train.blend", "-0.1", "[0, 1]"]),
     ("train.blend", "half", ["train.blend", "'half'", "number"]),
-    ("train.refit", "yes", ["train.refit", "'yes'", "true or false"]),
+    ("train.refit", "yes", ["train.refit", "'yes'", "auto | members | true | false"]),
     ("train.head_init", "zeros", ["train.head_init", "'zeros'", "probe | random"]),
 ]
 

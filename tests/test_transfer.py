@@ -17,12 +17,13 @@ from torchvision.models import get_model
 from kennel.core.archs import head_path, supported_archs
 from kennel.core.errors import ConfigError, WeightsError
 from kennel.core.params import AUTO_ENSEMBLE_ALL_LAYERS, AUTO_EPOCHS, AUTO_EPOCHS_ALL_LAYERS, params_from_dict
-from kennel.data.shards import read_split
+from kennel.data.shards import read_meta, read_split
 from kennel.evaluate.gradcam import grad_cam
 from kennel.model.file import load_model, save_model
 from kennel.model.network import build_model, ensemble_state
 from kennel.model.weights import read_weights
-from kennel.train.fine_tune import find_resumable, seed_everything, train
+from kennel.train.distributed import Dist
+from kennel.train.fine_tune import TRAIN_VAL, PhaseData, find_resumable, seed_everything, setup_phase, train
 from kennel.train.orientation import TURN_RATIO, TURN_SLACK
 from kennel.train.recipe import AUTO_HEAD, BLENDS, Recipe
 from tests.conftest import Killed, kill_at, small_params
@@ -357,6 +358,33 @@ def test_ensemble_trains_its_members_from_one_start_and_averages_their_logits(re
     assert all(torch.equal(state[k], v) for k, v in first.items()) and info.loaded == len(first)
     assert ensemble_state([{"backbone.a": x}, {"backbone.a": x + 1}]).keys() == {"backbone.a", "members.0.a"}
 
+    # train.refit members: the first member as before; the second learns from train + val, so nothing validates it,
+    # and the ensemble has no held-out score: only the first member's is reported
+    seen = train(dataclasses.replace(params, train=dataclasses.replace(params.train, refit="members")), resized)
+    assert [r.val_loss for r in seen.history[:3]] == [r.val_loss for r in both.history[:3]]
+    assert all(math.isnan(r.val_loss) for r in seen.history[3:]) and len(seen.history) == 5
+    assert "val_loss" not in seen.history[4].metrics() and "train_loss" in seen.history[4].metrics()
+    assert math.isnan(seen.kept_val_accuracy()) and seen.members_val[0] == both.members_val[0]
+    assert "members after the first trained on train + val (train.refit members), so only the first has a val " \
+           f"score: val loss {both.members_val[0][0]:.4f}" in seen.selected_reason
+    n_train, n_val = (len(read_split(resized, split)[1]) for split in ("train", "val"))
+    assert seen.refit_images == n_train + n_val
+    second_seen = {k: v for k, v in seen.model.state_dict().items() if k.startswith("members.0.")}
+    assert not torch.equal(second_seen["members.0.features.0.0.weight"], second["features.0.0.weight"])
+
+
+def test_refit_members_feeds_the_further_members_train_and_val_and_validates_them_on_nothing(resized, pretrained):
+    params = _staged(**pretrained, **{"train.ensemble": 3, "train.refit": "members", "train.batch_size": 4})
+    recipe = Recipe.from_params(params, pretrained=True)
+    model, _ = build_model(SMALL, read_meta(resized)["classes"])
+    labels = read_split(resized, "train")[1]
+    data = PhaseData(resized, TRAIN_VAL, False, 4, torch.device("cpu"), None, torch.Generator().manual_seed(0),
+                     Dist(), labels)
+    n_train, n_val = len(labels), len(read_split(resized, "val")[1])
+    images = [(sum(len(y) for _, y in setup.train_batches), sum(len(y) for _, y in setup.val_batches))
+              for setup in (setup_phase(p, recipe, model, data) for p in recipe.phases[1:])]
+    assert images == [(n_train, n_val), (n_train + n_val, 0), (n_train + n_val, 0)]
+
 
 @pytest.mark.parametrize("killed_after", [3, 4], ids=["between-members", "in-member-2"])
 def test_ensemble_resumes_exactly_between_and_inside_its_members(resized, tmp_path, pretrained, killed_after):
@@ -412,11 +440,14 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
         "backbone_lr_mult": f"1: {new_images}; train.backbone_lr_mult auto",
         "select": f"last: the last epoch: {new_images}; train.select auto",
         "blend": f"1: {new_images}; train.blend auto",
-        "ensemble": f"2: 2 all-layer runs, logits averaged: {new_images}; train.ensemble auto"}
+        "ensemble": f"2: 2 all-layer runs, logits averaged: {new_images}; train.ensemble auto",
+        "refit": f"members: the ensemble's members after the first train on train + val, the first keeps val to "
+                 f"validate on: {new_images}; train.refit auto"}
     assert learns.describe()[1].startswith("14 epochs: all layers, head lr 0.001, backbone lr 0.001,")
-    assert "blended" not in learns.describe()[1]
-    assert learns.describe()[2].startswith("14 epochs: all layers again from where they started, as before "
-                                           "(ensemble member 2 of 2")
+    assert "blended" not in learns.describe()[1] and "train + val" not in learns.describe()[1]
+    assert learns.describe()[2].startswith("14 epochs: all layers again from where they started, as before, on "
+                                           "train + val (nothing held out) (ensemble member 2 of 2")
+    assert [learns.trains_on_val(p) for p in learns.phases] == [False, False, True]
     head = Recipe.from_params(params, pretrained=True).decide(0.99)  # features that already separate the classes
     assert (head.finetune, head.train.epochs, head.train.backbone_lr_mult) == ("head", AUTO_EPOCHS, 0.1) == \
         ("head", 4, 0.1)
@@ -425,7 +456,8 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
         "backbone_lr_mult": "0.1: model.finetune head (auto), where no backbone trains at its own rate: unused; "
                             "train.backbone_lr_mult auto",
         "select": "best: the lowest val loss: model.finetune head (auto); train.select auto",
-        "ensemble": "1: one model: model.finetune head (auto); train.ensemble auto"}
+        "ensemble": "1: one model: model.finetune head (auto); train.ensemble auto",
+        "refit": "false: val held out: model.finetune head (auto); train.refit auto"}
     assert (head.members, head.total_epochs) == (1, 4)
     scratch = Recipe.from_params(params, pretrained=False).decide()  # random init: full, the shipped 4 epochs
     assert (scratch.finetune, scratch.train.epochs) == ("full", 4) and not scratch.learns_new_domain
@@ -435,7 +467,8 @@ def test_auto_budget_gives_all_layers_a_real_budget_at_one_rate_only_when_auto_c
                                                                                                   True)
     assert by_hand.members == 1
     numbers = params_from_dict(small_params(**{**auto, "train.epochs": 6, "train.backbone_lr_mult": 0.3,
-                                               "train.select": "best", "train.blend": 0.5, "train.ensemble": 1}))
+                                               "train.select": "best", "train.blend": 0.5, "train.ensemble": 1,
+                                               "train.refit": False}))
     kept = Recipe.from_params(numbers, pretrained=True).decide(0.9)
     assert (kept.train.epochs, kept.train.backbone_lr_mult, kept.train.select, kept.train.blend,
             kept.budget_reasons()) == (6, 0.3, "best", 0.5, {})
@@ -449,11 +482,11 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     assert auto.decisions["finetune"].startswith(f"{mode}: the linear probe on the pretrained features scores "
                                                  f"{auto.probe.val_accuracy:.4f} on val")
     # auto's all-layer end is kept unblended, the ensemble of two such runs
-    decided = {"train.blend": 1.0, "train.ensemble": 2} if mode == "staged" else {}
+    decided = {"train.blend": 1.0, "train.ensemble": 2, "train.refit": "members"} if mode == "staged" else {}
     by_hand = train(_staged(**pretrained, **{"model.finetune": mode}, **decided), resized)
     a, b = auto.model.state_dict(), by_hand.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r.val_loss for r in auto.history] == [r.val_loss for r in by_hand.history]
+    np.testing.assert_array_equal([r.val_loss for r in auto.history], [r.val_loss for r in by_hand.history])
     scratch = train(_staged(**{"model.finetune": "auto", "train.epochs": 2}), resized)
     assert scratch.decisions["finetune"].startswith("full: random init") and scratch.probe is None
 
@@ -465,6 +498,8 @@ def test_finetune_auto_trains_as_the_mode_the_probe_chose(resized, pretrained):
     ({"train.backbone_lr_mult": 0.0}, "train.backbone_lr_mult = 0.0: allowed: auto or a finite number > 0"),
     ({"evaluate.tta": "five-crop"}, "evaluate.tta = 'five-crop': allowed: none | flip | dihedral | auto"),
     ({"train.ensemble": 0}, "train.ensemble = 0: allowed: an integer >= 1"),
+    ({"train.refit": "members", "train.ensemble": 1}, "train.refit = members: the ensemble's members after the first "
+                                                      "train on train + val: allowed with train.ensemble auto or > 1"),
     ({"train.ensemble": 2, "train.select": "best"}, "train.ensemble = 2: each member keeps its last epoch: allowed "
                                                      "with train.select last or auto"),
 ])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 
 from dvclive import Live
@@ -38,8 +39,9 @@ class LiveLog:
 
     def finish(self, result: TrainResult) -> None:
         """The summary `dvc exp show` compares runs by: the kept epoch and its val accuracy, the time spent."""
+        kept = result.kept_val_accuracy()  # none when the kept weights learnt from val (train.refit members)
         self.live.summary.update(selected_epoch=result.selected_epoch,
-                                 selected_val_accuracy=result.kept_val_accuracy(),
+                                 **({} if kept is None or math.isnan(kept) else {"selected_val_accuracy": kept}),
                                  train_seconds=round(sum(r.seconds for r in result.history), 1),
                                  **{k: v for k, v in result.baseline_metrics().items() if k != "baseline_c"})
         self.live.make_summary()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_VAL = ("train", "val")  # the splits a run trains and validates on
 REFIT = ("train+val", "")  # a refit: both together, nothing held out for validation
+MEMBERS_REFIT = REFIT  # what the ensemble's further members train and validate on with train.refit members
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
 BN_SAMPLE = 128  # train images the BatchNorm shift is measured on (one forward pass: seconds)
@@ -53,7 +54,8 @@ class TrainResult:
     resumed_from: int = 0  # epoch of the checkpoint resumed, 0 for a fresh start
     epochs: int = 0  # the budget trained to (train.epochs, or what auto decided)
     probe: Probe | None = None  # the linear probe on the pretrained features (runs with a frozen phase)
-    refit_images: int = 0  # train.refit: the images the final weights were trained on (train + val)
+    # train.refit: the images the final weights (true) or the further ensemble members (members) trained on
+    refit_images: int = 0
     # train.blend: (val loss, val accuracy) of the blended weights kept, which are no epoch's; None otherwise
     blended_val: tuple[float, float] | None = None
     blend: float | None = None  # the blend weight kept (train.blend, or the one auto chose)
@@ -256,12 +258,15 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
         train_batches: Iterable = Batches(ftrain, ytrain, data.batch_size, True, data.generator, ctx.rank, ctx.world)
         val_batches: Iterable = Batches(fval, yval, data.batch_size, rank=ctx.rank, world=ctx.world)
     else:
-        log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s", phase.first, phase.last,
+        # train.refit members: a further member learns from val too, and nothing is left to validate it on
+        splits = (MEMBERS_REFIT if recipe.trains_on_val(phase) else data.splits)
+        log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s%s", phase.first, phase.last,
                  f", backbone lr x {recipe.train.backbone_lr_mult:g}" if recipe.discriminative(phase) else "",
-                 "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated")
-        train_batches = make_batches(data.dir, data.splits[0], **batches, shuffle=True, generator=data.generator,
+                 "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated",
+                 ", on train + val (train.refit members: nothing held out)" if splits == MEMBERS_REFIT else "")
+        train_batches = make_batches(data.dir, splits[0], **batches, shuffle=True, generator=data.generator,
                                      rank=ctx.rank, world=ctx.world)
-        val_batches = make_batches(data.dir, data.splits[1], **for_inference(batches, device), rank=ctx.rank,
+        val_batches = make_batches(data.dir, splits[1], **for_inference(batches, device), rank=ctx.rank,
                                    world=ctx.world)
     module = recipe.trained_module(model, phase)
     trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -351,6 +356,10 @@ def train(
         result.decisions["ensemble"] = (f"1: model.finetune {recipe.finetune} trains no all-layer phase to repeat "
                                         f"(train.ensemble {t.ensemble})")
         log.warning("train.ensemble %s", result.decisions["ensemble"])
+    if t.refit == "members" and not recipe.members_see_val:  # by hand, with no second member to train
+        result.decisions["refit"] = "false: one model, no further ensemble member to train on val (train.refit " \
+                                    "members)"
+        log.warning("train.refit %s", result.decisions["refit"])
     if tta_reason:
         result.decisions["tta"] = tta_reason
         log.info("evaluate.tta %s", tta_reason)
@@ -398,7 +407,7 @@ def train(
     if state.members and setup is not None:
         result.ensemble_val = ensemble_kept(model, state.members, setup.val_batches, device, amp_dtype)
         result.members_val = member_scores(state.history, recipe.phases)
-        kept = ensemble_reason(result.ensemble_val, result.members_val, recipe.phases)
+        kept = ensemble_reason(result.ensemble_val, result.members_val, recipe.phases, recipe.members_see_val)
         result.selected_reason += f"; then {kept}"
         why = result.decisions.get("ensemble", f"{recipe.members}: train.ensemble")
         result.decisions["ensemble"] = f"{why} ({kept})"
@@ -411,7 +420,9 @@ def train(
         if tried:
             result.decisions["blend"] = blend_decision(result.blend, tried)
         log.info("blended: %s", result.selected_reason.rsplit("; ", 1)[-1])
-    return refit(params, data_dir, result, recipe, ctx) if t.refit else result
+    if recipe.members_see_val:
+        result.refit_images = sum(len(read_split(data_dir, s)[1]) for s in MEMBERS_REFIT[0].split("+"))
+    return refit(params, data_dir, result, recipe, ctx) if t.refit is True else result
 
 
 def auto_tta(model: Classifier, weights: WeightsInfo, frozen: FrozenStart | None, data_dir: Path,
@@ -464,12 +475,22 @@ def member_scores(history: list[EpochResult], phases: list[Phase]) -> list[tuple
             for p in phases if not p.frozen]
 
 
-def ensemble_reason(kept: tuple[float, float], members: list[tuple[float, float]], phases: list[Phase]) -> str:
-    """The ensemble kept, in words, with its val numbers and its members' (the selection reason, the decision)."""
+def ensemble_reason(kept: tuple[float, float], members: list[tuple[float, float]], phases: list[Phase],
+                    members_see_val: bool = False) -> str:
+    """The ensemble kept, in words, with its val numbers and its members' (the selection reason, the decision);
+    ``members_see_val``: the members after the first trained on val (train.refit members), and only the first has a
+    held-out score."""
     ends = [str(p.last) for p in phases if not p.frozen]
-    scores = "no val split" if math.isnan(kept[0]) else (
-        f"val loss {kept[0]:.4f}, accuracy {kept[1]:.4f}, each alone "
-        + ", ".join(f"{loss:.4f} / {acc:.4f}" for loss, acc in members))
+    if members_see_val:
+        first = members[0]
+        scores = ("members after the first trained on train + val (train.refit members), so only the first has a "
+                  "val score: " + ("no val split" if math.isnan(first[0]) else
+                                   f"val loss {first[0]:.4f}, accuracy {first[1]:.4f}"))
+    elif math.isnan(kept[0]):
+        scores = "no val split"
+    else:
+        scores = (f"val loss {kept[0]:.4f}, accuracy {kept[1]:.4f}, each alone "
+                  + ", ".join(f"{loss:.4f} / {acc:.4f}" for loss, acc in members))
     return (f"the ensemble of {len(ends)} all-layer runs, each's last epoch ({', '.join(ends)}), logits averaged "
             f"(train.ensemble): {scores}")
 

@@ -36,7 +36,8 @@ class EpochResult:
     images_per_second: float
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+        """What the run logs for the epoch: val's numbers left out when it validated on nothing."""
+        return {k: v for k, v in asdict(self).items() if k != "epoch" and not (k.startswith("val_") and math.isnan(v))}
 
 
 @dataclass
@@ -65,7 +66,8 @@ class FitState:
         """Early stopping (``train.patience``): the last ``patience`` epochs after epoch ``since`` (where the phase
         began) did not improve on the best val loss. Read from the history, so a run resumed from a checkpoint
         decides as the uninterrupted one did."""
-        if patience <= 0 or not self.history or self.best_epoch == 0:
+        # an epoch with nothing to validate on (train.refit members) judges nothing
+        if patience <= 0 or not self.history or self.best_epoch == 0 or math.isnan(self.history[-1].val_loss):
             return False
         return self.history[-1].epoch - max(self.best_epoch, since) >= patience
 
@@ -277,8 +279,9 @@ def fit(
             seconds=time.perf_counter() - start, images_per_second=seen / max(train_seconds, 1e-9),
         )
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  lr %.2e  %.1f img/s  %.1fs",
-            epoch, epochs, train_loss, train_acc, val_loss, val_acc, lr, result.images_per_second, result.seconds,
+            "epoch %d/%d  train loss %.4f acc %.3f  %s  lr %.2e  %.1f img/s  %.1fs", epoch, epochs, train_loss,
+            train_acc, "no val" if math.isnan(val_loss) else f"val loss {val_loss:.4f} acc {val_acc:.3f}", lr,
+            result.images_per_second, result.seconds,
         )
         state.history.append(result)
         state.consider(result, eval_model)

@@ -24,6 +24,8 @@ from kennel.core.params import (
     AUTO_ENSEMBLE,
     AUTO_ENSEMBLE_ALL_LAYERS,
     AUTO_EPOCHS_ALL_LAYERS,
+    AUTO_REFIT,
+    AUTO_REFIT_ALL_LAYERS,
     AUTO_SELECT,
     AUTO_SELECT_ALL_LAYERS,
     Params,
@@ -44,7 +46,7 @@ BN_SHIFT = 0.2
 # 0.93) and X-rays (0.94) are where the backbone has to learn.
 AUTO_HEAD = 0.97
 # train.* keys whose auto the recipe settles once it knows whether all layers learn images unlike ImageNet's
-AUTO_KEYS = ("epochs", "backbone_lr_mult", "select", "blend", "ensemble")
+AUTO_KEYS = ("epochs", "backbone_lr_mult", "select", "blend", "ensemble", "refit")
 # train.blend auto tries these weights of the kept all-layer epoch (one val pass each) and keeps the lowest val
 # loss; ties keep the first, the one nearest the fine-tuned weights. 0 is the frozen phase's end itself: whether
 # the all-layer phase helped at all is one of the candidates.
@@ -84,7 +86,7 @@ class Recipe:
     # what auto trains all layers with when the probe says so: staged, or full when train.epochs leave no room for
     # staged's two phases
     all_layers: str = "staged"
-    # which of train.epochs, backbone_lr_mult, select and blend were auto (``decide`` sets them)
+    # which of train.epochs, backbone_lr_mult, select, blend, ensemble and refit were auto (``decide`` sets them)
     auto_budget: frozenset[str] = frozenset()
 
     @classmethod
@@ -96,7 +98,8 @@ class Recipe:
         select = ("last" if ensemble > 1 else AUTO_SELECT) if t.select == "auto" else t.select
         train = dataclasses.replace(t, epochs=t.planned_epochs, backbone_lr_mult=AUTO_BACKBONE_LR_MULT
                                     if t.backbone_lr_mult == "auto" else t.backbone_lr_mult,
-                                    select=select, ensemble=ensemble)
+                                    select=select, ensemble=ensemble,
+                                    refit=AUTO_REFIT if t.refit == "auto" else t.refit)
         return cls(params.model.finetune, pretrained, train, all_layers="staged" if params.stages_fit else "full",
                    auto_budget=auto)
 
@@ -155,6 +158,8 @@ class Recipe:
                 blend=AUTO_BLEND_ALL_LAYERS if "blend" in auto else train.blend,
                 # members keep their last epochs: with select best (by hand) one model
                 ensemble=AUTO_ENSEMBLE_ALL_LAYERS if "ensemble" in auto and select == "last" else train.ensemble)
+            if "refit" in auto and train.ensemble > 1:  # further members to train on val (see AUTO_REFIT)
+                train = dataclasses.replace(train, refit=AUTO_REFIT_ALL_LAYERS)
         return dataclasses.replace(self, finetune=mode, probe_val=probe_val, auto=True, train=train)
 
     @property
@@ -180,8 +185,12 @@ class Recipe:
             if key == "ensemble":
                 because = (f"{self.members} all-layer runs, logits averaged: " if self.members > 1 else
                            "one model: ") + because
+            if key == "refit":
+                because = ("the ensemble's members after the first train on train + val, the first keeps val to "
+                           "validate on: " if self.members_see_val else "val held out: ") + because
             value = getattr(t, key)
-            why[key] = f"{value if isinstance(value, str) else format(value, 'g')}: {because}; train.{key} auto"
+            shown = str(value).lower() if isinstance(value, bool | str) else format(value, "g")
+            why[key] = f"{shown}: {because}; train.{key} auto"
         return why
 
     def finetune_reason(self) -> str:
@@ -223,6 +232,17 @@ class Recipe:
             f"at least {BN_SHIFT:g}: unlike the images the weights were trained on"
         return (f"{verdict}: the train images sit {self.bn_shift:.2f} from the pretrained statistics (mean shift in "
                 f"standard deviations, {side}; train.freeze_bn auto)")
+
+    @property
+    def members_see_val(self) -> bool:
+        """``train.refit: members`` with members to train: the ensemble's members after the first train on train +
+        val (``trains_on_val``)."""
+        return self.train.refit == "members" and self.members > 1
+
+    def trains_on_val(self, phase: Phase) -> bool:
+        """``phase`` trains on train + val and validates on nothing: an ensemble member after the first, with
+        ``train.refit: members``. The first member's val curve is then the run's held-out one."""
+        return phase.member > 1 and self.members_see_val
 
     @property
     def measures_bn(self) -> bool:
@@ -344,8 +364,9 @@ class Recipe:
         for phase in self.phases:
             epochs = f"{phase.epochs} epoch{'s' if phase.epochs > 1 else ''}"
             if phase.member > 1:
-                words.append(f"{epochs}: all layers again from where they started, as before (ensemble member "
-                             f"{phase.member} of {self.members}; the model averages the members' logits)")
+                data = ", on train + val (nothing held out)" if self.trains_on_val(phase) else ""
+                words.append(f"{epochs}: all layers again from where they started, as before{data} (ensemble "
+                             f"member {phase.member} of {self.members}; the model averages the members' logits)")
                 continue
             if phase.frozen:
                 start = "from the linear probe" if t.head_init == "probe" else "from random"
