@@ -86,7 +86,8 @@ def run_mode(prepared: Path, base: dict, mode: str, env: dict, overrides: dict, 
     live = json.loads((root / "dvclive/metrics.json").read_text())
     row = {"mode": mode, "test_accuracy": test["test_accuracy"], "test_low": test["test_accuracy_low"],
            "test_high": test["test_accuracy_high"], "test_images": test["test_images"],
-           "val_accuracy": live["selected_val_accuracy"], "selected_epoch": live["selected_epoch"],
+           # none where the model learnt from val (train.refit members)
+           "val_accuracy": live.get("selected_val_accuracy"), "selected_epoch": live["selected_epoch"],
            "epochs": live["step"], "probe_test": live.get("baseline_test_accuracy"),
            "probe_val": live.get("baseline_val_accuracy"), "seconds": seconds,
            "decided": decided_mode(root), "tta": run_tag(root, "kennel.decision.tta") or run_tag(root, "kennel.tta")}
