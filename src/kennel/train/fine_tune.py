@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 TRAIN_VAL = ("train", "val")  # the splits a run trains and validates on
 REFIT = ("train+val", "")  # a refit: both together, nothing held out for validation
-MEMBERS_REFIT = REFIT  # what the ensemble's further members train and validate on with train.refit members
 # Share of free device memory (or available RAM) the uint8 train + val splits may take to be held resident.
 RESIDENT_FRACTION = 0.25
 BN_SAMPLE = 128  # train images the BatchNorm shift is measured on (one forward pass: seconds)
@@ -259,11 +258,12 @@ def setup_phase(phase: Phase, recipe: Recipe, model: Classifier, data: PhaseData
         val_batches: Iterable = Batches(fval, yval, data.batch_size, rank=ctx.rank, world=ctx.world)
     else:
         # train.refit members: a further member learns from val too, and nothing is left to validate it on
-        splits = (MEMBERS_REFIT if recipe.trains_on_val(phase) else data.splits)
+        on_val = recipe.trains_on_val(phase)
+        splits = REFIT if on_val else data.splits
         log.info("epochs %d-%d: all layers%s, BatchNorm statistics %s%s", phase.first, phase.last,
                  f", backbone lr x {recipe.train.backbone_lr_mult:g}" if recipe.discriminative(phase) else "",
                  "kept as loaded (train.freeze_bn)" if model.freeze_bn else "updated",
-                 ", on train + val (train.refit members: nothing held out)" if splits == MEMBERS_REFIT else "")
+                 ", on train + val (train.refit members: nothing held out)" if on_val else "")
         train_batches = make_batches(data.dir, splits[0], **batches, shuffle=True, generator=data.generator,
                                      rank=ctx.rank, world=ctx.world)
         val_batches = make_batches(data.dir, splits[1], **for_inference(batches, device), rank=ctx.rank,
@@ -420,8 +420,8 @@ def train(
         if tried:
             result.decisions["blend"] = blend_decision(result.blend, tried)
         log.info("blended: %s", result.selected_reason.rsplit("; ", 1)[-1])
-    if recipe.members_see_val:
-        result.refit_images = sum(len(read_split(data_dir, s)[1]) for s in MEMBERS_REFIT[0].split("+"))
+    if recipe.members_see_val:  # the further members' images: train + val, as counted for placement
+        result.refit_images = n_train + n_val
     return refit(params, data_dir, result, recipe, ctx) if t.refit is True else result
 
 
